@@ -1,0 +1,102 @@
+"""From K archetype probabilities to N agent decisions.
+
+The LLM answers once per archetype; every member of an archetype then draws its own decision from
+that archetype's probability. Optionally a small calibrated map (the alignment map,
+``logit(p') = a * logit(p) + b``) sits between the LLM's answer and the draw, and a straight-through
+estimator lets gradients of a loss reach ``a`` and ``b`` through the discrete draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+_EPS = 1e-6
+
+
+@runtime_checkable
+class DecisionSource(Protocol):
+    """Anything that gives one probability per archetype for a decision step.
+
+    ``context`` holds the simulation context of the step (date, recent cases, their trend,
+    active policies, ...). Implementations: :class:`ConstantDecision` and the LLM-backed
+    ``lpm_llm.llm.LLMDecision``.
+    """
+
+    def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
+        """(K,) float32 probabilities in [0, 1]."""
+        ...
+
+
+class ConstantDecision:
+    """A fixed probability per archetype (or one for all): a baseline, and a stand-in in tests."""
+
+    def __init__(self, p: float | torch.Tensor, k: int | None = None):
+        p = torch.as_tensor(p, dtype=torch.float32)
+        if p.dim() == 0:
+            if k is None:
+                raise ValueError("ConstantDecision with a scalar probability needs k, the number of archetypes")
+            p = p.expand(k).clone()
+        if ((p < 0) | (p > 1)).any():
+            raise ValueError(f"probabilities must lie in [0, 1], got min {p.min():.3g} max {p.max():.3g}")
+        self.p = p
+
+    def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
+        return self.p
+
+
+class AlignmentMap(nn.Module):
+    """``logit(p') = a * logit(p) + b``, shared (k=None) or one (a, b) per archetype (k given).
+
+    Starts at the identity (a=1, b=0). ``a`` is kept positive through a softplus so that the map
+    never reverses the order of the LLM's answers.
+    """
+
+    def __init__(self, k: int | None = None, a: float = 1.0, b: float = 0.0):
+        super().__init__()
+        shape = () if k is None else (k,)
+        # softplus^-1(a) so that the initial slope is exactly `a`
+        raw_a = torch.log(torch.expm1(torch.tensor(float(a))))
+        self.raw_a = nn.Parameter(torch.full(shape, float(raw_a)))
+        self.b = nn.Parameter(torch.full(shape, float(b)))
+
+    @property
+    def a(self) -> torch.Tensor:
+        return nn.functional.softplus(self.raw_a)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        """(K,) probabilities -> (K,) mapped probabilities."""
+        p = p.clamp(_EPS, 1 - _EPS)
+        return torch.sigmoid(self.a * torch.logit(p) + self.b)
+
+
+def broadcast(
+    probs: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    straight_through: bool = False,
+) -> torch.Tensor:
+    """Draw N agent decisions from K archetype probabilities.
+
+    Args:
+        probs: (K,) probabilities in [0, 1].
+        index: (N,) archetype of each agent, values in 0..K-1, on the population's device.
+        generator: source of randomness (on the same device as `index`).
+        straight_through: if True, the result carries the gradient of ``probs[index]``
+            (forward value: the hard 0/1 draw; backward: d decision / d p = 1).
+
+    Returns:
+        (N,) float32 tensor of 0.0 and 1.0 on ``index.device``.
+    """
+    if probs.dim() != 1:
+        raise ValueError(f"probs must have shape (K,), got {tuple(probs.shape)}")
+    p = probs.to(device=index.device, dtype=torch.float32)[index.long()]
+    u = torch.rand(p.shape, generator=generator, device=index.device, dtype=torch.float32)
+    hard = (u < p).to(torch.float32)
+    if straight_through and p.requires_grad:
+        return hard + (p - p.detach())
+    return hard

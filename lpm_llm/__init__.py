@@ -3,7 +3,7 @@
 The public face is small; everything else lives in modules named in the README's module map.
 """
 
-from lpm_llm.behavior import AlignmentMap, ConstantDecision, DecisionSource, broadcast
+from lpm_llm.behavior import AlignmentMap, ConstantDecision, DecisionSource, PerArchetype, broadcast
 from lpm_llm.population import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "AlignmentMap",
     "ConstantDecision",
     "DecisionSource",
+    "PerArchetype",
     "Population",
     "broadcast",
 ]

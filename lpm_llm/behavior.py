@@ -17,12 +17,23 @@ from torch import nn
 _EPS = 1e-6
 
 
+class PerArchetype(tuple):
+    """A context value that differs by archetype: ``values[k]`` is archetype k's value.
+
+    Plain context values are the same for every archetype; wrap a length-K sequence in
+    ``PerArchetype`` to give each archetype its own (for example the cases in its borough).
+    """
+
+    def __new__(cls, values):
+        return super().__new__(cls, values)
+
+
 @runtime_checkable
 class DecisionSource(Protocol):
     """Anything that gives one probability per archetype for a decision step.
 
     ``context`` holds the simulation context of the step (date, recent cases, their trend,
-    active policies, ...). Implementations: :class:`ConstantDecision` and the LLM-backed
+    active policies, ...); a value wrapped in :class:`PerArchetype` differs by archetype. Implementations: :class:`ConstantDecision` and the LLM-backed
     ``lpm_llm.llm.LLMDecision``.
     """
 

@@ -202,5 +202,6 @@ class Population:
         columns = {}
         for name in table.column_names:
             arr = table.column(name).to_numpy()
-            columns[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+            # a copy: arrow's buffers are read-only and torch needs writable memory
+            columns[name] = torch.from_numpy(np.array(arr, copy=True)).to(device)
         return cls(columns, books)

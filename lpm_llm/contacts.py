@@ -1,0 +1,264 @@
+"""Contact layers as group memberships: the force of infection as segment sums, never N x N.
+
+Four layers, in this order everywhere (``LAYERS``): household, school (classrooms), workplace and
+community. Households, classrooms and workplaces are groups in which every member meets every other
+member; community mixing is a (borough x age band) contact matrix.
+
+For a group layer L with daily transmission rate ``beta_L``, agent j in group g receives
+
+    force_L[j] = beta_L * (P_g - w_j) / max(n_g - 1, 1),    P_g = sum of w_i over members i of g,
+
+where ``w_i`` is agent i's current infectiousness (0 unless infectious) and ``n_g`` the group's size:
+``beta_L`` is the total daily transmission rate of one infectious member spread evenly over the
+other ``n_g - 1`` members (frequency-dependent mixing within the group). A susceptible agent has
+``w_j = 0``, so the force is evaluated as ``beta_L * P_g / max(n_g - 1, 1)``, one gather per layer.
+
+Community: with ``P[b, a]`` the infectiousness summed over cell (borough b, age band a) and
+``N[b, a]`` the cell's size, the prevalence an agent of borough b meets in age band a' is
+
+    Q[b, a'] = (1 - x) * P[b, a'] / N[b, a'] + x * sum_b' P[b', a'] / sum_b' N[b', a'],
+
+(x = ``cross_borough_share``) and the community force on an agent in cell (b, a) is
+``beta_C * sum_a' C[a, a'] * Q[b, a']`` with C row-stochastic (row a: how an age-a agent's community
+contacts split over age bands). Pressure per cell is one ``index_add_``; the rest is a (B, A) x (A, A)
+product.
+
+Isolation: an agent who isolates keeps its household contacts and drops a fraction ``compliance`` of
+its school, work and community contacts, on both sides of a contact: an isolating infectious agent
+emits ``(1 - compliance) * w`` outside the home, an isolating susceptible agent receives
+``(1 - compliance)`` of the outside force. ``working`` (from the labour model) removes workplace
+contacts of agents not working, on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lpm_llm.population import Population
+
+__all__ = ["LAYERS", "ContactLayers", "Pressure", "default_community_matrix"]
+
+LAYERS: tuple[str, ...] = ("household", "school", "workplace", "community")
+_REQUIRED = ("borough", "age_band", "household")
+
+
+def default_community_matrix(n_age: int, assortativity: float = 0.4) -> torch.Tensor:
+    """(A, A) row-stochastic matrix: ``assortativity`` of contacts in one's own age band, the rest
+    spread evenly over all bands.
+
+    A stylised stand-in for measured contact matrices (POLYMOD, Mossong et al. 2008, PLoS Med 5:e74,
+    where contacts are strongly concentrated near one's own age); pass a measured matrix to
+    :meth:`ContactLayers.from_population` to use one.
+    """
+    if not 0.0 <= assortativity <= 1.0:
+        raise ValueError(f"assortativity must lie in [0, 1], got {assortativity}")
+    uniform = torch.full((n_age, n_age), (1.0 - assortativity) / n_age)
+    return uniform + assortativity * torch.eye(n_age)
+
+
+@dataclass
+class Pressure:
+    """Infectiousness summed per group. Shapes: household (H,), school (S+1,), workplace (W+1,),
+    community (B, A); entry 0 of school and workplace is the "no group" slot and stays 0."""
+
+    household: torch.Tensor
+    school: torch.Tensor
+    workplace: torch.Tensor
+    community: torch.Tensor
+
+
+@dataclass
+class ContactLayers:
+    """Group memberships and sizes of one population, ready for segment sums.
+
+    Attributes (N agents, H households, S classrooms, W workplaces, B boroughs, A age bands):
+        household: (N,) int32 household id in 0..H-1.
+        school: (N,) int32 classroom id + 1, 0 for none (shifted so that "none" is a real slot).
+        workplace: (N,) int32 workplace id + 1, 0 for none.
+        cell: (N,) int32 ``borough * A + age_band``.
+        inv_household: (H,) float32 ``1 / max(n_g - 1, 1)``; same for inv_school (S+1,),
+            inv_workplace (W+1,) (slot 0: 0).
+        cell_size: (B, A) float32 agents per cell.
+        community_matrix: (A, A) float32 row-stochastic.
+        cross_borough_share: share of community contacts made outside one's borough.
+    """
+
+    household: torch.Tensor
+    school: torch.Tensor
+    workplace: torch.Tensor
+    cell: torch.Tensor
+    inv_household: torch.Tensor
+    inv_school: torch.Tensor
+    inv_workplace: torch.Tensor
+    cell_size: torch.Tensor
+    community_matrix: torch.Tensor
+    cross_borough_share: float
+
+    @classmethod
+    def from_population(
+        cls,
+        population: Population,
+        *,
+        community_matrix: torch.Tensor | None = None,
+        cross_borough_share: float = 0.1,
+        device: torch.device | str | None = None,
+    ) -> ContactLayers:
+        """Build the layers from columns ``borough``, ``age_band``, ``household`` and (optional)
+        ``school``, ``workplace`` (int, -1 = none). Missing school/workplace columns mean no agent
+        belongs to that layer."""
+        for name in _REQUIRED:
+            if name not in population:
+                raise KeyError(
+                    f"contact layers need population column {name!r}; columns: {', '.join(sorted(population.columns))}"
+                )
+        if not 0.0 <= cross_borough_share <= 1.0:
+            raise ValueError(f"cross_borough_share must lie in [0, 1], got {cross_borough_share}")
+        device = torch.device(device) if device is not None else population.device
+        n_borough = len(population.labels("borough")) if "borough" in population.codebooks else None
+        n_age = len(population.labels("age_band")) if "age_band" in population.codebooks else None
+        borough = population["borough"].to(device=device, dtype=torch.int32)
+        age = population["age_band"].to(device=device, dtype=torch.int32)
+        n_borough = n_borough or int(borough.max()) + 1
+        n_age = n_age or int(age.max()) + 1
+        cell = borough * n_age + age
+        cell_size = torch.bincount(cell, minlength=n_borough * n_age).to(torch.float32).view(n_borough, n_age)
+
+        household = population["household"].to(device=device, dtype=torch.int32)
+        if int(household.min()) < 0:
+            raise ValueError("population column 'household': every agent needs a household id >= 0")
+        inv_household = _inverse_contacts(household, int(household.max()) + 1)
+        school, inv_school = _shifted_groups(population, "school", device)
+        workplace, inv_workplace = _shifted_groups(population, "workplace", device)
+
+        if community_matrix is None:
+            community_matrix = default_community_matrix(n_age)
+        community_matrix = torch.as_tensor(community_matrix, dtype=torch.float32, device=device)
+        if community_matrix.shape != (n_age, n_age):
+            raise ValueError(f"community_matrix must have shape ({n_age}, {n_age}), got {tuple(community_matrix.shape)}")
+        if (community_matrix < 0).any():
+            raise ValueError("community_matrix must be non-negative")
+        return cls(
+            household=household, school=school, workplace=workplace, cell=cell,
+            inv_household=inv_household, inv_school=inv_school, inv_workplace=inv_workplace,
+            cell_size=cell_size, community_matrix=community_matrix,
+            cross_borough_share=float(cross_borough_share),
+        )
+
+    # -- sizes ----------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.household.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, A): boroughs x age bands."""
+        return tuple(self.cell_size.shape)  # type: ignore[return-value]
+
+    def nbytes(self) -> int:
+        """Bytes of the per-agent and per-group tensors held here."""
+        return sum(
+            t.element_size() * t.numel()
+            for t in (self.household, self.school, self.workplace, self.cell,
+                      self.inv_household, self.inv_school, self.inv_workplace)
+        )
+
+    # -- the two halves of the force of infection ------------------------------------------------
+    def pressure(
+        self,
+        infectious: torch.Tensor,
+        weight_home: torch.Tensor,
+        weight_out: torch.Tensor,
+        working: torch.Tensor | None = None,
+    ) -> Pressure:
+        """Sum infectiousness per group.
+
+        Args:
+            infectious: (n_I,) int64 indices of infectious agents.
+            weight_home: (n_I,) float32 infectiousness at home.
+            weight_out: (n_I,) float32 infectiousness outside the home (isolation applied).
+            working: optional (N,) bool; infectious agents not working emit nothing at work.
+        """
+        b, a = self.shape
+        dev, dt = weight_home.device, weight_home.dtype
+        hh = torch.zeros(self.inv_household.shape, device=dev, dtype=dt).index_add(
+            0, self.household[infectious], weight_home
+        )
+        sc = torch.zeros(self.inv_school.shape, device=dev, dtype=dt).index_add(
+            0, self.school[infectious], weight_out
+        )
+        w_work = weight_out if working is None else weight_out * working[infectious]
+        wk = torch.zeros(self.inv_workplace.shape, device=dev, dtype=dt).index_add(
+            0, self.workplace[infectious], w_work
+        )
+        cm = torch.zeros(b * a, device=dev, dtype=dt).index_add(0, self.cell[infectious], weight_out).view(b, a)
+        return Pressure(hh, sc, wk, cm)
+
+    def community_rate(self, community_pressure: torch.Tensor) -> torch.Tensor:
+        """(B, A) pressure -> (B, A) community force per unit ``beta_C`` (see the module docstring)."""
+        x = self.cross_borough_share
+        local = community_pressure / self.cell_size.clamp(min=1.0)
+        city = community_pressure.sum(0) / self.cell_size.sum(0).clamp(min=1.0)
+        prevalence = (1.0 - x) * local + x * city.unsqueeze(0)
+        return prevalence @ self.community_matrix.T
+
+    def force(
+        self,
+        pressure: Pressure,
+        rates: torch.Tensor,
+        *,
+        outside_factor: torch.Tensor | None = None,
+        working: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-agent force of infection on susceptible agents (own contribution 0).
+
+        Args:
+            pressure: from :meth:`pressure`.
+            rates: (4,) daily transmission rate per layer in ``LAYERS`` order, interventions applied.
+            outside_factor: optional (N,) float32 multiplier of school, work and community force
+                (``1 - compliance * isolating``).
+            working: optional (N,) bool; agents not working get no workplace force.
+
+        Returns:
+            (N,) float32 force (daily hazard) before age-specific susceptibility.
+        """
+        hh_rate = pressure.household * (rates[0] * self.inv_household)
+        sc_rate = pressure.school * (rates[1] * self.inv_school)
+        wk_rate = pressure.workplace * (rates[2] * self.inv_workplace)
+        cm_rate = (rates[3] * self.community_rate(pressure.community)).reshape(-1)
+        outside = sc_rate.index_select(0, self.school)
+        work = wk_rate.index_select(0, self.workplace)
+        if working is not None:
+            work = work * working
+        if torch.is_grad_enabled():
+            outside = outside + work + cm_rate.index_select(0, self.cell)
+            if outside_factor is not None:
+                outside = outside * outside_factor
+            return hh_rate.index_select(0, self.household) + outside
+        # fast path: accumulate in place into the first N-sized buffer (no autograd here)
+        outside.add_(work).add_(cm_rate.index_select(0, self.cell))
+        if outside_factor is not None:
+            outside.mul_(outside_factor)
+        return outside.add_(hh_rate.index_select(0, self.household))
+
+
+def _inverse_contacts(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(G,) float32 ``1 / max(size - 1, 1)`` for groups given as (N,) ids in 0..G-1."""
+    size = torch.bincount(groups, minlength=n_groups).to(torch.float32)
+    return 1.0 / (size - 1.0).clamp(min=1.0)
+
+
+def _shifted_groups(population: Population, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group ids shifted by one (0 = none) and the inverse contacts per slot (slot 0: 0)."""
+    n = population.n
+    if name not in population:
+        return torch.zeros(n, dtype=torch.int32, device=device), torch.zeros(1, device=device)
+    ids = population[name].to(device=device, dtype=torch.int32)
+    if n and int(ids.min()) < -1:
+        raise ValueError(f"population column {name!r}: group ids must be >= 0, or -1 for none")
+    shifted = ids + 1
+    n_slots = int(shifted.max()) + 1 if n else 1
+    inv = _inverse_contacts(shifted, n_slots)
+    inv[0] = 0.0
+    return shifted, inv

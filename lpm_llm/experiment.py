@@ -1,0 +1,249 @@
+"""Experiments: one validated YAML file -> a folder of results, plots and a publishable manifest.
+
+    exp = Experiment.from_yaml("experiments/covid_nyc.yaml", overrides=["days=30"])
+    result = exp.run(out_dir="runs/demo")        # ExperimentResult
+    result.metrics                               # daily series by scenario, seed, area and age band
+
+The config is a pydantic model (:class:`ExperimentConfig`): an unknown or misspelt key is an error
+that names the key and the valid ones. Scenarios are overrides of the base config, validated the
+same way; ``seeds`` runs an ensemble of each scenario.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lpm_llm import _outputs
+from lpm_llm._config import ConfigError, deep_merge, load_yaml, parse_set, validate
+from lpm_llm._resources import resolve_path
+from lpm_llm.interventions import InterventionSchedule, Policy, nyc_2020
+from lpm_llm.llm.settings import LLMSettings
+from lpm_llm.models.epidemic import EpidemicParams
+from lpm_llm.models.labor import LaborParams
+from lpm_llm.synthesis import HouseholdSettings, SchoolSettings, WorkplaceSettings
+
+log = logging.getLogger(__name__)
+
+_POLICY_KINDS = ("school_closure", "stay_at_home", "reopening", "masks")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PopulationConfig(_Strict):
+    """Where the agents come from: the synthetic New York (``source: nyc``) or a parquet file."""
+
+    source: str = Field("nyc", description="'nyc' synthesizes from the bundled marginals; else a .parquet path")
+    scale: float = Field(0.01, gt=0, le=1, description="fraction of the real city (nyc source only)")
+    seed: int = Field(0, ge=0)
+    households: HouseholdSettings = Field(default_factory=HouseholdSettings)
+    schools: SchoolSettings = Field(default_factory=SchoolSettings)
+    workplaces: WorkplaceSettings = Field(default_factory=WorkplaceSettings)
+
+
+class DecisionConfig(_Strict):
+    """One LLM decision: its prompt file and how often it is taken."""
+
+    prompt: str
+    every_days: int = Field(7, ge=1, description="days between decision steps; decisions hold in between")
+    enabled: bool = True
+
+
+class InterventionsConfig(_Strict):
+    """A preset schedule, minus removed policy kinds, plus added policies.
+
+    Scenario example (no stay-at-home order): ``interventions: {remove: [stay_at_home, reopening]}``.
+    """
+
+    preset: Literal["nyc_2020", "none"] = "nyc_2020"
+    remove: list[Literal["school_closure", "stay_at_home", "reopening", "masks"]] = Field(default_factory=list)
+    add: list[Policy] = Field(default_factory=list)
+
+    def schedule(self) -> InterventionSchedule:
+        base = nyc_2020().policies if self.preset == "nyc_2020" else ()
+        kept = tuple(p for p in base if p.kind not in self.remove)
+        return InterventionSchedule(policies=kept + tuple(self.add))
+
+
+class OutputsConfig(_Strict):
+    plots: bool = True
+    parquet: bool = True
+    observed: bool = Field(True, description="plot the bundled NYC observations beside the simulation")
+
+
+class CalibrationConfig(_Strict):
+    """The ``calibration:`` block, used by ``lpm-llm calibrate`` (see :mod:`lpm_llm.calibrate`)."""
+
+    start: dt.date = dt.date(2020, 3, 1)
+    end: dt.date = dt.date(2020, 7, 31)
+    forecast_weeks: int = Field(4, ge=0, le=26)
+    targets: list[Literal["cases", "deaths", "hospitalized"]] = Field(default_factory=lambda: ["cases", "deaths"])
+    steps: int = Field(40, ge=1, le=10000)
+    lr: float = Field(0.05, gt=0)
+    seeds_per_step: int = Field(1, ge=1, le=16)
+    baseline_budget: int | None = Field(None, ge=1, description="simulations for the gradient-free baseline")
+    checkpoint_days: int | None = Field(None, ge=1, description="recompute activations in chunks of this many days")
+
+
+class ExperimentConfig(_Strict):
+    """Everything a run needs; see experiments/covid_nyc.yaml for an annotated example."""
+
+    name: str
+    description: str = ""
+    model: Literal["epidemic", "labor", "epidemic+labor"] = "epidemic"
+    population: PopulationConfig = Field(default_factory=PopulationConfig)
+    archetypes: str = "nyc_age_sex_borough.yaml"
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    decisions: dict[str, DecisionConfig] = Field(
+        default_factory=lambda: {"isolation": DecisionConfig(prompt="isolation.yaml")}
+    )
+    epidemic: EpidemicParams = Field(default_factory=EpidemicParams)
+    labor: LaborParams = Field(default_factory=LaborParams)
+    interventions: InterventionsConfig = Field(default_factory=InterventionsConfig)
+    start_date: dt.date = dt.date(2020, 3, 1)
+    days: int = Field(122, ge=1, le=3650)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    device: str = "cpu"
+    scenarios: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> overrides of this config (baseline is always run)"
+    )
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+
+    @field_validator("decisions")
+    @classmethod
+    def _known_decisions(cls, v: dict[str, DecisionConfig]) -> dict[str, DecisionConfig]:
+        unknown = sorted(set(v) - {"isolation", "work"})
+        if unknown:
+            raise ValueError(f"unknown decision(s) {unknown}; known: isolation (epidemic), work (labor)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        try:
+            torch.device(v)
+        except RuntimeError:
+            raise ValueError(f"{v!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _scenario_names(self) -> ExperimentConfig:
+        if "baseline" in self.scenarios:
+            raise ValueError("scenario name 'baseline' is reserved for the unmodified config")
+        return self
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> tuple[ExperimentConfig, dict[str, ExperimentConfig]]:
+    """Read, override and validate an experiment and its scenarios.
+
+    Returns:
+        (base config, scenario name -> its full config), every scenario validated up front so a
+        typo in the last scenario fails before any work is done.
+    """
+    if (path is None) == (data is None):
+        raise ValueError("give exactly one of a config path or a data mapping")
+    source = str(path) if path is not None else "<config>"
+    raw = load_yaml(resolve_path(path, "experiments")) if path is not None else dict(data)
+    raw = deep_merge(raw, parse_set(list(overrides)))
+    base = validate(ExperimentConfig, raw, source)
+    scenarios = {}
+    for name, override in base.scenarios.items():
+        if not isinstance(override, Mapping):
+            raise ConfigError(f"{source}: scenarios.{name} must be a mapping of overrides")
+        if "scenarios" in override:
+            raise ConfigError(f"{source}: scenarios.{name} may not define scenarios of its own")
+        merged = deep_merge({k: v for k, v in raw.items() if k != "scenarios"}, override)
+        scenarios[name] = validate(ExperimentConfig, merged, f"{source} (scenario {name!r})")
+    return base, scenarios
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExperimentResult:
+    """What a run produced (also written to ``out_dir``)."""
+
+    out_dir: Path
+    metrics: pd.DataFrame
+    decisions: pd.DataFrame
+    manifest: dict[str, Any]
+    labor: pd.DataFrame | None = None
+    plots: list[Path] = field(default_factory=list)
+
+
+class Experiment:
+    """A validated experiment; :meth:`run` executes every scenario and seed and writes the folder.
+
+    Args:
+        config: the base config.
+        scenarios: scenario name -> full config (see :func:`load_config`).
+        config_path: the YAML file it came from (recorded in the manifest).
+        http_client: an ``httpx.AsyncClient`` for the LLM (tests pass one that respx intercepts).
+        progress: a factory of progress bars (``tqdm``-like: ``progress(total=, desc=)``), or None.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        scenarios: dict[str, ExperimentConfig] | None = None,
+        *,
+        config_path: str | Path | None = None,
+        http_client: Any = None,
+        progress: Callable[..., Any] | None = None,
+    ):
+        self.config = config
+        self.scenarios = scenarios or {}
+        self.config_path = Path(config_path) if config_path else None
+        self.http_client = http_client
+        self.progress = progress
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = (), **kwargs: Any) -> Experiment:
+        base, scenarios = load_config(path, overrides=overrides)
+        return cls(base, scenarios, config_path=resolve_path(path, "experiments"), **kwargs)
+
+    def run(self, out_dir: str | Path | None = None) -> ExperimentResult:
+        from lpm_llm._runner import run_experiment
+
+        out = Path(out_dir) if out_dir else Path("runs") / f"{self.config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return run_experiment(self, out)
+
+    def calibrate(self, out_dir: str | Path | None = None):
+        from lpm_llm._runner import calibrate_experiment
+
+        out = Path(out_dir) if out_dir else Path("runs") / f"{self.config.name}-calib-{time.strftime('%Y%m%d-%H%M%S')}"
+        return calibrate_experiment(self, out)
+
+
+__all__ = [
+    "CalibrationConfig",
+    "ConfigError",
+    "DecisionConfig",
+    "Experiment",
+    "ExperimentConfig",
+    "ExperimentResult",
+    "InterventionsConfig",
+    "PopulationConfig",
+    "load_config",
+]

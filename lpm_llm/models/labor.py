@@ -1,0 +1,799 @@
+"""Labour market: working-age agents move between employment, unemployment and out of the labour force.
+
+A month here is the period between two LAUS reference weeks (the week that includes the 12th):
+month m's state is what the survey measured around the 12th of m, and the step that produces it
+covers the 12th of m-1 to the 11th of m. One step, in this order:
+
+1. decision: each archetype's probability of wanting to work (LLM, through the calibrated
+   :class:`~lpm_llm.behavior.AlignmentMap`), drawn per agent with :func:`~lpm_llm.behavior.broadcast`;
+2. exits: an agent in the labour force who does not want to work leaves it (``exit_rate``);
+3. separations: an employed agent who stays loses the job with
+   ``1 - (1 - separation) * (1 - shock[industry] * intensity[borough])``, where
+   ``intensity = restriction + case_sensitivity * weekly cases per 100k / 100``;
+4. matching: an unemployed agent who wants to work finds a job with
+   ``find0[borough] * (u0 / u)^matching_elasticity * (1 - hiring_freeze * restriction)``;
+5. entry: an agent out of the labour force who wants to work enters it, as unemployed (``entry0``);
+6. recording: labour force, employed, unemployed and the rate by borough.
+
+``find0`` and ``entry0`` are not free parameters: the first step sets them so that its own start
+state is an equilibrium in expectation, without shocks, given that month's work probabilities.
+A run without shocks or changes in the decisions therefore stays at its start unemployment rate.
+
+Initial state, from LAUS (which counts residents aged 16+): the whole borough labour force is put
+on the 18-64 agents, participation = LAUS labour force / population 18-64 (from the bundled
+marginals), and the borough's LAUS unemployment rate applies to them. LAUS workers aged 16-17 and
+65+ (about 7% of the labour force) are thus folded into 18-64, overstating participation there by a
+few points. Exact counts are assigned per borough; agents with ``employed`` True in the population
+are chosen first for employment.
+
+Draws are Bernoulli: with gradients enabled, straight-through (forward 0/1, backward d/dp), so that
+a loss on the recorded series has gradients for every parameter in :class:`LaborParams`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import date, timedelta
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from lpm_llm._resources import nyc_data_path
+from lpm_llm.behavior import AlignmentMap, DecisionSource, PerArchetype, broadcast
+from lpm_llm.industry import INDUSTRIES, WORKING_AGE_BANDS, working_age_mask
+from lpm_llm.observed import load_covid, load_unemployment
+from lpm_llm.population import BOROUGHS, Population
+
+log = logging.getLogger(__name__)
+
+OUT_OF_LABOR_FORCE, EMPLOYED, UNEMPLOYED = 0, 1, 2
+STATUS_LABELS: tuple[str, ...] = ("out_of_labor_force", "employed", "unemployed")
+RESULTS: tuple[str, ...] = ("labor_force", "employed", "unemployed", "unemployment_rate")
+_MIN_RATE = 0.005  # floor of the unemployment rate inside the matching function (a fraction)
+
+# -- policy and income-support calendar (New York City) -------------------------------------------
+PAUSE_START = date(2020, 3, 22)  # New York State on PAUSE, executive order 202.8
+REOPENING_PHASES: tuple[date, ...] = (
+    date(2020, 6, 8), date(2020, 6, 22), date(2020, 7, 6), date(2020, 7, 20),
+)
+"""Start of NYC reopening phases 1-4; PAUSE ends the day before phase 1."""
+
+_NY_MAX_BENEFIT = "New York State unemployment insurance of up to $504 per week"
+INCOME_SUPPORT: tuple[tuple[date, date, str], ...] = (
+    (date(2020, 3, 27), date(2020, 7, 31),
+     "federal Pandemic Unemployment Compensation adds $600 per week to unemployment benefits (CARES Act)"),
+    (date(2020, 8, 1), date(2020, 9, 6),
+     "federal Lost Wages Assistance adds $300 per week to unemployment benefits (FEMA, August 2020)"),
+    (date(2020, 12, 27), date(2021, 9, 5),
+     "federal Pandemic Unemployment Compensation adds $300 per week to unemployment benefits "
+     "(Continued Assistance Act, extended by the American Rescue Plan Act)"),
+)
+"""(first day, last day, text) of each federal supplement to unemployment benefits."""
+
+
+def income_support(day: date) -> str:
+    """The income support for the unemployed in force on ``day``, as one sentence for the prompt."""
+    for first, last, text in INCOME_SUPPORT:
+        if first <= day <= last:
+            return f"{_NY_MAX_BENEFIT}; {text}"
+    return f"{_NY_MAX_BENEFIT}; no federal supplement"
+
+
+def labor_period(month: date | str) -> tuple[date, date]:
+    """First and last day of the step ending in ``month``'s LAUS reference week: 12th of m-1 to 11th of m."""
+    m = pd.Timestamp(month).date().replace(day=1)
+    previous = (m - timedelta(days=1)).replace(day=12)
+    return previous, m.replace(day=11)
+
+
+class LaborPolicy(BaseModel):
+    """Policies over one step, as the model reads them.
+
+    ``stay_at_home``: share of the step's days under the stay-at-home order, in [0, 1].
+    ``reopening_phase``: mean NYC reopening phase (1-4) over the step's days after the order ended;
+    0 when no day of the step was in reopening.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stay_at_home: float = Field(0.0, ge=0.0, le=1.0)
+    reopening_phase: float = Field(0.0, ge=0.0, le=4.0)
+
+    @property
+    def restriction(self) -> float:
+        """Share of the economy closed, in [0, 1]: 1 under the order, (4 - phase) / 4 in reopening."""
+        if self.reopening_phase <= 0:
+            return self.stay_at_home
+        return self.stay_at_home + (1.0 - self.stay_at_home) * (4.0 - self.reopening_phase) / 4.0
+
+    def describe(self) -> str:
+        """One line for the prompt."""
+        parts = []
+        if self.stay_at_home > 0:
+            parts.append(f"New York State on PAUSE (stay-at-home order, non-essential businesses closed) "
+                         f"for {round(100 * self.stay_at_home)}% of the month")
+        if self.reopening_phase > 0:
+            parts.append(f"New York City reopening, phase {math.floor(self.reopening_phase + 1e-9)} of 4")
+        return "; ".join(parts) if parts else "no stay-at-home order"
+
+
+def policy_for_period(first: date, last: date) -> LaborPolicy:
+    """Stay-at-home share and mean reopening phase over the days ``first`` .. ``last`` (inclusive)."""
+    if last < first:
+        raise ValueError(f"period ends ({last}) before it starts ({first})")
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    pause = [PAUSE_START <= d < REOPENING_PHASES[0] for d in days]
+    phases = [sum(d >= p for p in REOPENING_PHASES) for d in days]
+    reopening = [p for p in phases if p > 0]
+    return LaborPolicy(stay_at_home=sum(pause) / len(days),
+                       reopening_phase=sum(reopening) / len(reopening) if reopening else 0.0)
+
+
+# -- inputs of one step ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LaborInputs:
+    """What the outside world (the epidemic, the policy calendar) gives one monthly step.
+
+    Attributes:
+        month: the month whose state the step produces (first of the month).
+        policy: policies over the step.
+        cases_week: (areas,) float32 cases in the last 7 days per 100,000 residents, by borough.
+        cases_trend: (areas,) float32 percent change on the 7 days before.
+    """
+
+    month: date
+    policy: LaborPolicy
+    cases_week: torch.Tensor
+    cases_trend: torch.Tensor
+
+
+def borough_population() -> dict[str, tuple[float, float]]:
+    """Borough -> (total population, population aged 18-64) from the bundled marginals."""
+    df = pd.read_csv(nyc_data_path("population_marginals.csv"))
+    out = {}
+    for b in BOROUGHS:
+        rows = df[df["borough"] == b]
+        total = float(rows.loc[rows["dimension"] == "total", "population"].sum())
+        ages = rows[(rows["dimension"] == "age") & rows["group"].isin(WORKING_AGE_BANDS)]
+        if total <= 0 or len(ages) != len(WORKING_AGE_BANDS):
+            raise ValueError(f"population_marginals.csv: borough {b} lacks a total or an 18-64 age band")
+        out[b] = (total, float(ages["population"].sum()))
+    return out
+
+
+def observed_labor_inputs(
+    months: Sequence[date | str], device: torch.device | str = "cpu"
+) -> list[LaborInputs]:
+    """Inputs for each month from the calendar and the bundled NYC case counts (DOHMH, by diagnosis date)."""
+    covid = load_covid()
+    covid = covid[covid["area"].isin(BOROUGHS)].pivot_table(index="date", columns="area", values="cases")
+    covid = covid.reindex(columns=list(BOROUGHS))
+    per_100k = torch.tensor([1e5 / borough_population()[b][0] for b in BOROUGHS])
+    out = []
+    for month in months:
+        first, last = labor_period(month)
+        end = pd.Timestamp(last)
+        week = covid.loc[end - pd.Timedelta(days=6): end].sum()
+        before = covid.loc[end - pd.Timedelta(days=13): end - pd.Timedelta(days=7)].sum()
+        cases = torch.tensor(week.to_numpy(dtype=float), dtype=torch.float32)
+        prior = torch.tensor(before.to_numpy(dtype=float), dtype=torch.float32)
+        out.append(LaborInputs(
+            month=pd.Timestamp(month).date().replace(day=1),
+            policy=policy_for_period(first, last),
+            cases_week=(cases * per_100k).to(device),
+            cases_trend=(100.0 * ((cases + 1.0) / (prior + 1.0) - 1.0)).to(device),
+        ))
+    return out
+
+
+# -- parameters ------------------------------------------------------------------------------------
+DEFAULT_SHOCK: dict[str, float] = {
+    "leisure_hospitality": 0.45, "retail_personal_services": 0.25, "professional_office": 0.05,
+    "health_education": 0.08, "construction_manufacturing": 0.15, "transport_utilities": 0.10,
+    "public_administration": 0.01,
+}
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "separation": (1e-4, 0.2), "exit_rate": (1e-4, 0.5), "matching_elasticity": (0.0, 0.9),
+    "hiring_freeze": (0.0, 1.0), "case_sensitivity": (0.0, 2.0), "shock": (0.0, 1.0),
+}
+
+
+class LaborParams(BaseModel):
+    """Parameters of :class:`LaborModel`, with units; all are calibrated. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    separation: float = Field(0.012, ge=1e-4, le=0.2,
+                              description="monthly probability that a job ends without a shock (1/month)")
+    exit_rate: float = Field(0.05, ge=1e-4, le=0.5, description="monthly probability that an agent in "
+                             "the labour force who does not want to work leaves it (1/month)")
+    matching_elasticity: float = Field(0.5, ge=0.0, le=0.9, description="exponent of the fall of job "
+                                       "finding with the unemployment rate: find ~ (u0/u)^e (unitless)")
+    hiring_freeze: float = Field(0.5, ge=0.0, le=1.0,
+                                 description="share of hiring stopped under a full stay-at-home order")
+    case_sensitivity: float = Field(0.05, ge=0.0, le=2.0, description="restriction-equivalent of 100 "
+                                    "weekly cases per 100,000 residents, in the separation shock")
+    shock: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SHOCK), description="industry -> "
+                                    "extra monthly probability of losing the job at full restriction")
+    alignment_a: float = Field(1.0, gt=0.0, le=10.0, description="slope of logit(p') = a logit(p) + b")
+    alignment_b: float = Field(0.0, ge=-10.0, le=10.0, description="offset of the alignment map")
+
+    @field_validator("shock")
+    @classmethod
+    def _known_industries(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(INDUSTRIES))
+        if unknown:
+            raise ValueError(f"unknown industry(ies) {unknown}; known: {', '.join(INDUSTRIES)}")
+        bad = {k: x for k, x in v.items() if not 0.0 <= x <= 1.0}
+        if bad:
+            raise ValueError(f"shock sizes must lie in [0, 1], got {bad}")
+        return {**DEFAULT_SHOCK, **v}
+
+
+class _Bounded(nn.Module):
+    """``lo + (hi - lo) * sigmoid(raw)``: an unconstrained parameter mapped into (lo, hi)."""
+
+    def __init__(self, value: torch.Tensor, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+        frac = ((value - lo) / (hi - lo)).clamp(1e-4, 1 - 1e-4)
+        self.raw = nn.Parameter(torch.logit(frac).to(torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        return self.lo + (self.hi - self.lo) * torch.sigmoid(self.raw)
+
+
+# -- state -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Baseline:
+    find0: torch.Tensor  # (areas,) monthly job-finding probability of a searching unemployed agent
+    entry0: torch.Tensor  # (areas,) monthly entry probability of an agent outside who wants to work
+    rate0: torch.Tensor  # (areas,) unemployment rate (fraction) at the baseline
+
+
+@dataclass(frozen=True)
+class LaborState:
+    """Labour status of every agent. Status tensors are float 0/1 so that they carry gradients.
+
+    Attributes:
+        month: the month this state describes.
+        employed, unemployed: (N,) float32, 1.0 where the agent is in that status (0 outside 18-64).
+        working_age: (N,) bool.
+        borough, industry: (N,) int64 codes (industry 0 where outside working age).
+        baseline: equilibrium flows, set by the first step.
+    """
+
+    month: date
+    employed: torch.Tensor
+    unemployed: torch.Tensor
+    working_age: torch.Tensor
+    borough: torch.Tensor
+    industry: torch.Tensor
+    baseline: _Baseline | None = None
+
+    @property
+    def status(self) -> torch.Tensor:
+        """(N,) int8: 0 out of the labour force (or outside 18-64), 1 employed, 2 unemployed."""
+        return (self.employed.detach().round() * EMPLOYED + self.unemployed.detach().round() * UNEMPLOYED).to(
+            torch.int8)
+
+    def by_borough(self) -> dict[str, torch.Tensor]:
+        """(areas,) float32 ``labor_force``, ``employed``, ``unemployed`` (agents), and the rate (%)."""
+        zeros = torch.zeros(len(BOROUGHS), device=self.employed.device)
+        employed = zeros.index_add(0, self.borough, self.employed)
+        unemployed = zeros.index_add(0, self.borough, self.unemployed)
+        force = employed + unemployed
+        return {"labor_force": force, "employed": employed, "unemployed": unemployed,
+                "unemployment_rate": 100.0 * unemployed / force.clamp(min=1.0)}
+
+
+def _bernoulli(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(N,) hard 0/1 draws; straight-through gradient of ``p`` when gradients are enabled."""
+    u = torch.rand(p.shape, generator=generator, device=p.device)
+    hard = (u < p).to(torch.float32)
+    if torch.is_grad_enabled() and p.requires_grad:
+        return hard + (p - p.detach())
+    return hard
+
+
+# -- model -----------------------------------------------------------------------------------------
+class LaborModel(nn.Module):
+    """Monthly labour-market dynamics of working-age agents; see the module docstring for the step.
+
+    Reads columns ``borough``, ``age_band``, ``industry`` (and ``employed`` if present); writes
+    ``labor_status`` (int8, :data:`STATUS_LABELS`) and ``employed`` (bool); records :data:`RESULTS`
+    by borough per month.
+    """
+
+    reads: tuple[str, ...] = ("borough", "age_band", "industry", "employed")
+    writes: tuple[str, ...] = ("labor_status", "employed")
+    results: tuple[str, ...] = RESULTS
+
+    def __init__(self, params: LaborParams | None = None):
+        super().__init__()
+        p = params or LaborParams()
+        for name in ("separation", "exit_rate", "matching_elasticity", "hiring_freeze", "case_sensitivity"):
+            setattr(self, name, _Bounded(torch.tensor(getattr(p, name)), *_BOUNDS[name]))
+        self.shock = _Bounded(torch.tensor([p.shock[g] for g in INDUSTRIES]), *_BOUNDS["shock"])
+        self.alignment = AlignmentMap(a=p.alignment_a, b=p.alignment_b)
+
+    @property
+    def params(self) -> LaborParams:
+        """Current values of the parameters (detached), clipped into their declared bounds."""
+        def f(m: nn.Module) -> float:
+            return float(m().detach())
+        shock = self.shock().detach().cpu().tolist()
+        return LaborParams(
+            separation=f(self.separation), exit_rate=f(self.exit_rate),
+            matching_elasticity=f(self.matching_elasticity), hiring_freeze=f(self.hiring_freeze),
+            case_sensitivity=f(self.case_sensitivity), shock=dict(zip(INDUSTRIES, shock, strict=True)),
+            alignment_a=min(float(self.alignment.a.detach()), 10.0),
+            alignment_b=max(-10.0, min(float(self.alignment.b.detach()), 10.0)),
+        )
+
+    # -- initial state ---------------------------------------------------------------------------
+    def init_state(
+        self,
+        population: Population,
+        start: date | str,
+        generator: torch.Generator,
+        observed: pd.DataFrame | None = None,
+    ) -> LaborState:
+        """Labour status in month ``start`` from LAUS participation and unemployment (module docstring).
+
+        Args:
+            population: needs ``borough``, ``age_band`` and ``industry`` (see
+                :func:`lpm_llm.industry.assign_industry`); an ``employed`` column, if present, is
+                preferred when choosing who is employed.
+            start: the start month; ``observed`` must have it for every borough.
+            generator: randomness for who is chosen, on the population's device.
+            observed: LAUS frame as from :func:`lpm_llm.observed.load_unemployment` (default: bundled).
+        """
+        if population.labels("borough") != BOROUGHS:
+            raise ValueError(f"borough codebook must be {BOROUGHS}, got {population.labels('borough')}")
+        if "industry" not in population:
+            raise KeyError("the labour model needs an 'industry' column; add it with "
+                           "lpm_llm.industry.assign_industry(population, generator)")
+        month = pd.Timestamp(start).date().replace(day=1)
+        obs = load_unemployment() if observed is None else observed
+        rows = obs[(obs["date"] == pd.Timestamp(month)) & obs["area"].isin(BOROUGHS)].set_index("area")
+        missing = [b for b in BOROUGHS if b not in rows.index]
+        if missing:
+            raise ValueError(f"unemployment data has no row for {month:%Y-%m} in {missing}; "
+                             f"months available: {obs['date'].min():%Y-%m} to {obs['date'].max():%Y-%m}")
+        pops = borough_population()
+        participation = torch.tensor(
+            [min(0.99, rows.loc[b, "labor_force"] / pops[b][1]) for b in BOROUGHS], dtype=torch.float64)
+        rate = torch.tensor([rows.loc[b, "unemployment_rate"] / 100.0 for b in BOROUGHS], dtype=torch.float64)
+
+        device = population.device
+        working = working_age_mask(population)
+        borough = population["borough"].long()
+        # rank agents within their borough: synthesized-employed first, then at random; others last
+        preferred = population["employed"].to(torch.float64) if "employed" in population else 0.0
+        key = torch.rand(population.n, generator=generator, device=device, dtype=torch.float64)
+        key = key + 2.0 * (1.0 - preferred) + 4.0 * borough
+        key = torch.where(working, key, torch.full_like(key, 4.0 * len(BOROUGHS) + 8.0))
+        order = torch.argsort(key)
+        group = torch.where(working, borough, torch.full_like(borough, len(BOROUGHS)))
+        counts = torch.bincount(group, minlength=len(BOROUGHS) + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(population.n, device=device) - starts[group[order]]
+        n_working = counts[: len(BOROUGHS)].to(torch.float64).cpu()
+        n_force = torch.round(participation * n_working).to(device)
+        n_employed = torch.round(participation * (1.0 - rate) * n_working).to(device)
+        employed = working & (rank < n_employed.long().index_select(0, borough.clamp(max=len(BOROUGHS) - 1)))
+        in_force = working & (rank < n_force.long().index_select(0, borough.clamp(max=len(BOROUGHS) - 1)))
+        industry = population["industry"].long()
+        if bool(((industry < 0) & working).any()):
+            raise ValueError("agents aged 18-64 with industry -1; rebuild the column with assign_industry")
+        return LaborState(
+            month=month,
+            employed=employed.to(torch.float32),
+            unemployed=(in_force & ~employed).to(torch.float32),
+            working_age=working,
+            borough=borough,
+            industry=industry.clamp(min=0),
+        )
+
+    # -- one month -------------------------------------------------------------------------------
+    def _equilibrium(self, state: LaborState, p: torch.Tensor) -> _Baseline:
+        """Baseline find/entry probabilities that make ``state`` stationary in expectation (no shock)."""
+        areas = len(BOROUGHS)
+
+        def total(x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(areas, device=x.device).index_add(0, state.borough, x)
+
+        wa = state.working_age.to(torch.float32)
+        e, u = state.employed, state.unemployed
+        o = wa - e - u
+        s, x = self.separation(), self.exit_rate()
+        e_quit = total(e * (1 - p)) * x  # employed who leave, per borough
+        u_quit = total(u * (1 - p)) * x
+        e_lose = (total(e) - e_quit) * s
+        find0 = (e_quit + e_lose) / total(u * p).clamp(min=1e-6)
+        entry0 = (e_quit + u_quit) / total(o * p).clamp(min=1e-6)
+        if bool((find0 > 1).any()) or bool((entry0 > 1).any()):
+            log.warning("baseline job finding %s or entry %s exceeds 1 per month; clipped, so the start "
+                        "state is not an equilibrium (too few agents want to work)",
+                        find0.detach().cpu().tolist(), entry0.detach().cpu().tolist())
+        rate0 = total(u) / total(e + u).clamp(min=1.0)
+        return _Baseline(find0=find0.clamp(0, 1), entry0=entry0.clamp(0, 1), rate0=rate0.detach())
+
+    def step(
+        self,
+        state: LaborState,
+        inputs: LaborInputs,
+        work_probability: torch.Tensor,
+        archetype_index: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[LaborState, dict[str, torch.Tensor]]:
+        """Advance one month: ``(state, inputs, p) -> (new state, outputs)``.
+
+        Args:
+            state: the state of the previous month.
+            inputs: policies and cases over the step, for the month ``inputs.month``.
+            work_probability: (K,) archetype probabilities of wanting to work (before alignment).
+            archetype_index: (N,) archetype of each agent.
+            generator: randomness, on the population's device.
+
+        Returns:
+            The new state and its :meth:`LaborState.by_borough` outputs, each (areas,).
+        """
+        if work_probability.dim() != 1:
+            raise ValueError(f"work_probability must have shape (K,), got {tuple(work_probability.shape)}")
+        aligned = self.alignment(work_probability.to(state.employed.device, torch.float32))
+        p_agent = aligned[archetype_index.long()]
+        baseline = state.baseline or self._equilibrium(state, p_agent)
+        grad = torch.is_grad_enabled()
+        want = broadcast(aligned, archetype_index, generator=generator, straight_through=grad)
+
+        wa = state.working_age.to(torch.float32)
+        e, u = state.employed, state.unemployed
+        o = wa - e - u
+        b = state.borough
+        restriction = inputs.policy.restriction
+        intensity = restriction + self.case_sensitivity() * inputs.cases_week.to(e.device) / 100.0  # (areas,)
+        hit = (self.shock()[state.industry] * intensity[b]).clamp(0.0, 1.0)
+        p_separate = 1.0 - (1.0 - self.separation()) * (1.0 - hit)
+        rate = (state.by_borough()["unemployment_rate"] / 100.0).clamp(min=_MIN_RATE)
+        find = baseline.find0 * (baseline.rate0.clamp(min=_MIN_RATE) / rate) ** self.matching_elasticity()
+        find = (find * (1.0 - self.hiring_freeze() * restriction)).clamp(0.0, 1.0)
+
+        quits = _bernoulli(self.exit_rate().expand_as(e), generator) * (1.0 - want)
+        losses = _bernoulli(p_separate, generator)
+        finds = _bernoulli(find[b], generator) * want
+        entries = _bernoulli(baseline.entry0[b], generator) * want
+        e_quit = e * quits
+        e_lose = (e - e_quit) * losses
+        u_find = u * finds
+        u_quit = u * quits
+        o_enter = o * entries
+        new = replace(
+            state,
+            month=inputs.month,
+            employed=e - e_quit - e_lose + u_find,
+            unemployed=u + e_lose - u_find - u_quit + o_enter,
+            baseline=baseline,
+        )
+        return new, new.by_borough()
+
+    @staticmethod
+    def working(state: LaborState) -> torch.Tensor:
+        """(N,) bool: agents employed (the epidemic keeps workplace contacts only for these)."""
+        return state.employed.detach() > 0.5
+
+    @staticmethod
+    def to_columns(state: LaborState) -> dict[str, torch.Tensor]:
+        """The columns this model writes: ``labor_status`` (int8) and ``employed`` (bool)."""
+        return {"labor_status": state.status, "employed": LaborModel.working(state)}
+
+
+# -- prompt context --------------------------------------------------------------------------------
+def majority_borough(archetype_index: torch.Tensor, borough: torch.Tensor, k: int) -> torch.Tensor:
+    """(K,) int64: the borough where most members of each archetype live (0 for an empty archetype)."""
+    areas = len(BOROUGHS)
+    cells = torch.bincount(archetype_index.long() * areas + borough.long(), minlength=k * areas)
+    return cells.view(k, areas).argmax(dim=1).cpu()
+
+
+def _trend_text(percent: float) -> str:
+    if abs(percent) < 5:
+        return "about the same as the week before"
+    return f"{'up' if percent > 0 else 'down'} {abs(round(percent))}% on the week before"
+
+
+def work_context(
+    inputs: LaborInputs,
+    unemployment_rate: torch.Tensor | Sequence[float],
+    archetypes: Any,
+    borough: torch.Tensor,
+) -> dict[str, Any]:
+    """The work prompt's context variables for one step.
+
+    Args:
+        inputs: the step's policies and cases (cases are shown as counts for the real borough).
+        unemployment_rate: (areas,) last month's unemployment rate by borough, percent.
+        archetypes: has ``.index`` (N,) and ``.k``; each archetype gets its majority borough's values.
+        borough: (N,) borough code of each agent.
+
+    Returns:
+        ``month`` ("April 2020"), ``policies``, ``income_support`` (plain strings) and
+        ``unemployment_rate``, ``cases_week``, ``cases_trend`` (:class:`PerArchetype`).
+    """
+    rate = torch.as_tensor(unemployment_rate, dtype=torch.float32).detach().cpu()
+    if rate.shape != (len(BOROUGHS),):
+        raise ValueError(f"unemployment_rate must have shape ({len(BOROUGHS)},) in {BOROUGHS} order, "
+                         f"got {tuple(rate.shape)}")
+    home = majority_borough(archetypes.index, borough, archetypes.k).tolist()
+    pops = borough_population()
+    counts = [float(inputs.cases_week[i]) * pops[b][0] / 1e5 for i, b in enumerate(BOROUGHS)]
+    trends = inputs.cases_trend.detach().cpu().tolist()
+    first, last = labor_period(inputs.month)
+    return {
+        "month": f"{inputs.month:%B %Y}",
+        "policies": inputs.policy.describe(),
+        "income_support": income_support(first + (last - first) / 2),
+        "unemployment_rate": PerArchetype(f"{float(rate[h]):.1f}" for h in home),
+        "cases_week": PerArchetype(f"{round(counts[h]):,}" for h in home),
+        "cases_trend": PerArchetype(_trend_text(trends[h]) for h in home),
+    }
+
+
+# -- standalone runner -----------------------------------------------------------------------------
+@dataclass
+class LaborResult:
+    """A labour-only run.
+
+    Attributes:
+        monthly: DataFrame ``date, area, labor_force, employed, unemployed, unemployment_rate`` (%),
+            counts in persons (agents x ``persons_per_agent``), one row per month and borough.
+        series: name -> (T, areas) tensors of :data:`RESULTS` (agent counts), with grad if enabled.
+        work_probability: (T-1, K) LLM probabilities of wanting to work, before alignment.
+        contexts: the T-1 contexts given to the decision source.
+        final_state: the state of the last month.
+    """
+
+    monthly: pd.DataFrame
+    series: dict[str, torch.Tensor]
+    work_probability: torch.Tensor
+    contexts: list[dict[str, Any]]
+    final_state: LaborState
+
+
+def month_range(start: date | str, months: int) -> list[date]:
+    """``months`` consecutive month starts from ``start``."""
+    if months < 1:
+        raise ValueError(f"months must be at least 1, got {months}")
+    return [d.date() for d in pd.date_range(pd.Timestamp(start).replace(day=1), periods=months, freq="MS")]
+
+
+def simulate_labor(
+    population: Population,
+    params: LaborParams | LaborModel,
+    work_decision: DecisionSource,
+    archetypes: Any,
+    months: int,
+    start: date | str,
+    generator: torch.Generator,
+    *,
+    inputs: Sequence[LaborInputs] | None = None,
+    observed: pd.DataFrame | None = None,
+    context_rates: Literal["simulated", "observed"] = "simulated",
+    observed_until: date | str | None = None,
+    persons_per_agent: float = 1.0,
+) -> LaborResult:
+    """Run the labour model alone for ``months`` months from ``start`` (the start month included).
+
+    Args:
+        population: agents with ``borough``, ``age_band``, ``industry``.
+        params: parameters, or a :class:`LaborModel` whose nn.Parameters should receive gradients.
+        work_decision: gives (K,) probabilities of wanting to work; called once per step with
+            :func:`work_context`.
+        archetypes: ``.index`` (N,) int and ``.k``.
+        generator: the run's randomness, on the population's device.
+        inputs: one :class:`LaborInputs` per step (``months - 1``); default the calendar and the
+            bundled case counts (:func:`observed_labor_inputs`).
+        observed: LAUS frame for the start state and observed context rates (default: bundled).
+        context_rates: unemployment rate shown in the prompt: the simulated one of last month, or
+            the observed one (up to ``observed_until``, simulated after); observed rates keep the
+            prompts, hence the LLM answers, the same across calibration iterations.
+        persons_per_agent: scale of the counts in ``monthly`` (1 / population scale).
+    """
+    if context_rates not in ("simulated", "observed"):
+        raise ValueError(f"context_rates must be 'simulated' or 'observed', got {context_rates!r}")
+    model = params if isinstance(params, LaborModel) else LaborModel(params)
+    index = archetypes.index.to(population.device)
+    if index.shape != (population.n,):
+        raise ValueError(f"archetypes.index has shape {tuple(index.shape)}, expected ({population.n},)")
+    dates = month_range(start, months)
+    steps = list(inputs) if inputs is not None else observed_labor_inputs(dates[1:], device=population.device)
+    if len(steps) != months - 1:
+        raise ValueError(f"inputs has {len(steps)} months; {months} months need {months - 1} (one per step)")
+    obs = load_unemployment() if observed is None else observed
+    limit = pd.Timestamp(observed_until) if observed_until is not None else pd.Timestamp.max
+    obs_rate = _rate_table(obs)
+
+    state = model.init_state(population, dates[0], generator, observed=obs)
+    records = [state.by_borough()]
+    probabilities, contexts = [], []
+    for t, step_inputs in enumerate(steps, start=1):
+        last = pd.Timestamp(dates[t - 1])
+        if context_rates == "observed" and last <= limit and last in obs_rate.index:
+            rate = torch.tensor(obs_rate.loc[last, list(BOROUGHS)].to_numpy(dtype=float), dtype=torch.float32)
+        else:
+            rate = records[-1]["unemployment_rate"].detach()
+        context = work_context(step_inputs, rate, archetypes, population["borough"])
+        p = torch.as_tensor(work_decision.probabilities(context), dtype=torch.float32)
+        if p.shape != (archetypes.k,):
+            raise ValueError(f"work decision returned shape {tuple(p.shape)}, expected ({archetypes.k},)")
+        state, out = model.step(state, step_inputs, p, index, generator)
+        records.append(out)
+        probabilities.append(p.detach().cpu())
+        contexts.append(context)
+    series = {name: torch.stack([r[name] for r in records]) for name in RESULTS}
+    return LaborResult(
+        monthly=_monthly_frame(series, dates, persons_per_agent),
+        series=series,
+        work_probability=torch.stack(probabilities) if probabilities else torch.zeros(0, archetypes.k),
+        contexts=contexts,
+        final_state=state,
+    )
+
+
+def _monthly_frame(series: Mapping[str, torch.Tensor], dates: Sequence[date], scale: float) -> pd.DataFrame:
+    frames = []
+    for i, area in enumerate(BOROUGHS):
+        frame = {"date": pd.to_datetime(list(dates)), "area": area}
+        for name in RESULTS:
+            values = series[name][:, i].detach().cpu().numpy().astype(float)
+            frame[name] = values if name == "unemployment_rate" else values * scale
+        frames.append(pd.DataFrame(frame))
+    return pd.concat(frames, ignore_index=True).sort_values(["area", "date"]).reset_index(drop=True)
+
+
+# -- calibration -----------------------------------------------------------------------------------
+class _Memo:
+    """Asks the wrapped decision source once per distinct context (contexts repeat across iterations)."""
+
+    def __init__(self, source: DecisionSource):
+        self.source = source
+        self.answers: dict[str, torch.Tensor] = {}
+
+    def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
+        key = repr(sorted(context.items()))
+        if key not in self.answers:
+            self.answers[key] = torch.as_tensor(self.source.probabilities(context), dtype=torch.float32)
+        return self.answers[key]
+
+
+@dataclass
+class LaborFit:
+    """Result of :func:`calibrate_labor` (fitted values end in ``_``).
+
+    Attributes:
+        params_: fitted parameters.
+        model_: the fitted model.
+        loss_history_: training loss (mean squared error of the rate, percentage points squared)
+            per iteration.
+        fitted_: ``date, area, observed, simulated`` over the training months (simulated: seed mean).
+        forecast_: ``date, area, observed, simulated, persistence`` over the held-out months.
+        train_mae_, holdout_mae_, persistence_mae_: mean absolute errors in percentage points.
+    """
+
+    params_: LaborParams
+    model_: LaborModel
+    loss_history_: list[float]
+    fitted_: pd.DataFrame
+    forecast_: pd.DataFrame
+    train_mae_: float
+    holdout_mae_: float
+    persistence_mae_: float
+
+
+def _rate_table(obs: pd.DataFrame) -> pd.DataFrame:
+    """Observed unemployment rate (%) with one row per month and one column per borough."""
+    rows = obs[obs["area"].isin(BOROUGHS)]
+    return rows.pivot_table(index="date", columns="area", values="unemployment_rate")
+
+
+def _rates(result: LaborResult) -> torch.Tensor:
+    return result.series["unemployment_rate"]  # (T, areas) percent
+
+
+def calibrate_labor(
+    population: Population,
+    archetypes: Any,
+    work_decision: DecisionSource,
+    *,
+    start: date | str = "2020-03",
+    end: date | str = "2021-06",
+    holdout: int = 3,
+    params: LaborParams | None = None,
+    seeds: Sequence[int] = (0, 1),
+    iterations: int = 100,
+    lr: float = 0.05,
+    observed: pd.DataFrame | None = None,
+    inputs: Sequence[LaborInputs] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> LaborFit:
+    """Fit the non-LLM parameters (rates, shocks, alignment map) to the monthly unemployment rate.
+
+    The loss is the mean squared error (percentage points) of the simulated rate by borough over the
+    months after ``start`` up to ``end`` minus ``holdout`` months, averaged over ``seeds`` (the same
+    seeds every iteration: common random numbers). Prompts show observed unemployment rates, so the
+    decision source is asked once per month, not once per iteration. The held-out months are then
+    forecast (prompts show simulated rates after the last training month) and compared with a
+    persistence baseline (last training month repeated).
+    """
+    obs = load_unemployment() if observed is None else observed
+    dates = month_range(start, len(pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq="MS")))
+    n_train = len(dates) - holdout
+    if holdout < 1 or n_train < 3:
+        raise ValueError(f"{start} to {end} has {len(dates)} months; need holdout >= 1 and at least 3 "
+                         f"training months, got holdout={holdout}")
+    table = _rate_table(obs)
+    missing = [f"{d:%Y-%m}" for d in dates if pd.Timestamp(d) not in table.index]
+    if missing:
+        raise ValueError(f"no observed unemployment for month(s) {missing}; data covers "
+                         f"{table.index.min():%Y-%m} to {table.index.max():%Y-%m}")
+    target = torch.tensor(table.loc[[pd.Timestamp(d) for d in dates], list(BOROUGHS)].to_numpy(dtype=float),
+                          dtype=torch.float32, device=population.device)  # (T, areas)
+    steps = list(inputs) if inputs is not None else observed_labor_inputs(dates[1:], device=population.device)
+    if len(steps) != len(dates) - 1:
+        raise ValueError(f"inputs has {len(steps)} months; {start} to {end} needs {len(dates) - 1}")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    decision = _Memo(work_decision)
+    model = LaborModel(params).to(population.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    last_train = dates[n_train - 1]
+
+    def run(seed: int, months: int) -> LaborResult:
+        generator = torch.Generator(device=population.device).manual_seed(seed)
+        return simulate_labor(population, model, decision, archetypes, months, dates[0], generator,
+                              inputs=steps[: months - 1], observed=obs, context_rates="observed",
+                              observed_until=last_train)
+
+    history: list[float] = []
+    for i in range(iterations):
+        optimizer.zero_grad()
+        errors = [((_rates(run(s, n_train))[1:] - target[1:n_train]) ** 2).mean() for s in seeds]
+        loss = torch.stack(errors).mean()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+        log.info("labour calibration step %d/%d: loss %.4f (pp^2)", i + 1, iterations, history[-1])
+        if on_step is not None:
+            on_step(i, history[-1])
+
+    with torch.no_grad():
+        simulated = torch.stack([_rates(run(s, len(dates))) for s in seeds]).mean(dim=0).cpu()
+    target = target.cpu()
+    persistence = target[n_train - 1].expand(holdout, -1)
+
+    def frame(rows: slice, **columns: torch.Tensor) -> pd.DataFrame:
+        idx = pd.MultiIndex.from_product([pd.to_datetime(dates[rows]), BOROUGHS], names=["date", "area"])
+        df = pd.DataFrame({k: v.reshape(-1).numpy().astype(float) for k, v in columns.items()}, index=idx)
+        return df.reset_index()
+
+    train = slice(1, n_train)
+    test = slice(n_train, len(dates))
+    fit = LaborFit(
+        params_=model.params,
+        model_=model,
+        loss_history_=history,
+        fitted_=frame(train, observed=target[train], simulated=simulated[train]),
+        forecast_=frame(test, observed=target[test], simulated=simulated[test], persistence=persistence),
+        train_mae_=float((simulated[train] - target[train]).abs().mean()),
+        holdout_mae_=float((simulated[test] - target[test]).abs().mean()),
+        persistence_mae_=float((persistence - target[test]).abs().mean()),
+    )
+    log.info("labour calibration: train MAE %.2f pp, held-out MAE %.2f pp, persistence %.2f pp",
+             fit.train_mae_, fit.holdout_mae_, fit.persistence_mae_)
+    return fit

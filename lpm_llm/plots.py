@@ -1,0 +1,171 @@
+"""PNG plots written by the runner: epidemic curves vs observed data, decision heatmaps, scenarios.
+
+Every function takes tidy DataFrames and a path, draws with matplotlib's Agg backend (no screen
+needed) and returns the path written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+_AREA_ORDER = ("NYC", "Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island")
+
+
+def _areas(df: pd.DataFrame) -> list[str]:
+    present = set(df["area"])
+    return [a for a in _AREA_ORDER if a in present] + sorted(present - set(_AREA_ORDER))
+
+
+def _weekly(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Sum a daily series (date, area, column[, seed]) into calendar weeks starting Monday."""
+    keys = ["area"] + (["seed"] if "seed" in df.columns else [])
+    return (
+        df.set_index("date").groupby(keys)[column].resample("W-MON", label="left", closed="left").sum()
+        .reset_index()
+    )
+
+
+def plot_epidemic(
+    simulated: pd.DataFrame,
+    observed: pd.DataFrame | None,
+    path: str | Path,
+    *,
+    sim_column: str = "reported_cases",
+    obs_column: str = "cases",
+    title: str = "Weekly reported cases",
+    forecast_from: str | None = None,
+) -> Path:
+    """One panel per area: simulated weekly series (mean and 5-95% band over seeds) against observed.
+
+    Args:
+        simulated: daily rows with date, area, ``sim_column`` and optionally ``seed``.
+        observed: daily rows with date, area, ``obs_column`` (or None).
+        forecast_from: date after which the simulation is a forecast (a dashed line marks it).
+    """
+    sim_w = _weekly(simulated, sim_column)
+    areas = _areas(simulated)
+    ncols = 3
+    nrows = int(np.ceil(len(areas) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
+    for ax, area in zip(axes.flat, areas):
+        s = sim_w[sim_w["area"] == area]
+        if "seed" in s.columns and s["seed"].nunique() > 1:
+            g = s.groupby("date")[sim_column]
+            mean, lo, hi = g.mean(), g.quantile(0.05), g.quantile(0.95)
+            ax.fill_between(mean.index, lo.values, hi.values, alpha=0.25, color="C0", label="simulated 5-95%")
+        else:
+            mean = s.groupby("date")[sim_column].mean()
+        ax.plot(mean.index, mean.values, color="C0", label="simulated")
+        if observed is not None and len(observed):
+            o = _weekly(observed[observed["area"] == area], obs_column)
+            lo_d, hi_d = mean.index.min(), mean.index.max()
+            o = o[(o["date"] >= lo_d) & (o["date"] <= hi_d)]
+            ax.plot(o["date"], o[obs_column], "o", ms=3, color="k", label="observed")
+        if forecast_from is not None:
+            ax.axvline(pd.Timestamp(forecast_from), ls="--", color="gray", lw=1)
+        ax.set_title(area)
+        ax.tick_params(axis="x", labelrotation=30)
+    for ax in list(axes.flat)[len(areas):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_decision_heatmap(decisions: pd.DataFrame, path: str | Path, *, title: str | None = None) -> Path:
+    """Heatmap of the decision probability by archetype (rows) and decision date (columns).
+
+    Args:
+        decisions: rows with date, archetype, description, probability (one decision kind).
+    """
+    table = decisions.pivot_table(index="archetype", columns="date", values="probability", aggfunc="mean")
+    labels = decisions.drop_duplicates("archetype").set_index("archetype")["description"].reindex(table.index)
+    fig_h = max(3.0, min(0.16 * len(table) + 1.5, 24.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * table.shape[1] + 4), fig_h))
+    im = ax.imshow(table.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(table.shape[1]))
+    ax.set_xticklabels([str(pd.Timestamp(c).date()) for c in table.columns], rotation=60, fontsize=7)
+    step = max(1, len(table) // 60)
+    ax.set_yticks(range(0, len(table), step))
+    ax.set_yticklabels([str(x)[:40] for x in labels.to_numpy()[::step]], fontsize=6)
+    fig.colorbar(im, ax=ax, label="probability")
+    ax.set_title(title or "Decision probability by archetype")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scenarios(
+    series: dict[str, pd.DataFrame], path: str | Path, *, column: str = "reported_cases", title: str | None = None
+) -> Path:
+    """City-wide weekly series of several scenarios on one plot (mean and 5-95% band over seeds).
+
+    Args:
+        series: scenario name -> daily rows with date, area, ``column`` and optionally seed.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, df) in enumerate(series.items()):
+        city = df[df["area"] == "NYC"] if "NYC" in set(df["area"]) else df
+        w = _weekly(city.assign(area="NYC"), column)
+        g = w.groupby("date")[column]
+        mean = g.mean()
+        if "seed" in w.columns and w["seed"].nunique() > 1:
+            ax.fill_between(mean.index, g.quantile(0.05).values, g.quantile(0.95).values, alpha=0.2, color=f"C{i}")
+        ax.plot(mean.index, mean.values, color=f"C{i}", label=name)
+    ax.set_ylabel(f"weekly {column.replace('_', ' ')}")
+    ax.set_title(title or "Scenario comparison, New York City")
+    ax.legend()
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_monthly(
+    simulated: pd.DataFrame, observed: pd.DataFrame | None, path: str | Path, *, column: str = "unemployment_rate",
+    title: str = "Unemployment rate (%)", forecast_from: str | None = None,
+) -> Path:
+    """One panel per area: a simulated monthly series (mean and band over seeds) against observed."""
+    areas = _areas(simulated)
+    ncols = 3
+    nrows = int(np.ceil(len(areas) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
+    for ax, area in zip(axes.flat, areas):
+        s = simulated[simulated["area"] == area]
+        g = s.groupby("date")[column]
+        mean = g.mean()
+        if "seed" in s.columns and s["seed"].nunique() > 1:
+            ax.fill_between(mean.index, g.quantile(0.05).values, g.quantile(0.95).values, alpha=0.25, color="C0")
+        ax.plot(mean.index, mean.values, color="C0", label="simulated")
+        if observed is not None:
+            o = observed[(observed["area"] == area) & (observed["date"] >= mean.index.min())
+                         & (observed["date"] <= mean.index.max())]
+            ax.plot(o["date"], o[column], "o-", ms=3, color="k", lw=0.8, label="observed")
+        if forecast_from is not None:
+            ax.axvline(pd.Timestamp(forecast_from), ls="--", color="gray", lw=1)
+        ax.set_title(area)
+        ax.tick_params(axis="x", labelrotation=30)
+    for ax in list(axes.flat)[len(areas):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -33,8 +33,8 @@ class DecisionSource(Protocol):
     """Anything that gives one probability per archetype for a decision step.
 
     ``context`` holds the simulation context of the step (date, recent cases, their trend,
-    active policies, ...); a value wrapped in :class:`PerArchetype` differs by archetype. Implementations: :class:`ConstantDecision` and the LLM-backed
-    ``lpm_llm.llm.LLMDecision``.
+    active policies, ...); a value wrapped in :class:`PerArchetype` differs by archetype.
+    Implementations: :class:`ConstantDecision` and the LLM-backed ``lpm_llm.llm.LLMDecision``.
     """
 
     def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
@@ -49,7 +49,7 @@ class ConstantDecision:
         p = torch.as_tensor(p, dtype=torch.float32)
         if p.dim() == 0:
             if k is None:
-                raise ValueError("ConstantDecision with a scalar probability needs k, the number of archetypes")
+                raise ValueError("ConstantDecision with a scalar probability needs k, the archetype count")
             p = p.expand(k).clone()
         if ((p < 0) | (p > 1)).any():
             raise ValueError(f"probabilities must lie in [0, 1], got min {p.min():.3g} max {p.max():.3g}")
@@ -105,9 +105,13 @@ def broadcast(
     """
     if probs.dim() != 1:
         raise ValueError(f"probs must have shape (K,), got {tuple(probs.shape)}")
-    p = probs.to(device=index.device, dtype=torch.float32)[index.long()]
+    # index_select takes int32 indices as they are: widening int8/int16 codes to int32 (not int64)
+    # and skipping advanced indexing halves the time at N = 8.3M (bench/bench_broadcast.py).
+    if index.dtype not in (torch.int32, torch.int64):
+        index = index.to(torch.int32)
+    p = torch.index_select(probs.to(device=index.device, dtype=torch.float32), 0, index)
     u = torch.rand(p.shape, generator=generator, device=index.device, dtype=torch.float32)
-    hard = (u < p).to(torch.float32)
+    hard = torch.lt(u, p.detach(), out=u)  # 1.0 where u < p, in place: no (N,) bool temporary
     if straight_through and p.requires_grad:
         return hard + (p - p.detach())
     return hard

@@ -60,13 +60,18 @@ def default_community_matrix(n_age: int, assortativity: float = 0.4) -> torch.Te
 
 @dataclass
 class Pressure:
-    """Infectiousness summed per group. Shapes: household (H,), school (S+1,), workplace (W+1,),
-    community (B, A); entry 0 of school and workplace is the "no group" slot and stays 0."""
+    """Daily hazard per group member, rates applied: ``beta_L * P_g / max(n_g - 1, 1)``.
 
-    household: torch.Tensor
-    school: torch.Tensor
-    workplace: torch.Tensor
+    Shapes: household (H,), school (S+1,), workplace (W+1,) (slot 0 = no group, stays 0),
+    community (B, A) hazard per unit ``beta_C`` before the contact matrix. A layer is None when it
+    contributes nothing (no members, or rate 0 without autograd): its gather is skipped.
+    """
+
+    household: torch.Tensor | None
+    school: torch.Tensor | None
+    workplace: torch.Tensor | None
     community: torch.Tensor
+    community_rate: torch.Tensor
 
 
 @dataclass
@@ -111,7 +116,8 @@ class ContactLayers:
         for name in _REQUIRED:
             if name not in population:
                 raise KeyError(
-                    f"contact layers need population column {name!r}; columns: {', '.join(sorted(population.columns))}"
+                    f"contact layers need population column {name!r}; "
+                    f"columns: {', '.join(sorted(population.columns))}"
                 )
         if not 0.0 <= cross_borough_share <= 1.0:
             raise ValueError(f"cross_borough_share must lie in [0, 1], got {cross_borough_share}")
@@ -136,13 +142,21 @@ class ContactLayers:
             community_matrix = default_community_matrix(n_age)
         community_matrix = torch.as_tensor(community_matrix, dtype=torch.float32, device=device)
         if community_matrix.shape != (n_age, n_age):
-            raise ValueError(f"community_matrix must have shape ({n_age}, {n_age}), got {tuple(community_matrix.shape)}")
+            raise ValueError(
+                f"community_matrix must have shape ({n_age}, {n_age}), got {tuple(community_matrix.shape)}"
+            )
         if (community_matrix < 0).any():
             raise ValueError("community_matrix must be non-negative")
         return cls(
-            household=household, school=school, workplace=workplace, cell=cell,
-            inv_household=inv_household, inv_school=inv_school, inv_workplace=inv_workplace,
-            cell_size=cell_size, community_matrix=community_matrix,
+            household=household,
+            school=school,
+            workplace=workplace,
+            cell=cell,
+            inv_household=inv_household,
+            inv_school=inv_school,
+            inv_workplace=inv_workplace,
+            cell_size=cell_size,
+            community_matrix=community_matrix,
             cross_borough_share=float(cross_borough_share),
         )
 
@@ -160,8 +174,15 @@ class ContactLayers:
         """Bytes of the per-agent and per-group tensors held here."""
         return sum(
             t.element_size() * t.numel()
-            for t in (self.household, self.school, self.workplace, self.cell,
-                      self.inv_household, self.inv_school, self.inv_workplace)
+            for t in (
+                self.household,
+                self.school,
+                self.workplace,
+                self.cell,
+                self.inv_household,
+                self.inv_school,
+                self.inv_workplace,
+            )
         )
 
     # -- the two halves of the force of infection ------------------------------------------------
@@ -170,30 +191,52 @@ class ContactLayers:
         infectious: torch.Tensor,
         weight_home: torch.Tensor,
         weight_out: torch.Tensor,
+        rates: torch.Tensor,
         working: torch.Tensor | None = None,
     ) -> Pressure:
-        """Sum infectiousness per group.
+        """Sum infectiousness per group, scaled at the source by ``beta_L / max(n_g - 1, 1)`` (so that
+        no group-sized multiplication is needed).
 
         Args:
             infectious: (n_I,) int64 indices of infectious agents.
             weight_home: (n_I,) float32 infectiousness at home.
             weight_out: (n_I,) float32 infectiousness outside the home (isolation applied).
+            rates: (4,) daily transmission rate per layer in ``LAYERS`` order, interventions applied.
             working: optional (N,) bool; infectious agents not working emit nothing at work.
         """
         b, a = self.shape
         dev, dt = weight_home.device, weight_home.dtype
-        hh = torch.zeros(self.inv_household.shape, device=dev, dtype=dt).index_add(
-            0, self.household[infectious], weight_home
+        grad = torch.is_grad_enabled()
+
+        def used(i: int, inv: torch.Tensor) -> bool:
+            return inv.numel() > 1 and (grad or float(rates[i]) != 0.0)
+
+        def segment_sum(groups: torch.Tensor, inv: torch.Tensor, w: torch.Tensor, rate: torch.Tensor):
+            g = groups.index_select(0, infectious)
+            return torch.zeros(inv.shape, device=dev, dtype=dt).index_add_(
+                0, g, w * inv.index_select(0, g) * rate
+            )
+
+        hh = (
+            segment_sum(self.household, self.inv_household, weight_home, rates[0])
+            if used(0, self.inv_household)
+            else None
         )
-        sc = torch.zeros(self.inv_school.shape, device=dev, dtype=dt).index_add(
-            0, self.school[infectious], weight_out
+        sc = (
+            segment_sum(self.school, self.inv_school, weight_out, rates[1])
+            if used(1, self.inv_school)
+            else None
         )
-        w_work = weight_out if working is None else weight_out * working[infectious]
-        wk = torch.zeros(self.inv_workplace.shape, device=dev, dtype=dt).index_add(
-            0, self.workplace[infectious], w_work
+        wk = None
+        if used(2, self.inv_workplace):
+            w_work = weight_out if working is None else weight_out * working.index_select(0, infectious)
+            wk = segment_sum(self.workplace, self.inv_workplace, w_work, rates[2])
+        cm = torch.zeros(b * a, device=dev, dtype=dt).index_add_(
+            0, self.cell.index_select(0, infectious), weight_out
         )
-        cm = torch.zeros(b * a, device=dev, dtype=dt).index_add(0, self.cell[infectious], weight_out).view(b, a)
-        return Pressure(hh, sc, wk, cm)
+        cm = cm.view(b, a)
+        cm_rate = (rates[3] * self.community_rate(cm)).reshape(-1)
+        return Pressure(hh, sc, wk, cm, cm_rate)
 
     def community_rate(self, community_pressure: torch.Tensor) -> torch.Tensor:
         """(B, A) pressure -> (B, A) community force per unit ``beta_C`` (see the module docstring)."""
@@ -206,7 +249,6 @@ class ContactLayers:
     def force(
         self,
         pressure: Pressure,
-        rates: torch.Tensor,
         *,
         outside_factor: torch.Tensor | None = None,
         working: torch.Tensor | None = None,
@@ -215,7 +257,6 @@ class ContactLayers:
 
         Args:
             pressure: from :meth:`pressure`.
-            rates: (4,) daily transmission rate per layer in ``LAYERS`` order, interventions applied.
             outside_factor: optional (N,) float32 multiplier of school, work and community force
                 (``1 - compliance * isolating``).
             working: optional (N,) bool; agents not working get no workplace force.
@@ -223,24 +264,28 @@ class ContactLayers:
         Returns:
             (N,) float32 force (daily hazard) before age-specific susceptibility.
         """
-        hh_rate = pressure.household * (rates[0] * self.inv_household)
-        sc_rate = pressure.school * (rates[1] * self.inv_school)
-        wk_rate = pressure.workplace * (rates[2] * self.inv_workplace)
-        cm_rate = (rates[3] * self.community_rate(pressure.community)).reshape(-1)
-        outside = sc_rate.index_select(0, self.school)
-        work = wk_rate.index_select(0, self.workplace)
-        if working is not None:
-            work = work * working
+        terms = [pressure.community_rate.index_select(0, self.cell)]
+        if pressure.school is not None:
+            terms.append(pressure.school.index_select(0, self.school))
+        if pressure.workplace is not None:
+            work = pressure.workplace.index_select(0, self.workplace)
+            terms.append(work if working is None else work * working)
         if torch.is_grad_enabled():
-            outside = outside + work + cm_rate.index_select(0, self.cell)
+            outside = sum(terms[1:], terms[0])
             if outside_factor is not None:
                 outside = outside * outside_factor
-            return hh_rate.index_select(0, self.household) + outside
+            if pressure.household is None:
+                return outside
+            return pressure.household.index_select(0, self.household) + outside
         # fast path: accumulate in place into the first N-sized buffer (no autograd here)
-        outside.add_(work).add_(cm_rate.index_select(0, self.cell))
+        outside = terms[0]
+        for term in terms[1:]:
+            outside.add_(term)
         if outside_factor is not None:
             outside.mul_(outside_factor)
-        return outside.add_(hh_rate.index_select(0, self.household))
+        if pressure.household is None:
+            return outside
+        return outside.add_(pressure.household.index_select(0, self.household))
 
 
 def _inverse_contacts(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -249,7 +294,9 @@ def _inverse_contacts(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
     return 1.0 / (size - 1.0).clamp(min=1.0)
 
 
-def _shifted_groups(population: Population, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _shifted_groups(
+    population: Population, name: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group ids shifted by one (0 = none) and the inverse contacts per slot (slot 0: 0)."""
     n = population.n
     if name not in population:

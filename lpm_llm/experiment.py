@@ -106,7 +106,7 @@ class ExperimentConfig(_Strict):
     archetypes: str = "nyc_age_sex_borough.yaml"
     llm: LLMSettings = Field(default_factory=LLMSettings)
     decisions: dict[str, DecisionConfig] = Field(
-        default_factory=lambda: {"isolation": DecisionConfig(prompt="isolation.yaml")}
+        default_factory=lambda: {"isolate": DecisionConfig(prompt="isolation.yaml")}
     )
     epidemic: EpidemicParams = Field(default_factory=EpidemicParams)
     labor: LaborParams = Field(default_factory=LaborParams)
@@ -124,9 +124,9 @@ class ExperimentConfig(_Strict):
     @field_validator("decisions")
     @classmethod
     def _known_decisions(cls, v: dict[str, DecisionConfig]) -> dict[str, DecisionConfig]:
-        unknown = sorted(set(v) - {"isolation", "work"})
+        unknown = sorted(set(v) - {"isolate", "work"})
         if unknown:
-            raise ValueError(f"unknown decision(s) {unknown}; known: isolation (epidemic), work (labor)")
+            raise ValueError(f"unknown decision(s) {unknown}; known: isolate (epidemic), work (labor)")
         return v
 
     @field_validator("device")

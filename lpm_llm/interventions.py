@@ -38,8 +38,12 @@ class _Dated(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     start: dt.date
-    end: dt.date | None = Field(None, description="first day no longer in force (exclusive); None: open-ended")
-    description: str | None = Field(None, description="text for prompts; a default is written from the fields")
+    end: dt.date | None = Field(
+        None, description="first day no longer in force (exclusive); None: open-ended"
+    )
+    description: str | None = Field(
+        None, description="text for prompts; a default is written from the fields"
+    )
 
     @model_validator(mode="after")
     def _dates_in_order(self):
@@ -64,7 +68,9 @@ class SchoolClosure(_Dated):
     """Schools closed (``fraction_closed=1``) or partly open: school transmission x (1 - fraction_closed)."""
 
     kind: Literal["school_closure"] = "school_closure"
-    fraction_closed: float = Field(1.0, ge=0.0, le=1.0, description="share of in-person school contact removed")
+    fraction_closed: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of in-person school contact removed"
+    )
 
     def layer_multipliers(self) -> dict[str, float]:
         return {"school": 1.0 - self.fraction_closed}
@@ -72,15 +78,20 @@ class SchoolClosure(_Dated):
     def _default_text(self) -> str:
         if self.fraction_closed >= 1.0:
             return f"Schools are closed (since {self.start})"
-        return f"Schools partly open, {100 * (1 - self.fraction_closed):.0f}% of usual in-person contact (since {self.start})"
+        share = 100 * (1 - self.fraction_closed)
+        return f"Schools partly open, {share:.0f}% of usual in-person contact (since {self.start})"
 
 
 class StayAtHome(_Dated):
     """Stay-at-home order: non-essential workplaces closed, gatherings banned."""
 
     kind: Literal["stay_at_home"] = "stay_at_home"
-    workplace_reduction: float = Field(0.6, ge=0.0, le=1.0, description="share of workplace transmission removed")
-    community_reduction: float = Field(0.5, ge=0.0, le=1.0, description="share of community transmission removed")
+    workplace_reduction: float = Field(
+        0.6, ge=0.0, le=1.0, description="share of workplace transmission removed"
+    )
+    community_reduction: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of community transmission removed"
+    )
 
     def layer_multipliers(self) -> dict[str, float]:
         return {"workplace": 1.0 - self.workplace_reduction, "community": 1.0 - self.community_reduction}
@@ -94,14 +105,20 @@ class Reopening(_Dated):
 
     kind: Literal["reopening"] = "reopening"
     phase: int = Field(..., ge=1, description="phase number, 1 = first")
-    workplace_reduction: float = Field(..., ge=0.0, le=1.0, description="share of workplace transmission removed")
-    community_reduction: float = Field(..., ge=0.0, le=1.0, description="share of community transmission removed")
+    workplace_reduction: float = Field(
+        ..., ge=0.0, le=1.0, description="share of workplace transmission removed"
+    )
+    community_reduction: float = Field(
+        ..., ge=0.0, le=1.0, description="share of community transmission removed"
+    )
 
     def layer_multipliers(self) -> dict[str, float]:
         return {"workplace": 1.0 - self.workplace_reduction, "community": 1.0 - self.community_reduction}
 
     def _default_text(self) -> str:
-        return f"Reopening phase {self.phase}: some businesses open again with restrictions (since {self.start})"
+        return (
+            f"Reopening phase {self.phase}: some businesses open again with restrictions (since {self.start})"
+        )
 
 
 class Masks(_Dated):
@@ -109,7 +126,11 @@ class Masks(_Dated):
 
     kind: Literal["masks"] = "masks"
     multiplier: float = Field(0.8, ge=0.0, le=1.0, description="transmission multiplier in the masked layers")
-    layers: tuple[Literal["household", "school", "workplace", "community"], ...] = ("school", "workplace", "community")
+    layers: tuple[Literal["household", "school", "workplace", "community"], ...] = (
+        "school",
+        "workplace",
+        "community",
+    )
 
     def layer_multipliers(self) -> dict[str, float]:
         return {layer: self.multiplier for layer in self.layers}
@@ -175,18 +196,50 @@ def nyc_2020() -> InterventionSchedule:
     blended learning keeps 30% of usual in-person school contact; masks multiply transmission outside
     the home by 0.8.
     """
-    return InterventionSchedule(policies=(
-        SchoolClosure(start="2020-03-16", end="2020-09-29"),
-        SchoolClosure(start="2020-09-29", fraction_closed=0.7,
-                      description="Schools partly open with blended in-person and remote learning (since 2020-09-29)"),
-        StayAtHome(start="2020-03-22", end="2020-06-08", workplace_reduction=0.6, community_reduction=0.5,
-                   description="NY State on PAUSE stay-at-home order: non-essential businesses closed, "
-                               "gatherings banned (since 2020-03-22)"),
-        Reopening(start="2020-06-08", end="2020-06-22", phase=1, workplace_reduction=0.5, community_reduction=0.45),
-        Reopening(start="2020-06-22", end="2020-07-06", phase=2, workplace_reduction=0.4, community_reduction=0.35),
-        Reopening(start="2020-07-06", end="2020-07-20", phase=3, workplace_reduction=0.3, community_reduction=0.3),
-        Reopening(start="2020-07-20", phase=4, workplace_reduction=0.25, community_reduction=0.25),
-        Masks(start="2020-04-17", multiplier=0.8,
-              description="Face masks required in public where distancing is not possible (Executive Order "
-                          "202.17, since 2020-04-17)"),
-    ))
+    return InterventionSchedule(
+        policies=(
+            SchoolClosure(start="2020-03-16", end="2020-09-29"),
+            SchoolClosure(
+                start="2020-09-29",
+                fraction_closed=0.7,
+                description="Schools partly open with blended in-person and remote learning "
+                "(since 2020-09-29)",
+            ),
+            StayAtHome(
+                start="2020-03-22",
+                end="2020-06-08",
+                workplace_reduction=0.6,
+                community_reduction=0.5,
+                description="NY State on PAUSE stay-at-home order: non-essential businesses closed, "
+                "gatherings banned (since 2020-03-22)",
+            ),
+            Reopening(
+                start="2020-06-08",
+                end="2020-06-22",
+                phase=1,
+                workplace_reduction=0.5,
+                community_reduction=0.45,
+            ),
+            Reopening(
+                start="2020-06-22",
+                end="2020-07-06",
+                phase=2,
+                workplace_reduction=0.4,
+                community_reduction=0.35,
+            ),
+            Reopening(
+                start="2020-07-06",
+                end="2020-07-20",
+                phase=3,
+                workplace_reduction=0.3,
+                community_reduction=0.3,
+            ),
+            Reopening(start="2020-07-20", phase=4, workplace_reduction=0.25, community_reduction=0.25),
+            Masks(
+                start="2020-04-17",
+                multiplier=0.8,
+                description="Face masks required in public where distancing is not possible (Executive Order "
+                "202.17, since 2020-04-17)",
+            ),
+        )
+    )

@@ -102,16 +102,12 @@ class LLMClient:
             return self._loop
 
     def close(self) -> None:
-        """Close the backend (if owned), the cache and the loop. Safe to call twice."""
+        """Close the backend (if owned), the loop and the cache. Safe to call twice."""
+        if self._close_backend:
+            self._close_backend = False
+            self.run(self.backend.aclose())
         with self._lock:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if self._close_backend:
-            aclose = self.backend.aclose()
-            if loop is not None:
-                asyncio.run_coroutine_threadsafe(aclose, loop).result()
-            else:
-                asyncio.run(aclose)
-            self._close_backend = False
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()

@@ -95,7 +95,7 @@ class LLMDecision:
         settings: how answers become probabilities; default: the client's settings.
 
     Attributes:
-        records: one dict per (call, archetype) with ``step``, ``date``, ``decision``,
+        records: one dict per (call, archetype) with ``call`` (0, 1, ...), ``step``, ``date``,
             ``archetype``, ``description``, ``probability``, ``prompt``, ``prompt_version``,
             ``model``, ``mode``, ``cache_hit`` (every request for it came from the cache),
             ``requests`` (sent to the server), ``reasks``, ``fallback``, ``answer`` (a summary of
@@ -180,8 +180,10 @@ class LLMDecision:
     async def _ask(self, k: int, messages: list[dict[str, str]]) -> _Outcome:
         s = self.settings
         base = tuple((m["role"], m["content"]) for m in messages)
-        label = f"prompt {self.prompt.name!r} (version {self.prompt.version}), archetype {k} " \
-                f"({self.archetypes.descriptions[k]!r})"
+        label = (
+            f"prompt {self.prompt.name!r} (version {self.prompt.version}), archetype {k} "
+            f"({self.archetypes.descriptions[k]!r})"
+        )
         if s.probability_mode == "samples":
             samples = [self._chain(base, label, i, _yes_no) for i in range(s.n_samples)]
             chains = await _gather_or_cancel(samples)
@@ -281,7 +283,6 @@ class LLMDecision:
                 "call": call,
                 "step": context.get("step"),
                 "date": None if context.get("date") is None else str(context.get("date")),
-                "decision": self.prompt.name,
                 "archetype": k,
                 "description": self.archetypes.descriptions[k],
                 "probability": o.probability,

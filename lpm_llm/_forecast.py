@@ -1,0 +1,155 @@
+"""Observed targets, the calibration loss and forecast scores, shared by :mod:`lpm_llm.calibrate`.
+
+Weeks are 7-day blocks counted from the simulation's start date (week 0 = start .. start + 6), as in
+:func:`lpm_llm.observed.weekly`. Areas are the five boroughs in ``BOROUGHS`` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lpm_llm.observed import load_covid, weekly
+from lpm_llm.population import BOROUGHS
+
+__all__ = [
+    "OBSERVED_COLUMN",
+    "SERIES_OF",
+    "forecast_scores",
+    "log_mse",
+    "observed_weekly",
+    "simulated_weekly",
+]
+
+SERIES_OF: dict[str, str] = {"cases": "reported_cases", "deaths": "deaths", "hospitalized": "hospitalized"}
+"""Calibration target -> the simulated series (``Results.series`` key) compared with it."""
+OBSERVED_COLUMN: dict[str, str] = {"cases": "cases", "deaths": "deaths", "hospitalized": "hospitalized"}
+"""Calibration target -> the column of :func:`lpm_llm.observed.load_covid`."""
+
+
+def _check_targets(targets: Sequence[str]) -> None:
+    unknown = sorted(set(targets) - set(SERIES_OF))
+    if unknown or not targets:
+        raise ValueError(f"unknown or no calibration target(s) {unknown}; known: {', '.join(SERIES_OF)}")
+
+
+def observed_weekly(
+    start: str | pd.Timestamp,
+    weeks: int,
+    targets: Sequence[str],
+    *,
+    observed: pd.DataFrame | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Observed weekly counts by borough for weeks 0..weeks-1 from ``start``.
+
+    Args:
+        observed: daily rows (date, area, target columns); default: :func:`load_covid`.
+
+    Returns:
+        target -> (weeks, B) float32 tensor (real city counts, not scaled).
+    """
+    _check_targets(targets)
+    start = pd.Timestamp(start)
+    if observed is None:
+        observed = load_covid(start, start + pd.Timedelta(days=7 * weeks - 1))
+    cols = [OBSERVED_COLUMN[t] for t in targets]
+    w = weekly(observed, cols, start)
+    w = w[(w["week"] < weeks) & w["area"].isin(BOROUGHS)]
+    out = {}
+    for target, col in zip(targets, cols, strict=True):
+        table = w.pivot(index="week", columns="area", values=col)
+        table = table.reindex(index=range(weeks), columns=list(BOROUGHS))
+        if table.isna().any().any():
+            missing = sorted(int(x) for x in table.index[table.isna().any(axis=1)])
+            raise ValueError(f"observed {col!r}: no complete data for week(s) {missing} from {start.date()}")
+        out[target] = torch.tensor(table.to_numpy(np.float32), device=device)
+    return out
+
+
+def simulated_weekly(series: torch.Tensor, weeks: int) -> torch.Tensor:
+    """Daily simulated series (T, B, A) or (T, B) -> weekly sums (weeks, B), keeping autograd.
+
+    Needs ``T >= 7 * weeks``; days past ``7 * weeks`` are ignored.
+    """
+    if series.dim() == 3:
+        series = series.sum(-1)
+    if series.dim() != 2:
+        raise ValueError(f"series must have shape (T, B, A) or (T, B), got {tuple(series.shape)}")
+    t = series.shape[0]
+    if t < 7 * weeks:
+        raise ValueError(f"series covers {t} days, fewer than the {7 * weeks} of {weeks} weeks")
+    return series[: 7 * weeks].reshape(weeks, 7, series.shape[1]).sum(1)
+
+
+def log_mse(
+    simulated: Mapping[str, torch.Tensor],
+    observed: Mapping[str, torch.Tensor],
+    scale: float,
+    *,
+    floor: float | None = None,
+) -> torch.Tensor:
+    """Mean over targets of ``mean((log(sim / scale + floor) - log(obs + floor))^2)`` over weeks and
+    boroughs.
+
+    ``simulated``: target -> (W, B) counts of the scaled city; ``observed``: target -> (W, B) counts
+    of the real city; ``floor`` (default ``1 / scale``: the residents one agent stands for) keeps
+    the log finite and says that differences below one agent's worth are sampling noise of the
+    scaled city, not signal. The log scale gives the rise, peak and tail of the wave, and each
+    target, comparable weight although counts span four orders of magnitude; a Poisson or negative
+    binomial likelihood on counts would be dominated by the peak weeks and by cases over deaths.
+    With ``floor = 1`` this is the mean squared error of ``log1p`` of real-city counts.
+    """
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must lie in (0, 1], got {scale}")
+    floor = 1.0 / scale if floor is None else float(floor)
+    if floor <= 0:
+        raise ValueError(f"floor must be > 0, got {floor}")
+    terms = []
+    for target, obs in observed.items():
+        if target not in simulated:
+            raise KeyError(f"no simulated series for target {target!r}; have: {', '.join(simulated)}")
+        sim = simulated[target]
+        if sim.shape != obs.shape:
+            raise ValueError(
+                f"target {target!r}: simulated shape {tuple(sim.shape)} != observed {tuple(obs.shape)}"
+            )
+        terms.append((torch.log(sim.clamp(min=0) / scale + floor) - torch.log(obs + floor)).pow(2).mean())
+    return torch.stack(terms).mean()
+
+
+def forecast_scores(
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    last_week: np.ndarray,
+    areas: Sequence[str] = BOROUGHS,
+) -> dict[str, object]:
+    """Score a forecast of F weeks against the observations and against persistence.
+
+    Args:
+        forecast: (F, B) forecast weekly counts (real city scale).
+        observed: (F, B) observed weekly counts.
+        last_week: (B,) the last observed week before the forecast (the persistence forecast).
+
+    Returns:
+        ``mae`` and ``persistence_mae`` per area (mean absolute error of weekly counts), their
+        totals over areas (``mae_total``, ``persistence_mae_total``: the mean over areas), and the
+        relative errors ``sum |error| / sum observed`` (``relative_error``,
+        ``persistence_relative_error``).
+    """
+    forecast, observed = np.asarray(forecast, float), np.asarray(observed, float)
+    persistence = np.broadcast_to(np.asarray(last_week, float), observed.shape)
+    err, perr = np.abs(forecast - observed), np.abs(persistence - observed)
+    total = max(float(observed.sum()), 1.0)
+    return {
+        "weeks": int(observed.shape[0]),
+        "mae": dict(zip(areas, map(float, err.mean(0)), strict=True)),
+        "persistence_mae": dict(zip(areas, map(float, perr.mean(0)), strict=True)),
+        "mae_total": float(err.mean()),
+        "persistence_mae_total": float(perr.mean()),
+        "relative_error": float(err.sum() / total),
+        "persistence_relative_error": float(perr.sum() / total),
+    }

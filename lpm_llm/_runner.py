@@ -1,0 +1,200 @@
+"""Executes an :class:`~lpm_llm.experiment.Experiment` and writes its run folder.
+
+Order of a run: resolve config -> population -> archetypes -> LLM client -> for each scenario and
+seed: simulate -> tables -> plots -> manifest. The manifest is written even when a run fails part
+way (with the error), so that nothing already paid for (LLM answers are cached anyway) is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from lpm_llm import _outputs
+from lpm_llm._resources import resolve_path
+from lpm_llm.archetypes import Archetypes, ArchetypeSpec
+from lpm_llm.population import Population
+
+if TYPE_CHECKING:
+    from lpm_llm.experiment import Experiment, ExperimentConfig, ExperimentResult
+
+log = logging.getLogger(__name__)
+
+def build_population(cfg: ExperimentConfig) -> tuple[Population, float]:
+    """The configured population on the configured device, and its scale (agents per real person)."""
+    from lpm_llm.synthesis import synthesize_nyc
+
+    pc = cfg.population
+    if pc.source == "nyc":
+        pop = synthesize_nyc(pc.scale, pc.seed, households=pc.households, schools=pc.schools,
+                             workplaces=pc.workplaces, device=cfg.device)
+        return pop, pc.scale
+    path = Path(pc.source).expanduser()
+    if path.suffix != ".parquet":
+        raise FileNotFoundError(f"population.source must be 'nyc' or a .parquet file, got {pc.source!r}")
+    return Population.from_parquet(path, device=cfg.device), pc.scale
+
+
+def build_decisions(cfg: ExperimentConfig, client: Any, archetypes: Archetypes) -> dict[str, Any]:
+    """One LLM-backed DecisionSource per enabled decision."""
+    from lpm_llm.llm.decision import LLMDecision
+    from lpm_llm.prompts import PromptSpec
+
+    out = {}
+    for name, dc in cfg.decisions.items():
+        if not dc.enabled:
+            continue
+        prompt = PromptSpec.from_yaml(resolve_path(dc.prompt, "prompts"))
+        out[name] = LLMDecision(prompt, client, archetypes, cfg.llm)
+    return out
+
+
+def _simulate_epidemic(cfg, population, archetypes, decisions, seed, on_day):
+    from lpm_llm.sim import Simulation
+
+    sim = Simulation(
+        population, cfg.epidemic,
+        archetypes=archetypes,
+        decisions={k: v for k, v in decisions.items() if k == "isolate"},
+        decision_every=cfg.decisions["isolate"].every_days if "isolate" in cfg.decisions else 7,
+        interventions=cfg.interventions.schedule(),
+        start_date=cfg.start_date.isoformat(),
+        days=cfg.days,
+        seed=seed,
+        device=cfg.device,
+        on_day=on_day,
+    )
+    with torch.no_grad():
+        return sim.run()
+
+
+def _decisions_frame(decisions: Mapping[str, Any], scenario: str, seed: int) -> pd.DataFrame:
+    rows = []
+    for name, source in decisions.items():
+        for rec in getattr(source, "records", []):
+            rows.append({"scenario": scenario, "seed": seed, "decision": name, **rec})
+    return pd.DataFrame(rows)
+
+
+def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
+    from lpm_llm.experiment import ExperimentResult
+    from lpm_llm.llm.client import open_client
+
+    cfg = exp.config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = _outputs.PhaseTimer()
+    manifest = _outputs.base_manifest(exp.config_path)
+    manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device,
+                     "scenarios": ["baseline", *exp.scenarios], "status": "running"})
+    _outputs.write_config(out_dir / "config.yaml", _resolved(cfg, exp.scenarios))
+    configs = {"baseline": cfg, **exp.scenarios}
+    bar = exp.progress
+    client = None
+    metrics, areas, decisions_tables = [], [], []
+    try:
+        with timer.phase("population"):
+            population, scale = build_population(cfg)
+            log.info("population: %d agents (scale %g), %.1f bytes/agent", population.n, scale,
+                     population.nbytes() / population.n)
+        with timer.phase("archetypes"):
+            archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
+        with timer.phase("llm_start"):
+            client = open_client(cfg.llm, http_client=exp.http_client)
+        manifest["population"] = {"agents": population.n, "scale": scale,
+                                  "bytes_per_agent": population.nbytes() / population.n}
+        manifest["archetypes"] = {"name": archetypes.name, "k": archetypes.k}
+        runs = [(name, c, seed) for name, c in configs.items() for seed in c.seeds]
+        for i, (name, c, seed) in enumerate(runs):
+            decisions = build_decisions(c, client, archetypes)
+            pbar = bar(total=c.days, desc=f"{name} seed {seed} ({i + 1}/{len(runs)})") if bar else None
+            on_day = (lambda *_: pbar.update(1)) if pbar else None
+            with timer.phase("simulation"):
+                results = _simulate_epidemic(c, population, archetypes, decisions, seed, on_day)
+            if pbar:
+                pbar.close()
+            metrics.append(results.daily.assign(scenario=name, seed=seed))
+            areas.append(results.by_area().assign(scenario=name, seed=seed))
+            decisions_tables.append(_decisions_frame(decisions, name, seed))
+        with timer.phase("outputs"):
+            metrics_df = pd.concat(metrics, ignore_index=True)
+            decisions_df = pd.concat(decisions_tables, ignore_index=True) if decisions_tables else pd.DataFrame()
+            _outputs.write_table(metrics_df, out_dir, "metrics", parquet=cfg.outputs.parquet)
+            decisions_df.to_csv(out_dir / "decisions.csv", index=False)
+            areas_df = pd.concat(areas, ignore_index=True)
+            plots = _plots(cfg, areas_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
+        manifest["status"] = "ok"
+        return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=manifest,
+                                plots=plots)
+    except BaseException as e:
+        manifest["status"] = "failed"
+        manifest["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if client is not None:
+            manifest["llm"] = _llm_manifest(cfg, client)
+            with contextlib.suppress(Exception):
+                client.close()
+        manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in timer.seconds.items()},
+                                   "total": round(timer.total(), 3)}
+        _outputs.write_manifest(out_dir / "manifest.json", manifest)
+
+
+def _llm_manifest(cfg: ExperimentConfig, client: Any) -> dict[str, Any]:
+    usage = client.usage
+    as_dict = usage.as_dict() if hasattr(usage, "as_dict") else dict(vars(usage))
+    prompts = {}
+    for name, dc in cfg.decisions.items():
+        from lpm_llm.prompts import PromptSpec
+
+        spec = PromptSpec.from_yaml(resolve_path(dc.prompt, "prompts"))
+        prompts[name] = {"file": spec.source.name if hasattr(spec.source, "name") else str(spec.source),
+                         "version": spec.version}
+    return {"provider": cfg.llm.provider, "model": cfg.llm.model_name, "probability_mode": cfg.llm.probability_mode,
+            "cache_mode": cfg.llm.cache_mode, "usage": as_dict, "prompts": prompts}
+
+
+def _resolved(cfg: ExperimentConfig, scenarios: Mapping[str, ExperimentConfig]) -> dict[str, Any]:
+    out = cfg.model_dump(mode="json")
+    out["scenarios"] = dict(cfg.scenarios)
+    return out
+
+
+def _plots(cfg, per_area: pd.DataFrame, decisions: pd.DataFrame, out_dir: Path, scale: float) -> list[Path]:
+    """Cases and deaths against observed data, decision heatmaps, and the scenario comparison.
+
+    Simulated counts are divided by `scale` so that they read as counts of the real city.
+    """
+    from lpm_llm import plots
+    from lpm_llm.observed import load_covid
+
+    per_area = per_area.assign(reported_cases=per_area["reported_cases"] / scale, deaths=per_area["deaths"] / scale)
+    end = cfg.start_date + dt.timedelta(days=cfg.days - 1)
+    observed = load_covid(cfg.start_date.isoformat(), end.isoformat()) if cfg.outputs.observed else None
+    base = per_area[per_area["scenario"] == "baseline"]
+    paths = [
+        plots.plot_epidemic(base, observed, out_dir / "cases.png",
+                            title=f"{cfg.name}: weekly reported cases (simulation scaled x{1 / scale:g})"),
+        plots.plot_epidemic(base, observed, out_dir / "deaths.png", sim_column="deaths", obs_column="deaths",
+                            title=f"{cfg.name}: weekly deaths (simulation scaled x{1 / scale:g})"),
+    ]
+    if len(decisions):
+        for name, d in decisions[decisions["scenario"] == "baseline"].groupby("decision"):
+            first_seed = d[d["seed"] == d["seed"].min()]
+            paths.append(plots.plot_decision_heatmap(first_seed, out_dir / f"decisions_{name}.png",
+                                                     title=f"P({name}) by archetype, baseline"))
+    if per_area["scenario"].nunique() > 1:
+        series = {name: g for name, g in per_area.groupby("scenario", sort=False)}
+        paths.append(plots.plot_scenarios(series, out_dir / "scenarios.png"))
+    return paths
+
+
+def calibrate_experiment(exp: Experiment, out_dir: Path):
+    raise NotImplementedError("calibration is wired in by lpm_llm.calibrate")
+

@@ -1,0 +1,616 @@
+"""Calibration: fit the non-LLM parameters of a simulation to observed series by gradient descent.
+
+    space = first_wave_space(EpidemicParams(), n_months=5)
+    objective = SimulationObjective(sim, observed, weeks=21, scale=0.01)
+    cal = Calibrator(space, steps=40, lr=0.05, seeds_per_step=2).fit(objective)
+    cal.params_, cal.loss_history_, cal.wall_times_
+
+Parameters live in :class:`~lpm_llm._bounded.ParameterSpace`: each is an ``nn.Parameter`` behind a
+bounded transform (see :func:`first_wave_space` for the ranges). The LLM's answers are inputs, not
+parameters: :class:`FrozenDecisions` fetches each decision step's probabilities once and reuses them
+in every later simulation, so that calibration makes no LLM request after the first run and the loss
+is a deterministic function of (parameters, seed). Gradients reach the parameters through the
+simulation's straight-through Bernoulli draws; :class:`Calibrator` with ``method="nelder-mead"`` is
+the gradient-free baseline over the same unconstrained vector and the same budget of simulations.
+
+:func:`calibrate_first_wave` is the entry point the experiment runner calls: New York's first wave,
+weekly reported cases and deaths by borough, fitted with both methods, then a forecast of the weeks
+after the cut-off scored against the observations and against a persistence forecast.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lpm_llm._bounded import Bounded, ParameterSpace
+from lpm_llm._forecast import SERIES_OF, forecast_scores, log_mse, observed_weekly, simulated_weekly
+from lpm_llm.behavior import DecisionSource
+from lpm_llm.interventions import InterventionSchedule
+from lpm_llm.models.epidemic import EpidemicParams
+from lpm_llm.population import BOROUGHS, Population
+
+__all__ = [
+    "NYC_POPULATION",
+    "Bounded",
+    "CalibrationReport",
+    "Calibrator",
+    "FrozenDecisions",
+    "ParameterSpace",
+    "SimulationObjective",
+    "calibrate_first_wave",
+    "first_wave_space",
+    "log_mse",
+]
+
+log = logging.getLogger(__name__)
+
+NYC_POPULATION = 8_336_817
+"""Residents of New York City in the bundled marginals (ACS 2019); ``scale = agents / NYC_POPULATION``."""
+
+_ALIGNMENT = ("alignment_a", "alignment_b")
+_EPS = 1e-6
+
+# -- the LLM's answers as fixed inputs ----------------------------------------------------------------
+
+
+class FrozenDecisions:
+    """Wrap a :class:`~lpm_llm.behavior.DecisionSource` so that each decision step is asked once.
+
+    The first call for a step (identified by ``context[key]``, the ISO date by default) goes to the
+    wrapped source; every later call for that step returns the same probabilities, whatever the rest
+    of the context. During calibration the decision context (recent cases) changes with the
+    parameters; freezing makes the LLM's answers inputs fixed at those of the first run (the one at
+    the initial parameters), which keeps the loss deterministic in (parameters, seed) and the LLM
+    cost at one request per archetype per decision step in total.
+
+    Attributes:
+        source: the wrapped source.
+        calls: requests passed to the wrapped source.
+        answers: step key -> (K,) probabilities.
+    """
+
+    def __init__(self, source: DecisionSource, key: str = "date"):
+        self.source = source
+        self.key = key
+        self.calls = 0
+        self.answers: dict[Any, torch.Tensor] = {}
+
+    def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
+        if self.key not in context:
+            raise KeyError(
+                f"decision context has no {self.key!r} to identify the step; keys: {', '.join(context)}"
+            )
+        step = context[self.key]
+        if step not in self.answers:
+            p = torch.as_tensor(self.source.probabilities(context), dtype=torch.float32)
+            self.answers[step] = p.detach().clone()
+            self.calls += 1
+        return self.answers[step]
+
+
+def _aligned(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The alignment map ``logit(p') = a * logit(p) + b`` (as :class:`~lpm_llm.behavior.AlignmentMap`)
+    with (a, b) given as tensors, so that they can come from bounded parameters."""
+
+    def align(p: torch.Tensor) -> torch.Tensor:
+        p = p.clamp(_EPS, 1 - _EPS)
+        return torch.sigmoid(a * torch.logit(p) + b)
+
+    return align
+
+
+# -- parameters ---------------------------------------------------------------------------------------
+
+
+def first_wave_space(
+    params: EpidemicParams,
+    n_months: int,
+    *,
+    n_boroughs: int = len(BOROUGHS),
+    alignment: bool = True,
+    include: Sequence[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> ParameterSpace:
+    """The calibrated parameters of the epidemic, initialised from `params` (clipped into range).
+
+    ===========================  ========  ============  =====================================================
+    name                         shape     range         meaning
+    ===========================  ========  ============  =====================================================
+    beta_scale                   ()        0.2 - 5 log   multiplier of every layer's transmission rate
+    initial_infections_per_100k  (B,)      1 - 5000 log  infections on day 0 per 100,000 residents, by borough
+    ascertainment                (M,)      0.01 - 1 log  share of symptomatic onsets reported, per month
+    fatality_scale               ()        0.1 - 10 log  multiplier of the infection fatality ratio by age
+    alignment_a, alignment_b     ()        0.25 - 4 log, slope and shift of ``logit(p') = a*logit(p) + b``
+                                           -4 - 4        for the isolation decision (shared by archetypes)
+    ===========================  ========  ============  =====================================================
+
+    One shared ``beta_scale`` with the layer ratios of `params` held fixed, rather than one rate per
+    layer: borough totals of cases and deaths tell how fast the epidemic grows and how much it slowed
+    under the interventions, not which setting the transmission happened in; four layer rates would
+    be nearly collinear in this loss, and their ratios come from household and contact studies.
+
+    Args:
+        n_months: calendar months of the fitted window (the last value holds after it).
+        alignment: include ``alignment_a`` and ``alignment_b`` (only with an isolation decision).
+        include: names to keep (default: all).
+    """
+    asc = params.ascertainment if isinstance(params.ascertainment, tuple) else (params.ascertainment,)
+    asc = list(asc[:n_months]) + [asc[-1]] * max(0, n_months - len(asc))
+    seeds = list(params.initial_infections_per_100k)
+    if len(seeds) != n_boroughs:
+        raise ValueError(f"initial_infections_per_100k has {len(seeds)} values, expected {n_boroughs}")
+
+    def clip(x, lo, hi):
+        return np.clip(np.asarray(x, dtype=float), lo, hi).tolist()
+
+    specs = {
+        "beta_scale": Bounded(0.2, 5.0, clip(params.beta_scale, 0.2, 5.0), log=True,
+                              doc="multiplier of every layer's transmission rate (layer ratios fixed)"),
+        "initial_infections_per_100k": Bounded(1.0, 5000.0, clip(seeds, 1.0, 5000.0), (n_boroughs,), log=True,
+                                               doc="infections on day 0 per 100,000 residents, by borough"),
+        "ascertainment": Bounded(0.01, 1.0, clip(asc, 0.01, 1.0), (n_months,), log=True,
+                                 doc="share of symptomatic onsets reported as cases, per calendar month"),
+        "fatality_scale": Bounded(0.1, 10.0, clip(params.fatality_scale, 0.1, 10.0), log=True,
+                                  doc="multiplier of the infection fatality ratio by age"),
+    }
+    if alignment:
+        specs["alignment_a"] = Bounded(0.25, 4.0, 1.0, log=True, doc="slope of the isolation alignment map")
+        specs["alignment_b"] = Bounded(-4.0, 4.0, 0.0, doc="shift (logit) of the isolation alignment map")
+    if include is not None:
+        unknown = sorted(set(include) - set(specs))
+        if unknown:
+            raise KeyError(f"unknown calibrated parameter(s) {unknown}; known: {', '.join(specs)}")
+        specs = {k: v for k, v in specs.items() if k in include}
+    return ParameterSpace(specs, device=device)
+
+
+# -- the objective ------------------------------------------------------------------------------------
+
+
+class SimulationObjective:
+    """Loss of a simulation against observed weekly counts: ``objective(values, seeds) -> scalar``.
+
+    With several seeds the loss is that of the mean weekly series over the seeds (the ensemble mean
+    is fitted, rather than each noisy run: in a small city a run's early weeks hold O(1) cases,
+    and the log loss of each run would pull the fit towards its noise).
+
+    The simulation is built once (contacts and all); each call sets its seed and its parameter
+    tensors and runs it (with gradients if enabled). ``values`` from :func:`first_wave_space`:
+    ``alignment_a``/``alignment_b`` go to the isolation decision's alignment map, every other name
+    to the simulation's epidemic tensors (``EpidemicModel.tensors``).
+
+    Args:
+        simulation: a :class:`lpm_llm.sim.Simulation` covering at least ``7 * weeks`` days.
+        observed: target -> (weeks, B) observed weekly counts of the real city
+            (:func:`lpm_llm._forecast.observed_weekly`).
+        weeks: weeks from the simulation's start that enter the loss.
+        scale: agents per resident (simulated counts / scale are compared with observed ones).
+    """
+
+    def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *, weeks: int, scale: float):
+        unknown = sorted(set(observed) - set(SERIES_OF))
+        if unknown:
+            raise KeyError(f"unknown target(s) {unknown}; known: {', '.join(SERIES_OF)}")
+        if simulation.days < 7 * weeks:
+            raise ValueError(f"the simulation covers {simulation.days} days, fewer than {weeks} weeks")
+        self.simulation = simulation
+        self.observed = dict(observed)
+        self.weeks = int(weeks)
+        self.scale = float(scale)
+        self.simulations = 0
+
+    def run(self, values: Mapping[str, torch.Tensor], seed: int):
+        """Run the simulation at `values` with `seed`; returns its ``Results``."""
+        sim = self.simulation
+        values = dict(values)
+        a, b = values.pop("alignment_a", None), values.pop("alignment_b", None)
+        if (a is None) != (b is None):
+            raise KeyError("give both alignment_a and alignment_b, or neither")
+        if a is not None:
+            if "isolate" not in sim.decisions:
+                raise KeyError("alignment_a/alignment_b need an 'isolate' decision in the simulation; "
+                               f"decisions: {', '.join(sim.decisions) or 'none'}")
+            sim.alignment = {**sim.alignment, "isolate": _aligned(a, b)}
+        sim.tensor_overrides = values
+        sim.seed = int(seed)
+        self.simulations += 1
+        return sim.run()
+
+    def weekly(self, values: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """target -> (weeks, B) simulated weekly counts of the scaled city (autograd kept)."""
+        series = self.run(values, seed).series
+        return {t: simulated_weekly(series[SERIES_OF[t]], self.weeks) for t in self.observed}
+
+    def __call__(self, values: Mapping[str, torch.Tensor], seeds: int | Sequence[int]) -> torch.Tensor:
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        runs = [self.weekly(values, s) for s in seeds]
+        mean = {t: torch.stack([r[t] for r in runs]).mean(0) for t in self.observed}
+        return log_mse(mean, self.observed, self.scale)
+
+
+# -- the optimiser ------------------------------------------------------------------------------------
+
+
+class Calibrator:
+    """Fit a :class:`ParameterSpace` to an objective, scikit-learn style.
+
+    ``fit(objective)`` minimises ``objective(values, seeds)`` (for example the loss of the mean of
+    the simulations with these seeds), where ``values`` is name -> constrained tensor. The space given here is not modified: it is copied into ``space_``.
+
+    Methods:
+        ``adam``: gradient descent (Adam) on the raw parameters; step i uses the fresh seeds
+            ``seed + i * seeds_per_step + j``, j < seeds_per_step (stochastic gradients), or with
+            ``resample_seeds=False`` the same seeds ``seed + j`` every step (common random numbers: a
+            deterministic objective, a sample-average approximation). ``steps`` steps; the learning
+            rate goes geometrically from ``lr`` to ``lr_final`` (default: constant ``lr``).
+        ``nelder-mead``: scipy's Nelder-Mead (adaptive) on the flat raw vector, with the fixed
+            seeds ``seed + j`` (common random numbers, so the function it sees is
+            deterministic), no gradients; at most ``budget`` simulations (default: what ``adam``
+            would use, ``steps * seeds_per_step``), initial simplex of size ``simplex_step``.
+
+    Fitted attributes:
+        params_: name -> fitted value (float or list of floats). For ``adam`` the last iterate; for
+            ``nelder-mead`` the best point found.
+        loss_history_: the loss of each step (``adam``, before its update) or evaluation
+            (``nelder-mead``).
+        wall_times_: seconds from the start of ``fit`` to the end of each entry of ``loss_history_``.
+        simulations_: simulations run up to each entry.
+        space_: the fitted ParameterSpace.
+    """
+
+    def __init__(
+        self,
+        space: ParameterSpace,
+        *,
+        method: Literal["adam", "nelder-mead"] = "adam",
+        steps: int = 40,
+        lr: float = 0.05,
+        lr_final: float | None = None,
+        seeds_per_step: int = 1,
+        budget: int | None = None,
+        simplex_step: float = 0.5,
+        resample_seeds: bool = True,
+        seed: int = 0,
+        on_step: Callable[[str, int, float, float], None] | None = None,
+    ):
+        self.space = space
+        self.method = method
+        self.steps = steps
+        self.lr = lr
+        self.lr_final = lr_final
+        self.seeds_per_step = seeds_per_step
+        self.budget = budget
+        self.simplex_step = simplex_step
+        self.resample_seeds = resample_seeds
+        self.seed = seed
+        self.on_step = on_step
+
+    def _check(self) -> None:
+        if self.method not in ("adam", "nelder-mead"):
+            raise ValueError(f"method must be 'adam' or 'nelder-mead', got {self.method!r}")
+        if self.steps < 1 or self.seeds_per_step < 1:
+            raise ValueError(f"steps and seeds_per_step must be >= 1: {self.steps}, {self.seeds_per_step}")
+        if self.budget is not None and self.budget < self.seeds_per_step:
+            raise ValueError(f"budget {self.budget} < one evaluation ({self.seeds_per_step} simulations)")
+
+    def fit(self, objective: Callable[[Mapping[str, torch.Tensor], list[int]], torch.Tensor]) -> Calibrator:
+        """Minimise `objective`; returns self."""
+        self._check()
+        self.space_ = copy.deepcopy(self.space)
+        self.loss_history_: list[float] = []
+        self.wall_times_: list[float] = []
+        self.simulations_: list[int] = []
+        self._t0 = time.perf_counter()
+        if self.method == "adam":
+            self._fit_adam(objective)
+        else:
+            self._fit_nelder_mead(objective)
+        self.params_ = self.space_.to_dict()
+        return self
+
+    def _record(self, loss: float, sims: int) -> None:
+        self.loss_history_.append(loss)
+        self.wall_times_.append(time.perf_counter() - self._t0)
+        self.simulations_.append(sims)
+        if self.on_step is not None:
+            self.on_step(self.method, len(self.loss_history_) - 1, loss, self.wall_times_[-1])
+
+    def _fit_adam(self, objective) -> None:
+        opt = torch.optim.Adam(self.space_.parameters(), lr=self.lr)
+        k = self.seeds_per_step
+        ratio = (self.lr_final if self.lr_final is not None else self.lr) / self.lr
+        for i in range(self.steps):
+            for group in opt.param_groups:
+                group["lr"] = self.lr * ratio ** (i / max(self.steps - 1, 1))
+            opt.zero_grad()
+            first = self.seed + (i * k if self.resample_seeds else 0)
+            loss = objective(self.space_.values(), list(range(first, first + k)))
+            loss.backward()
+            total = float(loss.detach())
+            if not np.isfinite(total):
+                raise FloatingPointError(f"loss is {total} at step {i}, parameters {self.space_.to_dict()}")
+            opt.step()
+            self._record(total, (i + 1) * k)
+
+    def _fit_nelder_mead(self, objective) -> None:
+        from scipy.optimize import minimize
+
+        k = self.seeds_per_step
+        budget = self.budget if self.budget is not None else self.steps * k
+        seeds = [self.seed + j for j in range(k)]
+        best = {"loss": np.inf, "x": None}
+
+        def f(x: np.ndarray) -> float:
+            self.space_.set_vector(torch.as_tensor(x))
+            with torch.no_grad():
+                values = self.space_.values()
+                loss = float(objective(values, seeds))
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"calibration loss is {loss}; parameters: {self.space_.to_dict()}")
+            if loss < best["loss"]:
+                best.update(loss=loss, x=np.array(x))
+            self._record(loss, len(self.loss_history_) * k + k)
+            return loss
+
+        x0 = self.space_.get_vector().numpy()
+        simplex = np.vstack([x0, x0 + self.simplex_step * np.eye(x0.size)])
+        max_evals = max(1, budget // k)
+        if max_evals > x0.size + 1:
+            minimize(f, x0, method="Nelder-Mead",
+                     options={"maxfev": max_evals, "initial_simplex": simplex, "adaptive": True,
+                              "xatol": 1e-6, "fatol": 1e-9})
+        else:  # too few evaluations for a simplex: evaluate its first vertices only
+            for x in simplex[:max_evals]:
+                f(x)
+        self.space_.set_vector(torch.as_tensor(best["x"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings and fitted values as plain JSON-able data."""
+        return {
+            "method": self.method, "steps": self.steps, "lr": self.lr, "lr_final": self.lr_final,
+            "seeds_per_step": self.seeds_per_step, "resample_seeds": self.resample_seeds,
+            "budget": self.budget, "seed": self.seed, "bounds": self.space.describe(),
+            "params": self.params_, "loss_history": self.loss_history_, "wall_times": self.wall_times_,
+            "simulations": self.simulations_,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON to `path`."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+# -- New York's first wave ----------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationReport:
+    """What :func:`calibrate_first_wave` measured (``to_dict`` for the manifest, ``save`` for a folder).
+
+    Attributes:
+        params: gradient-fitted parameters (name -> float or list); ``baseline_params`` the
+            Nelder-Mead ones; ``bounds`` their ranges and transforms.
+        losses: loss on the common evaluation seeds at the initial, gradient-fitted and
+            baseline-fitted parameters.
+        history: method -> ``loss``, ``wall_time`` (s), ``simulations`` per step/evaluation.
+        forecast: method -> target -> scores of the forecast weeks (see
+            :func:`lpm_llm._forecast.forecast_scores`; persistence = last observed week repeated).
+        daily: fitted and forecast days by area (boroughs and ``NYC``) and evaluation seed, counts
+            scaled to the real city (divided by ``scale``); columns as ``Results.by_area`` plus ``seed``.
+        observed_weekly: the weekly observations used (week, date, area, targets); ``split`` is
+            ``fit`` or ``forecast``.
+        settings: dates, weeks, scale, agents, steps, seeds and budgets of the run.
+    """
+
+    params: dict[str, Any]
+    baseline_params: dict[str, Any]
+    bounds: dict[str, Any]
+    losses: dict[str, float]
+    history: dict[str, dict[str, list[float]]]
+    forecast: dict[str, dict[str, Any]]
+    daily: pd.DataFrame
+    observed_weekly: pd.DataFrame
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the DataFrames, as JSON-able data."""
+        return {"settings": self.settings, "params": self.params, "baseline_params": self.baseline_params,
+                "bounds": self.bounds, "losses": self.losses, "forecast": self.forecast,
+                "history": self.history}
+
+    def plot(self, out_dir: str | Path) -> list[Path]:
+        """Observed vs fitted vs forecast weekly cases and deaths per borough (one PNG per target)."""
+        from lpm_llm.observed import load_covid
+        from lpm_llm.plots import plot_epidemic
+
+        out_dir = Path(out_dir)
+        start, stop = self.daily["date"].min(), self.daily["date"].max()
+        observed = load_covid(start, stop)
+        paths = []
+        for target in self.settings["targets"]:
+            paths.append(plot_epidemic(
+                self.daily, observed, out_dir / f"calibration_{target}.png", sim_column=SERIES_OF[target],
+                obs_column=target, forecast_from=self.settings["cutoff"],
+                title=f"Weekly {target}: observed, fitted to {self.settings['cutoff']}, forecast after",
+            ))
+        return paths
+
+    def save(self, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
+        """Write ``calibration.json``, ``calibration_daily.csv``, ``calibration_observed.csv``, plots."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [out_dir / f"calibration{suffix}" for suffix in (".json", "_daily.csv", "_observed.csv")]
+        paths[0].write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        self.daily.to_csv(paths[1], index=False)
+        self.observed_weekly.to_csv(paths[2], index=False)
+        return paths + (self.plot(out_dir) if plots else [])
+
+
+def _weeks_through(start: dt.date, end: dt.date) -> int:
+    """Complete 7-day weeks from `start` whose last day is on or before `end`."""
+    return ((end - start).days + 1) // 7
+
+
+def _months(start: dt.date, days: int) -> int:
+    last = start + dt.timedelta(days=days - 1)
+    return (last.year - start.year) * 12 + last.month - start.month + 1
+
+
+def calibrate_first_wave(
+    population: Population,
+    archetypes: Any,
+    decisions: Mapping[str, DecisionSource] | None,
+    params: EpidemicParams,
+    interventions: InterventionSchedule | None,
+    *,
+    start: str | dt.date = "2020-03-01",
+    end: str | dt.date = "2020-07-31",
+    forecast_weeks: int = 4,
+    targets: Sequence[str] = ("cases", "deaths"),
+    steps: int = 40,
+    lr: float = 0.05,
+    seeds_per_step: int = 1,
+    baseline_budget: int | None = None,
+    eval_seeds: int = 4,
+    checkpoint_days: int | None = None,
+    scale: float | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    observed: pd.DataFrame | None = None,
+    on_step: Callable[[str, int, float, float], None] | None = None,
+) -> CalibrationReport:
+    """Calibrate the epidemic to New York's first wave and forecast the weeks after it.
+
+    The fit covers the complete weeks from `start` through `end` (the cut-off); the loss is
+    :func:`log_mse` of weekly `targets` by borough (simulated counts divided by `scale` against the
+    observed ones). Two fits from the same start, with the same number of simulations: Adam on the
+    gradient (``steps`` x ``seeds_per_step`` simulations) and Nelder-Mead without gradients
+    (``baseline_budget`` simulations, default the same). Both fits are then scored on ``eval_seeds``
+    common seeds, and each forecasts ``forecast_weeks`` weeks after the cut-off, scored against the
+    observations and a persistence forecast (the last fitted week repeated).
+
+    Args:
+        population: the scaled synthetic city.
+        archetypes: the population's archetypes (``.index``, ``.k``), or None without decisions.
+        decisions: decision name -> source (``isolate``); each is wrapped in :class:`FrozenDecisions`.
+        params: epidemic parameters; the calibrated ones start from their values here.
+        scale: agents per resident (default: ``population.n / NYC_POPULATION``).
+        checkpoint_days: recompute the simulation's activations in chunks of this many days during
+            the backward pass (bounded memory on long horizons); None keeps them all.
+        observed: daily observations (date, area, targets); default: the bundled NYC data.
+        on_step: called as ``on_step(method, index, loss, seconds)`` after each step/evaluation.
+    """
+    from lpm_llm.sim import Simulation
+
+    start = start if isinstance(start, dt.date) else dt.date.fromisoformat(str(start))
+    end = end if isinstance(end, dt.date) else dt.date.fromisoformat(str(end))
+    weeks = _weeks_through(start, end)
+    if weeks < 2:
+        raise ValueError(f"the fitted window {start} .. {end} holds {weeks} complete week(s); need 2 or more")
+    if forecast_weeks < 0:
+        raise ValueError(f"forecast_weeks must be >= 0, got {forecast_weeks}")
+    scale = float(scale) if scale is not None else population.n / NYC_POPULATION
+    targets = tuple(targets)
+    total_weeks = weeks + forecast_weeks
+    obs_all = observed_weekly(start, total_weeks, targets, observed=observed, device=device)
+    obs_fit = {t: v[:weeks] for t, v in obs_all.items()}
+    frozen = {name: FrozenDecisions(src) for name, src in (decisions or {}).items()}
+
+    def simulation(days: int) -> Any:
+        kwargs = {"checkpoint_days": checkpoint_days} if checkpoint_days else {}
+        return Simulation(population, params, archetypes=archetypes, decisions=frozen or None,
+                          interventions=interventions, start_date=start, days=days, seed=seed,
+                          device=device, **kwargs)
+
+    objective = SimulationObjective(simulation(7 * weeks), obs_fit, weeks=weeks, scale=scale)
+    space = first_wave_space(params, _months(start, 7 * weeks), alignment="isolate" in frozen, device=device)
+    eval_list = [10_000 + seed + j for j in range(eval_seeds)]
+
+    def evaluate(values: Mapping[str, torch.Tensor]) -> float:
+        with torch.no_grad():
+            return float(objective(values, eval_list))
+
+    initial = evaluate(space.values())
+    fits = {}
+    for method, kwargs in (("adam", {}), ("nelder-mead", {"budget": baseline_budget})):
+        log.info("calibrating with %s", method)
+        fits[method] = Calibrator(space, method=method, steps=steps, lr=lr, seeds_per_step=seeds_per_step,
+                                  seed=seed, on_step=on_step, **kwargs).fit(objective)
+    losses = {"initial": initial}
+    for method, fit in fits.items():
+        losses[method] = evaluate(fit.space_.values())
+
+    # forecast: the fitted parameters over the fit window and the weeks after it
+    forecaster = SimulationObjective(simulation(7 * total_weeks), obs_all, weeks=total_weeks, scale=scale)
+    forecast: dict[str, dict[str, Any]] = {}
+    frames = []
+    for method, fit in fits.items():
+        weekly_sum = {t: torch.zeros_like(v) for t, v in obs_all.items()}
+        with torch.no_grad():
+            values = fit.space_.values()
+            for s in eval_list:
+                results = forecaster.run(values, s)
+                for t in targets:
+                    weekly_sum[t] += simulated_weekly(results.series[SERIES_OF[t]], total_weeks)
+                if method == "adam":
+                    frames.append(_scaled_by_area(results, scale).assign(seed=s))
+        forecast[method] = {}
+        for t in targets:
+            mean = (weekly_sum[t] / len(eval_list) / scale).cpu().numpy()
+            o = obs_all[t].cpu().numpy()
+            if forecast_weeks:
+                forecast[method][t] = forecast_scores(mean[weeks:], o[weeks:], o[weeks - 1])
+
+    settings = {
+        "start": start.isoformat(), "end": end.isoformat(),
+        "cutoff": (start + dt.timedelta(days=7 * weeks)).isoformat(),
+        "fit_weeks": weeks, "forecast_weeks": forecast_weeks, "targets": list(targets), "scale": scale,
+        "agents": population.n, "steps": steps, "lr": lr, "seeds_per_step": seeds_per_step,
+        "baseline_budget": baseline_budget if baseline_budget is not None else steps * seeds_per_step,
+        "eval_seeds": eval_list, "checkpoint_days": checkpoint_days, "device": str(device), "seed": seed,
+        "loss": "mean over targets, weeks and boroughs of (log(m/scale + 1/scale) - log(observed + 1/scale))^2, "
+                "m: the mean weekly count over the seeds",
+        "llm_requests": sum(f.calls for f in frozen.values()),
+    }
+    history = {m: {"loss": f.loss_history_, "wall_time": f.wall_times_, "simulations": f.simulations_}
+               for m, f in fits.items()}
+    return CalibrationReport(
+        params=fits["adam"].params_, baseline_params=fits["nelder-mead"].params_, bounds=space.describe(),
+        losses=losses, history=history, forecast=forecast, daily=pd.concat(frames, ignore_index=True),
+        observed_weekly=_observed_frame(obs_all, start, weeks), settings=settings,
+    )
+
+
+def _scaled_by_area(results: Any, scale: float) -> pd.DataFrame:
+    """``Results.by_area()`` with every count divided by `scale` (real-city numbers)."""
+    df = results.by_area()
+    counts = [c for c in df.columns if c not in ("date", "area", "isolating")]
+    df[counts] = df[counts] / scale
+    return df
+
+
+def _observed_frame(obs: Mapping[str, torch.Tensor], start: dt.date, weeks: int) -> pd.DataFrame:
+    """target -> (W, B) tensors as a long frame: week, date, area, split, targets."""
+    w, b = next(iter(obs.values())).shape
+    df = pd.DataFrame({
+        "week": np.repeat(np.arange(w), b),
+        "date": np.repeat(pd.Timestamp(start) + pd.to_timedelta(7 * np.arange(w), unit="D"), b),
+        "area": np.tile(np.array(BOROUGHS[:b]), w),
+    })
+    df["split"] = np.where(df["week"] < weeks, "fit", "forecast")
+    for t, v in obs.items():
+        df[t] = v.cpu().numpy().reshape(-1)
+    return df

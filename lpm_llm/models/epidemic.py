@@ -1,0 +1,730 @@
+"""SEIRM epidemic on layered contacts: parameters, per-agent state and the daily step.
+
+States (``STATES``): S susceptible, E exposed (infected, not yet infectious), I infectious (with a
+per-agent symptomatic flag), R removed (recovered, or no longer infectious and awaiting death), M
+dead. Hospital admission is an event recorded at symptom onset (plus ``hosp_delay``), not a state.
+
+Natural history of one infection, drawn per agent:
+- infection on day t (probability ``1 - exp(-force)``; force from :mod:`lpm_llm.contacts` times the
+  age band's susceptibility); the agent enters E;
+- after a latent period it enters I; at that moment it draws whether it is symptomatic
+  (``p_symptomatic`` by age), and if symptomatic whether it will be admitted to hospital
+  (``ihr / p_symptomatic``) and whether it will die (``fatality_scale * ifr / p_symptomatic``), so
+  that hospitalisations and deaths per infection equal the IHR and IFR by age;
+- after an infectious period it leaves I: to R, or, if fated to die, to M ``death_delay`` days later
+  (counted in R meanwhile).
+
+Durations are whole days drawn per agent when a state is entered (the agent leaves on day
+``t + d``): with ``duration_distribution="gamma"`` d is a gamma draw (mean, shape) rounded to the
+nearest day (at least 1); with ``"exponential"`` d is an exponential draw rounded up, i.e. a daily
+exit hazard of ``1 - exp(-1 / mean)`` (memoryless; the ODE comparison uses it). Durations are
+sampled from the exact discretised distribution by inverse CDF (a table of at most a few hundred
+days), so every draw comes from the step's explicit generator.
+
+Infection uses the exposure-threshold form of the daily Bernoulli draw: each agent draws a threshold
+tau ~ Exp(1) once, and is infected on the first day the hazard accumulated since day 0 exceeds it.
+Since the exponential is memoryless, P(infected on day t | susceptible until then) = 1 - exp(-force_t)
+exactly as with a fresh uniform draw every day, but a day costs one subtraction instead of N random
+numbers. Imports on day 0 are separate Bernoulli draws.
+
+Per-agent state (``EpidemicState``): ``disease`` int8, ``next_day`` int16, ``flags`` int8,
+``threshold`` float32: 8 bytes. With gradients enabled two float32 columns are added (``weight`` and
+``fate``, see below).
+
+Gradients. Under ``torch.no_grad()`` the step runs a fast path: hard Bernoulli draws, in-place
+updates. With gradients enabled the draws stay hard in the forward pass and every agent carries a
+path weight ``weight`` (N,) that is exactly 1.0 forward and whose gradient is the score of the
+agent's own draws so far: each day a susceptible agent is multiplied by ``p / sg(p)`` if infected and
+by ``(1 - p) / sg(1 - p)`` if not (``sg``: stop-gradient), and at onset by the same ratio for the
+symptomatic draw. Everything the agent does (its infection count, infectiousness, onset, admission,
+death) is counted with its weight, and ``fate`` (N,) carries the ratio of the death draw. Because an
+agent's infectiousness carries its weight, the infection probabilities of those it meets carry it
+too, so the gradient follows chains of transmission (a local, causal form of the score-function
+estimator, DiCE: Foerster et al. 2018). It is unbiased for expected counts; the straight-through
+estimator (backward d/dp through the realised draw only) missed the offspring of agents who were
+not infected and underestimated d(infections)/d(beta) by 2-3x and the seeding gradient by ~50x.
+The step never modifies its input state in place when gradients are on, and derives its random
+numbers from (seed, day) alone, so that chunks of days can be wrapped in ``torch.utils.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lpm_llm.contacts import LAYERS, ContactLayers
+from lpm_llm.population import AGE_BANDS
+
+__all__ = [
+    "STATES",
+    "EpidemicModel",
+    "EpidemicParams",
+    "EpidemicState",
+    "StepInputs",
+    "day_generator",
+    "duration_pmf",
+    "layer_rates",
+]
+
+S, E, I, R, M = 0, 1, 2, 3, 4
+_DYING = 5  # internal code: no longer infectious, will die; reported in R
+STATES: tuple[str, ...] = ("S", "E", "I", "R", "M")
+_SYMPTOMATIC, _HOSPITALIZED, _FATED = 1, 2, 4  # bits of `flags`
+_MAX_DURATION = 400  # days; longest duration the samplers represent (tail mass folded into it)
+
+_A = len(AGE_BANDS)
+
+
+def _per_age(values: tuple[float, ...], name: str) -> tuple[float, ...]:
+    if len(values) != _A:
+        raise ValueError(
+            f"{name} needs one value per age band ({_A}: {', '.join(AGE_BANDS)}), got {len(values)}"
+        )
+    return values
+
+
+class EpidemicParams(BaseModel):
+    """Every parameter of the epidemic model, with default, bounds, units and source.
+
+    Age-specific values are tuples in ``AGE_BANDS`` order (0-4, 5-12, 13-17, 18-24, 25-34, 35-44,
+    45-54, 55-64, 65-74, 75+). Published figures come in 10-year bands; a band of ours that straddles
+    two published bands takes their average weighted by years covered.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # -- transmission ---------------------------------------------------------------------------
+    beta_household: float = Field(
+        0.10,
+        ge=0,
+        le=10,
+        description=(
+            "per day: daily transmission rate of one (symptomatic) infectious agent spread over the other "
+            "household members. Chosen so that the secondary attack rate 1 - exp(-beta*D*susc/(n-1)) is "
+            "about 0.15-0.35 for households of 2-4 with D=7 d, in line with the household SAR of 16.6% "
+            "(Madewell et al. 2020, JAMA Netw Open 3:e2031756); calibrate"
+        ),
+    )
+    beta_school: float = Field(
+        0.40, ge=0, le=10, description="per day, spread over the classroom; assumption, calibrate"
+    )
+    beta_workplace: float = Field(
+        0.40, ge=0, le=10, description="per day, spread over the workplace; assumption, calibrate"
+    )
+    beta_community: float = Field(
+        0.35,
+        ge=0,
+        le=10,
+        description=(
+            "per day, at 100% prevalence of infectious contacts; assumption, calibrate. With the other "
+            "defaults the synthetic NYC grows at about 0.13/day without interventions (R0 about 3)"
+        ),
+    )
+    beta_scale: float = Field(1.0, ge=0, le=10, description="dimensionless multiplier of every layer's rate")
+    community_assortativity: float = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description=(
+            "share of community contacts within one's own age band (stylised POLYMOD, Mossong et al. 2008)"
+        ),
+    )
+    community_matrix: tuple[tuple[float, ...], ...] | None = Field(
+        None, description=("(A, A) row-stochastic age contact matrix replacing the stylised one")
+    )
+    cross_borough_share: float = Field(
+        0.1, ge=0, le=1, description="share of community contacts outside one's borough; assumption"
+    )
+    isolation_compliance: float = Field(
+        0.7,
+        ge=0,
+        le=1,
+        description=(
+            "share of school, work and community contacts an isolating agent drops; assumption, calibrate"
+        ),
+    )
+
+    # -- susceptibility and infectiousness --------------------------------------------------------
+    susceptibility: tuple[float, ...] = Field(
+        (0.40, 0.39, 0.38, 0.67, 0.82, 0.83, 0.81, 0.85, 0.81, 0.74),
+        description="relative susceptibility by age band; Davies et al. 2020, Nat Med 26:1205, "
+        "Fig. 1 posterior means "
+        "(0-9: 0.40, 10-19: 0.38, 20-29: 0.79, 30-39: 0.86, 40-49: 0.80, 50-59: 0.82, "
+        "60-69: 0.88, 70+: 0.74)",
+    )
+    rel_infectiousness_asymptomatic: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description=(
+            "infectiousness of asymptomatic relative to symptomatic cases; CDC COVID-19 Pandemic Planning "
+            "Scenarios (2020), best estimate 75%"
+        ),
+    )
+
+    # -- natural history ------------------------------------------------------------------------
+    duration_distribution: Literal["gamma", "exponential"] = "gamma"
+    latent_mean: float = Field(
+        4.0,
+        ge=0.5,
+        le=60,
+        description=(
+            "days from infection to infectiousness; incubation median 5.1 d (Lauer et al. 2020, Ann Intern "
+            "Med 172:577) less about 1 day of presymptomatic infectiousness (He et al. 2020, Nat Med 26:672)"
+        ),
+    )
+    latent_shape: float = Field(4.0, gt=0, le=1e5, description="gamma shape of the latent period")
+    infectious_mean: float = Field(
+        7.0,
+        ge=0.5,
+        le=60,
+        description=(
+            "days infectious; CDC Pandemic Planning Scenarios: from 2 days before to about 10 days "
+            "after onset "
+            "for mild cases, most transmission in the first week"
+        ),
+    )
+    infectious_shape: float = Field(4.0, gt=0, le=1e5, description="gamma shape of the infectious period")
+
+    # -- severity by age ------------------------------------------------------------------------
+    p_symptomatic: tuple[float, ...] = Field(
+        (0.29, 0.26, 0.21, 0.25, 0.30, 0.37, 0.45, 0.56, 0.66, 0.69),
+        description="probability that an infection is symptomatic (clinical fraction), "
+        "Davies et al. 2020, Fig. 1 "
+        "(0-9: 0.29, 10-19: 0.21, 20-29: 0.27, 30-39: 0.33, 40-49: 0.40, 50-59: 0.49, "
+        "60-69: 0.63, 70+: 0.69)",
+    )
+    ihr: tuple[float, ...] = Field(
+        (0.0, 0.00015, 0.00041, 0.0075, 0.0224, 0.0384, 0.0621, 0.0998, 0.142, 0.175),
+        description="infections admitted to hospital, by age; Verity et al. 2020, "
+        "Lancet Infect Dis 20:669, Table 3 "
+        "(0-9: 0%, 10-19: 0.04%, 20-29: 1.0%, 30-39: 3.4%, 40-49: 4.3%, 50-59: 8.2%, 60-69: 11.8%, "
+        "70-79: 16.6%, 80+: 18.4%)",
+    )
+    ifr: tuple[float, ...] = Field(
+        (7.3e-06, 1.59e-05, 3.48e-05, 7.19e-05, 0.0002, 0.00067, 0.00224, 0.00748, 0.025, 0.106),
+        description="infection fatality ratio by age; Levin et al. 2020, Eur J Epidemiol 35:1123: "
+        "log10(IFR %) = -3.27 + 0.0524 * age, at band mid-ages 2.5, 9, 15.5, 21.5, 30, 40, 50, 60, 70, 82",
+    )
+    fatality_scale: float = Field(
+        1.0, ge=0, le=10, description="multiplier of the IFR (calibrated: care, variants)"
+    )
+
+    # -- seeding, reporting and delays ------------------------------------------------------------
+    initial_infections_per_100k: tuple[float, ...] = Field(
+        (10.0, 10.0, 10.0, 10.0, 10.0),
+        description=(
+            "infections imported on day 0 per 100,000 residents, by borough (BOROUGHS order); the number "
+            "of undetected infections in NYC on 1 March 2020 is unknown: calibrate"
+        ),
+    )
+    ascertainment: float | tuple[float, ...] = Field(
+        0.1,
+        description=(
+            "share of symptomatic onsets reported as cases: one value, or one per calendar month from the "
+            "start date's month (the last one holds after). About 0.1 in spring 2020: "
+            "NYC reported ~2% of its "
+            "residents as cases by late April while serology found 22.7% infected (Rosenberg et al. 2020, "
+            "Ann Epidemiol 48:23)"
+        ),
+    )
+    report_delay: int = Field(
+        3, ge=0, le=60, description="days from symptom onset to a reported case; assumption"
+    )
+    hosp_delay: int = Field(
+        7,
+        ge=0,
+        le=60,
+        description=(
+            "days from symptom onset to hospital admission; CDC Pandemic Planning "
+            "Scenarios (median about 6-7 d)"
+        ),
+    )
+    death_delay: int = Field(
+        11,
+        ge=0,
+        le=120,
+        description=(
+            "days from the end of infectiousness to death: onset to death 17.8 d (Verity et al. 2020) less "
+            "the infectious days after onset"
+        ),
+    )
+
+    @field_validator("susceptibility", "p_symptomatic", "ihr", "ifr")
+    @classmethod
+    def _one_per_age_band(cls, v: tuple[float, ...], info) -> tuple[float, ...]:
+        _per_age(v, info.field_name)
+        if any(x < 0 or x > 1 for x in v) and info.field_name != "susceptibility":
+            raise ValueError(f"{info.field_name} values must lie in [0, 1]")
+        if any(x < 0 for x in v):
+            raise ValueError(f"{info.field_name} values must be >= 0")
+        return v
+
+    @field_validator("initial_infections_per_100k")
+    @classmethod
+    def _one_per_borough(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(x < 0 or x > 1e5 for x in v):
+            raise ValueError("initial_infections_per_100k values must lie in [0, 100000]")
+        return v
+
+    @field_validator("ascertainment")
+    @classmethod
+    def _fraction(cls, v: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        values = (v,) if isinstance(v, float | int) else v
+        if not values or any(x < 0 or x > 1 for x in values):
+            raise ValueError("ascertainment must be a value in [0, 1] or a non-empty list of them")
+        return v
+
+    @field_validator("community_matrix")
+    @classmethod
+    def _matrix(cls, v: tuple[tuple[float, ...], ...] | None) -> tuple[tuple[float, ...], ...] | None:
+        if v is not None and (len(v) != _A or any(len(row) != _A for row in v)):
+            raise ValueError(f"community_matrix must be {_A} x {_A} (AGE_BANDS x AGE_BANDS)")
+        return v
+
+
+#: parameters that may be given as tensors (with requires_grad) to override EpidemicParams; shapes:
+#: () scalar, "A" one per age band, "B" one per borough, "M" one per month (or a scalar).
+TENSOR_PARAMS: dict[str, str] = {
+    "beta_household": "()",
+    "beta_school": "()",
+    "beta_workplace": "()",
+    "beta_community": "()",
+    "beta_scale": "()",
+    "isolation_compliance": "()",
+    "rel_infectiousness_asymptomatic": "()",
+    "susceptibility": "A",
+    "p_symptomatic": "A",
+    "ihr": "A",
+    "ifr": "A",
+    "fatality_scale": "()",
+    "initial_infections_per_100k": "B",
+    "ascertainment": "M",
+}
+
+
+@dataclass
+class EpidemicState:
+    """Per-agent disease state (N agents; B x A cells = boroughs x age bands).
+
+    Attributes:
+        disease: (N,) int8 code (S=0, E=1, I=2, R=3, M=4; 5 = awaiting death, reported in R).
+        next_day: (N,) int16 day of the agent's next transition, -1 for none.
+        flags: (N,) int8 bits: 1 symptomatic, 2 hospitalised, 4 fated to die.
+        threshold: (N,) float32 hazard a susceptible agent can still take before infection
+            (Exp(1) / susceptibility at the start, less the force of every day since); inf once infected.
+        infectious: (n_I,) int64 indices of the agents in I (kept up to date from the day's events).
+        counts: (B * A, 5) float32 agents per cell and state (S, E, I, R, M), updated from the events.
+        weight: (N,) float32 path weight (forward 1.0, gradient: score of the agent's draws), or None.
+        fate: (N,) float32 death indicator (forward 0/1, gradient: score of the death draw), or None.
+    """
+
+    disease: torch.Tensor
+    next_day: torch.Tensor
+    flags: torch.Tensor
+    threshold: torch.Tensor
+    infectious: torch.Tensor
+    counts: torch.Tensor
+    weight: torch.Tensor | None = None
+    fate: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        tensors = [
+            self.disease,
+            self.next_day,
+            self.flags,
+            self.threshold,
+            self.infectious,
+            self.weight,
+            self.fate,
+        ]
+        return sum(t.element_size() * t.numel() for t in tensors if t is not None)
+
+
+@dataclass
+class StepInputs:
+    """What the outside world gives one daily step.
+
+    Attributes:
+        rates: (4,) daily transmission rate per layer (``LAYERS`` order), beta_scale and
+            interventions applied.
+        seed: base seed; the day's generator is ``day_generator(seed, t)``.
+        isolating: (N,) float32 1.0 for agents isolating (straight-through with grad), or None.
+        working: (N,) bool agents working (labour model), or None (everyone in a workplace works).
+        imports: (N,) float32 probability of an imported infection today, or None.
+    """
+
+    rates: torch.Tensor
+    seed: int
+    isolating: torch.Tensor | None = None
+    working: torch.Tensor | None = None
+    imports: torch.Tensor | None = None
+
+
+def day_generator(seed: int, t: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of day t: a pure function of (seed, t) (splitmix64 of the pair)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(t) + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return torch.Generator(device=device).manual_seed(z & 0x7FFFFFFFFFFFFFFF)
+
+
+def _duration_cdf(kind: str, mean: float, shape: float) -> torch.Tensor:
+    """(K,) float64 CDF over whole days 1..K of the discretised duration distribution."""
+    days = torch.arange(1, _MAX_DURATION + 1, dtype=torch.float64)
+    if kind == "exponential":  # ceil of an exponential: P(d <= k) = 1 - exp(-k / mean)
+        cdf = -torch.expm1(-days / mean)
+    else:  # nearest day of a gamma draw, at least 1: P(d <= k) = F(k + 0.5)
+        scale = mean / shape
+        cdf = torch.special.gammainc(torch.tensor(shape, dtype=torch.float64), (days + 0.5) / scale)
+    cdf[-1] = 1.0  # fold the tail beyond _MAX_DURATION days into the last day
+    return cdf
+
+
+def _score_weight(p: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """Forward exactly 1.0; backward the score of a Bernoulli(p) draw with outcome `hard` (bool):
+    ``dp / p`` where it is 1, ``-dp / (1 - p)`` where it is 0 (see "Gradients" in the module docstring)."""
+    pd = p.detach()
+    one = torch.ones_like(pd)
+    return torch.where(hard, p / torch.where(pd > 0, pd, one), (1.0 - p) / torch.where(pd < 1, 1.0 - pd, one))
+
+
+class EpidemicModel:
+    """The SEIRM dynamics of one population on its contact layers; see the module docstring.
+
+    Args:
+        params: the model's parameters.
+        contacts: the population's contact layers (built on the simulation's device).
+        age_band: (N,) int age band code per agent (``AGE_BANDS``).
+        borough: (N,) int borough code per agent.
+    """
+
+    reads: tuple[str, ...] = ("borough", "age_band", "household", "school", "workplace")
+    writes: tuple[str, ...] = ("disease", "next_day", "flags")
+    records: tuple[str, ...] = (
+        "new_infections",
+        "new_symptomatic",
+        "reported_cases",
+        "hospitalized",
+        "deaths",
+        *STATES,
+    )
+    decisions: tuple[str, ...] = ("isolate",)
+
+    def __init__(
+        self, params: EpidemicParams, contacts: ContactLayers, age_band: torch.Tensor, borough: torch.Tensor
+    ):
+        self.params = params
+        self.contacts = contacts
+        self.device = contacts.household.device
+        b, a = contacts.shape
+        if a != _A:
+            raise ValueError(f"the epidemic model needs the {_A} age bands {AGE_BANDS}, population has {a}")
+        self.age = age_band.to(device=self.device, dtype=torch.int32)
+        self.borough = borough.to(device=self.device, dtype=torch.int32)
+        self._latent_cdf = _duration_cdf(
+            params.duration_distribution, params.latent_mean, params.latent_shape
+        )
+        self._infectious_cdf = _duration_cdf(
+            params.duration_distribution, params.infectious_mean, params.infectious_shape
+        )
+        self._latent_cdf = self._latent_cdf.to(device=self.device, dtype=torch.float32)
+        self._infectious_cdf = self._infectious_cdf.to(device=self.device, dtype=torch.float32)
+
+    # -- parameters as tensors --------------------------------------------------------------------
+    def tensors(
+        self, overrides: Mapping[str, torch.Tensor] | None = None, n_months: int = 1
+    ) -> dict[str, torch.Tensor]:
+        """The float parameters as float32 tensors on the model's device (``TENSOR_PARAMS``), with
+        `overrides` (for example tensors that require grad) replacing the values of EpidemicParams."""
+        p = self.params
+        b, _ = self.contacts.shape
+        sizes = {"()": (), "A": (_A,), "B": (b,)}
+        out: dict[str, torch.Tensor] = {}
+        for name in TENSOR_PARAMS:
+            value = getattr(p, name)
+            if name == "initial_infections_per_100k" and len(value) != b:
+                raise ValueError(
+                    f"initial_infections_per_100k has {len(value)} values, the population {b} boroughs"
+                )
+            out[name] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        for name, value in (overrides or {}).items():
+            if name not in TENSOR_PARAMS:
+                raise KeyError(
+                    f"unknown epidemic parameter {name!r}; tensor parameters: {', '.join(TENSOR_PARAMS)}"
+                )
+            t = torch.as_tensor(value)
+            if t.device != torch.device(self.device):
+                t = t.to(self.device)
+            if t.dtype != torch.float32:
+                t = t.to(torch.float32)
+            kind = TENSOR_PARAMS[name]
+            if kind == "M":
+                if t.dim() > 1 or t.numel() == 0:
+                    raise ValueError(
+                        f"{name} must be a scalar or a (months,) tensor, got shape {tuple(t.shape)}"
+                    )
+            elif tuple(t.shape) != sizes[kind]:
+                raise ValueError(f"{name} must have shape {sizes[kind]}, got {tuple(t.shape)}")
+            out[name] = t
+        asc = out["ascertainment"].reshape(-1)
+        if asc.numel() < n_months:  # the last month's value holds after the given ones
+            asc = torch.cat([asc, asc[-1:].expand(n_months - asc.numel())])
+        out["ascertainment"] = asc
+        return out
+
+    # -- state ----------------------------------------------------------------------------------
+    def initial_state(
+        self, theta: Mapping[str, torch.Tensor], seed: int = 0, *, track_gradients: bool = False
+    ) -> EpidemicState:
+        """Everybody susceptible, with infection thresholds drawn from ``day_generator(seed, -1)``; with
+        `track_gradients` the float columns of the gradient estimator are added.
+
+        The threshold is Exp(1) / susceptibility: the daily step then subtracts the force before
+        susceptibility, which saves a per-agent multiplication every day (agents with
+        susceptibility 0 get an infinite threshold)."""
+        n = self.contacts.n
+        gen = day_generator(seed, -1, self.device)
+        threshold = torch.rand(n, generator=gen, device=self.device).neg_().log1p_().neg_()  # Exp(1)
+        threshold.div_(self._susceptibility(theta).detach())
+        counts = torch.zeros(self.contacts.cell_size.numel(), len(STATES), device=self.device)
+        counts[:, S] = self.contacts.cell_size.reshape(-1)
+        state = EpidemicState(
+            disease=torch.full((n,), S, dtype=torch.int8, device=self.device),
+            next_day=torch.full((n,), -1, dtype=torch.int16, device=self.device),
+            flags=torch.zeros(n, dtype=torch.int8, device=self.device),
+            threshold=threshold,
+            infectious=torch.zeros(0, dtype=torch.int64, device=self.device),
+            counts=counts,
+        )
+        if track_gradients:
+            state.weight = torch.ones(n, device=self.device)
+            state.fate = torch.zeros(n, device=self.device)
+        return state
+
+    def _susceptibility(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) relative susceptibility of each agent (by age band)."""
+        b = self.contacts.shape[0]
+        return theta["susceptibility"].repeat(b).index_select(0, self.contacts.cell)
+
+    def import_probability(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) per-agent probability of an imported infection on day 0 (``initial_infections_per_100k``)."""
+        return (theta["initial_infections_per_100k"] / 1e5).clamp(0.0, 1.0).index_select(0, self.borough)
+
+    # -- the daily step -------------------------------------------------------------------------
+    def step(
+        self, state: EpidemicState, t: int, inputs: StepInputs, theta: Mapping[str, torch.Tensor]
+    ) -> tuple[EpidemicState, dict[str, torch.Tensor]]:
+        """One day: transmission from the agents infectious at the start of the day, then progression
+        of the agents whose transition falls on day t.
+
+        Returns:
+            the new state, and (B, A) float32 tensors ``new_infections``, ``new_symptomatic``,
+            ``new_hospitalized`` (by onset day), ``deaths``, plus ``prevalence`` (B, A, 5) at the end
+            of the day.
+        """
+        grad = torch.is_grad_enabled()
+        if grad and state.weight is None:
+            raise ValueError(
+                "gradients are enabled but the state has no `weight`: build it with "
+                "initial_state(track_gradients=True), or run under torch.no_grad()"
+            )
+        gen = day_generator(inputs.seed, t, self.device)
+        c = self.contacts
+        b, a = c.shape
+        if grad:  # never modify the caller's state: checkpointing re-runs steps from saved inputs
+            state = replace(
+                state,
+                disease=state.disease.clone(),
+                next_day=state.next_day.clone(),
+                flags=state.flags.clone(),
+                threshold=state.threshold,  # replaced functionally below
+            )
+        disease, next_day, flags = state.disease, state.next_day, state.flags
+
+        # -- transmission ---------------------------------------------------------------------------
+        infectious = state.infectious
+        symptomatic = (flags.index_select(0, infectious) & _SYMPTOMATIC) != 0
+        w_home = torch.where(symptomatic, 1.0, theta["rel_infectiousness_asymptomatic"]).to(torch.float32)
+        if state.weight is not None:
+            w_home = w_home * state.weight.index_select(0, infectious)
+        compliance = theta["isolation_compliance"]
+        outside_factor = None
+        w_out = w_home
+        if inputs.isolating is not None:
+            outside_factor = 1.0 - compliance * inputs.isolating
+            w_out = w_home * outside_factor.index_select(0, infectious)
+        pressure = c.pressure(infectious, w_home, w_out, inputs.rates, inputs.working)
+        force = c.force(pressure, outside_factor=outside_factor, working=inputs.working)
+        # infection when the hazard accumulated since day 0 exceeds the agent's Exp(1) threshold:
+        # P(infected on day t | susceptible before) = 1 - exp(-force_t), with no random number per day
+        threshold = state.threshold - force.detach() if grad else state.threshold.sub_(force)
+        hit = threshold < 0
+        if inputs.imports is not None:
+            u = torch.rand(force.shape, generator=gen, device=self.device)
+            hit |= (u < inputs.imports) & (disease == S)
+        new_inf = hit.nonzero().squeeze(1)
+        del hit
+        if grad:
+            p = -torch.expm1(-force * self._susceptibility(theta))
+            if inputs.imports is not None:
+                p = 1.0 - (1.0 - p) * (1.0 - inputs.imports)
+            hard = torch.zeros(p.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
+            weight = torch.where(disease == S, state.weight * _score_weight(p, hard), state.weight)
+            new_infections = torch.zeros(b * a, device=self.device).index_add(
+                0, c.cell.index_select(0, new_inf), weight.index_select(0, new_inf)
+            )
+            threshold = threshold.index_fill(0, new_inf, math.inf)
+        else:
+            new_infections = torch.bincount(c.cell.index_select(0, new_inf), minlength=b * a).to(
+                torch.float32
+            )
+            weight = None
+            threshold.index_fill_(0, new_inf, math.inf)
+        del force
+
+        # -- progression (agents whose transition day is t; today's infections leave later) ----------
+        due = (next_day == t).nonzero().squeeze(1)
+        due_state = disease.index_select(0, due)
+        onset = due[due_state == E]
+        leave = due[due_state == I]
+        dying = due[due_state == _DYING]
+
+        def w(idx: torch.Tensor) -> torch.Tensor:
+            if weight is None:
+                return torch.ones(idx.shape, device=self.device)
+            return weight.index_select(0, idx)
+
+        def per_cell(idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(b * a, device=self.device).index_add(0, c.cell.index_select(0, idx), values)
+
+        # E -> I: symptomatic, hospitalised and fated draws; infectious period
+        age = self.age.index_select(0, onset)
+        psymp = theta["p_symptomatic"].clamp(1e-6, 1.0)
+        p_s = theta["p_symptomatic"].index_select(0, age)
+        p_h = (theta["ihr"] / psymp).clamp(max=1.0).index_select(0, age)
+        p_d = (theta["fatality_scale"] * theta["ifr"] / psymp).clamp(max=1.0).index_select(0, age)
+        u3 = torch.rand((3, onset.numel()), generator=gen, device=self.device)
+        symp = u3[0] < p_s.detach()
+        hosp = symp & (u3[1] < p_h.detach())
+        die = symp & (u3[2] < p_d.detach())
+        w_onset = w(onset)
+        w_symp = w_onset  # the path weight after the symptomatic draw
+        if weight is not None:
+            w_symp = w_onset * _score_weight(p_s, symp)
+            weight = weight.index_copy(0, onset, w_symp)
+        new_symptomatic = per_cell(onset, w_symp * symp)
+        new_hospitalized = per_cell(onset, w_symp * (_score_weight(p_h, hosp) if grad else 1.0) * hosp)
+        bits = (symp * _SYMPTOMATIC + hosp * _HOSPITALIZED + die * _FATED).to(torch.int8)
+        inf_days = self._draw_days(self._infectious_cdf, onset.numel(), gen)
+        fate = state.fate
+        if fate is not None:  # forward 1 for agents fated to die, backward the score of that draw
+            fate = fate.index_copy(0, onset, _score_weight(p_d, die) * die)
+
+        # I -> R, or I -> awaiting death (or M at once when death_delay is 0)
+        fated = (flags.index_select(0, leave) & _FATED) != 0
+        delay = self.params.death_delay
+        to_die_now = leave[fated] if delay == 0 else leave[:0]
+        # awaiting death -> M
+        deaths_idx = torch.cat([dying, to_die_now])
+
+        w_leave = w(leave)
+        w_dead = w(deaths_idx) if fate is None else w(deaths_idx) * fate.index_select(0, deaths_idx)
+        ei = per_cell(onset, w_onset)
+        ir = per_cell(leave, w_leave)
+        deaths = per_cell(deaths_idx, w_dead)
+
+        # -- write the new state --------------------------------------------------------------------
+        lat_days = self._draw_days(self._latent_cdf, new_inf.numel(), gen)
+        disease.index_fill_(0, new_inf, E)
+        next_day.index_copy_(0, new_inf, (lat_days + t).to(torch.int16))
+        disease.index_fill_(0, onset, I)
+        flags.index_copy_(0, onset, bits)
+        next_day.index_copy_(0, onset, (inf_days + t).to(torch.int16))
+        if delay == 0:
+            disease.index_put_((leave,), torch.where(fated, M, R).to(torch.int8))
+            next_day.index_fill_(0, leave, -1)
+        else:
+            disease.index_put_((leave,), torch.where(fated, _DYING, R).to(torch.int8))
+            next_day.index_put_((leave,), torch.where(fated, t + delay, -1).to(torch.int16))
+        disease.index_fill_(0, dying, M)
+        next_day.index_fill_(0, dying, -1)
+
+        delta = torch.stack(
+            [
+                -new_infections,
+                new_infections - ei,
+                ei - ir,
+                ir - deaths,
+                deaths,
+            ],
+            dim=1,
+        )
+        counts = state.counts + delta
+        still = infectious[disease.index_select(0, infectious) == I]  # those who did not leave today
+        infectious = torch.cat([still, onset])
+        new_state = EpidemicState(disease, next_day, flags, threshold, infectious, counts, weight, fate)
+        out = {
+            "new_infections": new_infections.view(b, a),
+            "new_symptomatic": new_symptomatic.view(b, a),
+            "new_hospitalized": new_hospitalized.view(b, a),
+            "deaths": deaths.view(b, a),
+            "prevalence": counts.view(b, a, len(STATES)),
+        }
+        return new_state, out
+
+    @staticmethod
+    def _draw_days(cdf: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+        """(n,) int64 whole-day durations >= 1 drawn by inverse CDF."""
+        u = torch.rand(n, generator=gen, device=cdf.device)
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1) + 1
+
+    # -- reporting ------------------------------------------------------------------------------
+    def report(
+        self, daily: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor], month_index: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Stacked daily outputs (T, B, A) -> the recorded series (``records``), all (T, B, A).
+
+        ``reported_cases[t] = ascertainment[month(t)] * new_symptomatic[t - report_delay]`` (expected
+        value, so that ascertainment gets exact gradients); ``hospitalized[t] =
+        new_hospitalized[t - hosp_delay]`` (admissions); days before the delay are 0.
+        """
+        p = self.params
+        asc = theta["ascertainment"].index_select(0, month_index).view(-1, 1, 1)
+        prevalence = daily["prevalence"]
+        series = {
+            "new_infections": daily["new_infections"],
+            "new_symptomatic": daily["new_symptomatic"],
+            "reported_cases": asc * _shift(daily["new_symptomatic"], p.report_delay),
+            "hospitalized": _shift(daily["new_hospitalized"], p.hosp_delay),
+            "deaths": daily["deaths"],
+        }
+        for i, name in enumerate(STATES):
+            series[name] = prevalence[..., i]
+        return series
+
+
+def _shift(x: torch.Tensor, days: int) -> torch.Tensor:
+    """(T, ...) series delayed by `days` (zeros enter at the start)."""
+    if days == 0:
+        return x
+    pad = torch.zeros((min(days, x.shape[0]), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x[: max(x.shape[0] - days, 0)]], dim=0)
+
+
+def layer_rates(theta: Mapping[str, torch.Tensor], multipliers: torch.Tensor) -> torch.Tensor:
+    """(T, 4) daily rates per layer: beta_L * beta_scale * intervention multiplier (T, 4)."""
+    betas = torch.stack([theta[f"beta_{layer}"] for layer in LAYERS])
+    return multipliers.to(betas.device) * (betas * theta["beta_scale"]).unsqueeze(0)
+
+
+def duration_pmf(kind: str, mean: float, shape: float = 1.0) -> torch.Tensor:
+    """(K,) float64 probability of a duration of 1..K whole days, as the model draws it."""
+    cdf = _duration_cdf(kind, mean, shape)
+    return torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype))

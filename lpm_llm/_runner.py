@@ -114,7 +114,7 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
         for i, (name, c, seed) in enumerate(runs):
             decisions = build_decisions(c, client, archetypes)
             pbar = bar(total=c.days, desc=f"{name} seed {seed} ({i + 1}/{len(runs)})") if bar else None
-            on_day = (lambda *_: pbar.update(1)) if pbar else None
+            on_day = (lambda *_, bar_=pbar: bar_.update(1)) if pbar else None
             with timer.phase("simulation"):
                 results = _simulate_epidemic(c, population, archetypes, decisions, seed, on_day)
             if pbar:

@@ -247,7 +247,8 @@ class Calibrator:
     """Fit a :class:`ParameterSpace` to an objective, scikit-learn style.
 
     ``fit(objective)`` minimises ``objective(values, seeds)`` (for example the loss of the mean of
-    the simulations with these seeds), where ``values`` is name -> constrained tensor. The space given here is not modified: it is copied into ``space_``.
+    the simulations with these seeds), where ``values`` is name -> constrained tensor. The space
+    given here is not modified: it is copied into ``space_``.
 
     Methods:
         ``adam``: gradient descent (Adam) on the raw parameters; step i uses the fresh seeds
@@ -267,6 +268,8 @@ class Calibrator:
             (``nelder-mead``).
         wall_times_: seconds from the start of ``fit`` to the end of each entry of ``loss_history_``.
         simulations_: simulations run up to each entry.
+        best_loss_, best_params_: the lowest entry of ``loss_history_`` and the parameters it was
+            measured at (with fresh seeds each step this minimum is optimistic: prefer ``params_``).
         space_: the fitted ParameterSpace.
     """
 
@@ -312,6 +315,7 @@ class Calibrator:
         self.loss_history_: list[float] = []
         self.wall_times_: list[float] = []
         self.simulations_: list[int] = []
+        self.best_loss_, self.best_params_ = float("inf"), {}
         self._t0 = time.perf_counter()
         if self.method == "adam":
             self._fit_adam(objective)
@@ -339,6 +343,8 @@ class Calibrator:
             loss = objective(self.space_.values(), list(range(first, first + k)))
             loss.backward()
             total = float(loss.detach())
+            if total < self.best_loss_:
+                self.best_loss_, self.best_params_ = total, self.space_.to_dict()
             if not np.isfinite(total):
                 raise FloatingPointError(f"loss is {total} at step {i}, parameters {self.space_.to_dict()}")
             opt.step()
@@ -361,6 +367,7 @@ class Calibrator:
                 raise FloatingPointError(f"calibration loss is {loss}; parameters: {self.space_.to_dict()}")
             if loss < best["loss"]:
                 best.update(loss=loss, x=np.array(x))
+                self.best_loss_, self.best_params_ = loss, self.space_.to_dict()
             self._record(loss, len(self.loss_history_) * k + k)
             return loss
 
@@ -581,8 +588,8 @@ def calibrate_first_wave(
         "agents": population.n, "steps": steps, "lr": lr, "seeds_per_step": seeds_per_step,
         "baseline_budget": baseline_budget if baseline_budget is not None else steps * seeds_per_step,
         "eval_seeds": eval_list, "checkpoint_days": checkpoint_days, "device": str(device), "seed": seed,
-        "loss": "mean over targets, weeks and boroughs of (log(m/scale + 1/scale) - log(observed + 1/scale))^2, "
-                "m: the mean weekly count over the seeds",
+        "loss": "mean over targets, weeks and boroughs of (log(m/scale + 1/scale) - log(observed + "
+                "1/scale))^2, m: the mean weekly count over the seeds",
         "llm_requests": sum(f.calls for f in frozen.values()),
     }
     history = {m: {"loss": f.loss_history_, "wall_time": f.wall_times_, "simulations": f.simulations_}

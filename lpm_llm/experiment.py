@@ -23,7 +23,6 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lpm_llm import _outputs
 from lpm_llm._config import ConfigError, deep_merge, load_yaml, parse_set, validate
 from lpm_llm._resources import resolve_path
 from lpm_llm.interventions import InterventionSchedule, Policy, nyc_2020

@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.dates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -23,13 +24,18 @@ def _areas(df: pd.DataFrame) -> list[str]:
     return [a for a in _AREA_ORDER if a in present] + sorted(present - set(_AREA_ORDER))
 
 
-def _weekly(df: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Sum a daily series (date, area, column[, seed]) into calendar weeks starting Monday."""
+def _weekly(df: pd.DataFrame, column: str, start: pd.Timestamp) -> pd.DataFrame:
+    """Sum a daily series (date, area, column[, seed]) into complete 7-day weeks counted from `start`.
+
+    The week is labelled by its first day; incomplete weeks (at either end) are dropped.
+    """
     keys = ["area"] + (["seed"] if "seed" in df.columns else [])
-    return (
-        df.set_index("date").groupby(keys)[column].resample("W-MON", label="left", closed="left").sum()
-        .reset_index()
-    )
+    d = df[df["date"] >= start].assign(_week=lambda x: (x["date"] - start).dt.days // 7)
+    g = d.groupby([*keys, "_week"])
+    out = g[column].sum().reset_index().merge(g["date"].nunique().rename("_days").reset_index())
+    out = out[out["_days"] == 7]
+    out["date"] = start + pd.to_timedelta(out["_week"] * 7, unit="D")
+    return out.drop(columns=["_week", "_days"])
 
 
 def plot_epidemic(
@@ -49,12 +55,14 @@ def plot_epidemic(
         observed: daily rows with date, area, ``obs_column`` (or None).
         forecast_from: date after which the simulation is a forecast (a dashed line marks it).
     """
-    sim_w = _weekly(simulated, sim_column)
+    start = pd.Timestamp(simulated["date"].min())
+    sim_w = _weekly(simulated, sim_column, start)
     areas = _areas(simulated)
     ncols = 3
     nrows = int(np.ceil(len(areas) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
-    for ax, area in zip(axes.flat, areas):
+    for ax, area in zip(axes.flat, areas, strict=False):
+        ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter("%b %d"))
         s = sim_w[sim_w["area"] == area]
         if "seed" in s.columns and s["seed"].nunique() > 1:
             g = s.groupby("date")[sim_column]
@@ -64,7 +72,7 @@ def plot_epidemic(
             mean = s.groupby("date")[sim_column].mean()
         ax.plot(mean.index, mean.values, color="C0", label="simulated")
         if observed is not None and len(observed):
-            o = _weekly(observed[observed["area"] == area], obs_column)
+            o = _weekly(observed[observed["area"] == area], obs_column, start)
             lo_d, hi_d = mean.index.min(), mean.index.max()
             o = o[(o["date"] >= lo_d) & (o["date"] <= hi_d)]
             ax.plot(o["date"], o[obs_column], "o", ms=3, color="k", label="observed")
@@ -119,7 +127,7 @@ def plot_scenarios(
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (name, df) in enumerate(series.items()):
         city = df[df["area"] == "NYC"] if "NYC" in set(df["area"]) else df
-        w = _weekly(city.assign(area="NYC"), column)
+        w = _weekly(city.assign(area="NYC"), column, pd.Timestamp(city["date"].min()))
         g = w.groupby("date")[column]
         mean = g.mean()
         if "seed" in w.columns and w["seed"].nunique() > 1:
@@ -145,7 +153,7 @@ def plot_monthly(
     ncols = 3
     nrows = int(np.ceil(len(areas) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
-    for ax, area in zip(axes.flat, areas):
+    for ax, area in zip(axes.flat, areas, strict=False):
         s = simulated[simulated["area"] == area]
         g = s.groupby("date")[column]
         mean = g.mean()

@@ -71,6 +71,9 @@ REOPENING_PHASES: tuple[date, ...] = (
 )
 """Start of NYC reopening phases 1-4; PAUSE ends the day before phase 1."""
 
+# Sources: NYS DOL maximum weekly benefit ($504 since October 2019); CARES Act (Pub. L. 116-136, sec. 2104);
+# presidential memorandum of 8 August 2020 (LWA; New York paid weeks ending 2020-08-02 to 2020-09-06);
+# Continued Assistance Act (Pub. L. 116-260, div. N); American Rescue Plan Act (Pub. L. 117-2, sec. 9013).
 _NY_MAX_BENEFIT = "New York State unemployment insurance of up to $504 per week"
 INCOME_SUPPORT: tuple[tuple[date, date, str], ...] = (
     (date(2020, 3, 27), date(2020, 7, 31),
@@ -215,6 +218,9 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
+_SCALARS = ("job_finding", "exit_rate", "matching_elasticity", "hiring_freeze", "case_sensitivity")
+
+
 class LaborParams(BaseModel):
     """Parameters of :class:`LaborModel`, with units; all are calibrated. Unknown keys are errors."""
 
@@ -331,7 +337,7 @@ class LaborModel(nn.Module):
     def __init__(self, params: LaborParams | None = None):
         super().__init__()
         p = params or LaborParams()
-        for name in ("job_finding", "exit_rate", "matching_elasticity", "hiring_freeze", "case_sensitivity"):
+        for name in _SCALARS:
             setattr(self, name, _Bounded(torch.tensor(getattr(p, name)), *_BOUNDS[name]))
         self.shock = _Bounded(torch.tensor([p.shock[g] for g in INDUSTRIES]), *_BOUNDS["shock"])
         self.alignment = AlignmentMap(a=p.alignment_a, b=p.alignment_b)
@@ -340,13 +346,10 @@ class LaborModel(nn.Module):
     @property
     def params(self) -> LaborParams:
         """Current values of the parameters (detached), clipped into their declared bounds."""
-        def f(m: nn.Module) -> float:
-            return float(m().detach())
+        scalars = {name: float(getattr(self, name)().detach()) for name in _SCALARS}
         shock = self.shock().detach().cpu().tolist()
         return LaborParams(
-            job_finding=f(self.job_finding), exit_rate=f(self.exit_rate),
-            matching_elasticity=f(self.matching_elasticity), hiring_freeze=f(self.hiring_freeze),
-            case_sensitivity=f(self.case_sensitivity), shock=dict(zip(INDUSTRIES, shock, strict=True)),
+            **scalars, shock=dict(zip(INDUSTRIES, shock, strict=True)),
             alignment_a=min(float(self.alignment.a.detach()), 10.0),
             alignment_b=max(-10.0, min(float(self.alignment.b.detach()), 10.0)),
         )
@@ -694,8 +697,7 @@ class LaborFit:
     Attributes:
         params_: fitted parameters.
         model_: the fitted model.
-        loss_history_: training loss (mean squared error of the rate, percentage points squared)
-            per iteration.
+        loss_history_: training loss per iteration (mean squared error of the rate, pp^2).
         fitted_: ``date, area, observed, simulated`` over the training months (simulated: seed mean).
         forecast_: ``date, area, observed, simulated, persistence`` over the held-out months.
         train_mae_, holdout_mae_, persistence_mae_: mean absolute errors in percentage points.
@@ -715,10 +717,6 @@ def _rate_table(obs: pd.DataFrame) -> pd.DataFrame:
     """Observed unemployment rate (%) with one row per month and one column per borough."""
     rows = obs[obs["area"].isin(BOROUGHS)]
     return rows.pivot_table(index="date", columns="area", values="unemployment_rate")
-
-
-def _rates(result: LaborResult) -> torch.Tensor:
-    return result.series["unemployment_rate"]  # (T, areas) percent
 
 
 def calibrate_labor(
@@ -778,7 +776,7 @@ def calibrate_labor(
     history: list[float] = []
     for i in range(iterations):
         optimizer.zero_grad()
-        errors = [((_rates(run(s, n_train))[1:] - target[1:n_train]) ** 2).mean() for s in seeds]
+        errors = [((run(s, n_train).series["unemployment_rate"][1:] - target[1:n_train]) ** 2).mean() for s in seeds]
         loss = torch.stack(errors).mean()
         loss.backward()
         optimizer.step()
@@ -788,7 +786,7 @@ def calibrate_labor(
             on_step(i, history[-1])
 
     with torch.no_grad():
-        simulated = torch.stack([_rates(run(s, len(dates))) for s in seeds]).mean(dim=0).cpu()
+        simulated = torch.stack([run(s, len(dates)).series["unemployment_rate"] for s in seeds]).mean(dim=0).cpu()
     target = target.cpu()
     persistence = target[n_train - 1].expand(holdout, -1)
 

@@ -1,0 +1,176 @@
+"""The experiment runner end to end: CLI, run folder, manifest counts, cache reruns, config errors, scenarios.
+
+The LLM is an OpenAI-compatible endpoint mocked with respx (the client sends through httpx).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import respx
+import yaml
+
+from lpm_llm.cli import main
+from lpm_llm.experiment import Experiment, load_config
+
+ENDPOINT = "http://127.0.0.1:9/v1"  # never contacted: respx answers
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _logprob_answer(request: httpx.Request) -> httpx.Response:
+    """P(yes) depends on the borough in the prompt, so that decisions differ by archetype."""
+    body = json.loads(request.content)
+    text = body["messages"][-1]["content"]
+    p_yes = 0.8 if "Manhattan" in text else 0.3
+    top = [{"token": "Yes", "logprob": math.log(p_yes), "bytes": None},
+           {"token": "No", "logprob": math.log(1 - p_yes), "bytes": None}]
+    return httpx.Response(200, json={
+        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "length",
+                     "message": {"role": "assistant", "content": "Yes"},
+                     "logprobs": {"content": [{"token": "Yes", "logprob": math.log(p_yes), "bytes": None,
+                                               "top_logprobs": top}]}}],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51},
+    })
+
+
+@pytest.fixture
+def experiment_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LPM_TEST_KEY", "sk-test-not-a-secret-0123")
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(
+        {"name": "sex_borough", "method": "group", "attributes": ["sex", "borough"]}))
+    config = {
+        "name": "tiny",
+        "population": {"source": "nyc", "scale": 0.002, "seed": 1},
+        "archetypes": str(tmp_path / "arch.yaml"),
+        "llm": {"provider": "openai", "model": "mock-model", "base_url": ENDPOINT, "api_key_env": "LPM_TEST_KEY",
+                "probability_mode": "logprobs", "cache_dir": str(tmp_path / "cache"), "max_retries": 0},
+        "decisions": {"isolate": {"prompt": "isolation.yaml", "every_days": 7}},
+        "start_date": "2020-03-01",
+        "days": 15,
+        "seeds": [0],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_cli_run_writes_every_file_and_rerun_makes_no_request(experiment_file: Path, tmp_path: Path):
+    with respx.mock(assert_all_mocked=True) as mock:
+        route = mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_logprob_answer)
+        assert main(["run", str(experiment_file), "--out", str(tmp_path / "run1"), "--quiet"]) == 0
+        first_calls = route.call_count
+        assert main(["run", str(experiment_file), "--out", str(tmp_path / "run2"), "--quiet"]) == 0
+        assert route.call_count == first_calls, "a rerun must be served entirely from the cache"
+
+    out = tmp_path / "run1"
+    for name in ("config.yaml", "manifest.json", "metrics.parquet", "metrics.csv", "decisions.csv",
+                 "cases.png", "deaths.png", "decisions_isolate.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    k, steps = 10, 3  # 2 sexes x 5 boroughs; days 0, 7, 14
+    assert first_calls == k * steps
+    usage = _manifest(out)["llm"]["usage"]
+    assert usage["requests"] == first_calls and usage["cache_hits"] == 0
+    assert usage["prompt_tokens"] == 50 * first_calls and usage["reasks"] == 0 and usage["fallbacks"] == 0
+    usage2 = _manifest(tmp_path / "run2")["llm"]["usage"]
+    assert usage2["requests"] == 0 and usage2["cache_hits"] == first_calls
+
+    decisions = pd.read_csv(out / "decisions.csv")
+    assert len(decisions) == k * steps
+    manhattan = decisions["description"].str.contains("Manhattan")
+    assert decisions.loc[manhattan, "probability"].round(6).eq(0.8).all()
+    assert decisions.loc[~manhattan, "probability"].round(6).eq(0.3).all()
+    assert decisions["prompt_version"].nunique() == 1 and not decisions["cache_hit"].any()
+    assert pd.read_csv(tmp_path / "run2" / "decisions.csv")["cache_hit"].all()
+
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert metrics["date"].nunique() == 15 and set(metrics["area"].astype(str)) == {
+        "Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island"}
+    # Same config, seed and cache: the same numbers.
+    pd.testing.assert_frame_equal(metrics, pd.read_parquet(tmp_path / "run2" / "metrics.parquet"))
+    # No secret anywhere in the folder or the cache.
+    for path in [*out.rglob("*"), *(tmp_path / "cache").rglob("*")]:
+        if path.is_file():
+            assert b"sk-test-not-a-secret" not in path.read_bytes(), path
+    manifest = _manifest(out)
+    assert manifest["status"] == "ok" and manifest["seeds"] == [0]
+    assert {"population", "archetypes", "simulation", "total"} <= set(manifest["wall_time_s"])
+    assert manifest["versions"]["torch"]
+
+
+def test_misspelt_key_names_the_key_and_the_valid_ones(experiment_file: Path, capsys: pytest.CaptureFixture):
+    assert main(["run", str(experiment_file), "--set", "llm.modle=x", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "unknown key 'llm.modle'" in err[0] and "model" in err[0] and "probability_mode" in err[0]
+
+    bad = experiment_file.parent / "bad.yaml"
+    data = yaml.safe_load(experiment_file.read_text())
+    data["popullation"] = {"scale": 0.1}
+    bad.write_text(yaml.safe_dump(data))
+    assert main(["run", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "unknown key 'popullation'" in err and "population" in err
+
+
+def test_missing_api_key_and_unreachable_endpoint_each_give_one_line(
+    experiment_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    monkeypatch.delenv("LPM_TEST_KEY")
+    assert main(["run", str(experiment_file), "--out", str(tmp_path / "nokey"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set LPM_TEST_KEY" in err[0]
+
+    monkeypatch.setenv("LPM_TEST_KEY", "sk-test-not-a-secret-0123")
+    # Nothing listens on port 9 of the loopback: connection refused, no retries configured.
+    assert main(["run", str(experiment_file), "--out", str(tmp_path / "down"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the LLM endpoint" in err[0]
+    assert _manifest(tmp_path / "down")["status"] == "failed"
+
+
+def test_scenario_overrides_change_only_what_they_name(experiment_file: Path, tmp_path: Path):
+    data = yaml.safe_load(experiment_file.read_text())
+    data["days"] = 40
+    data["scenarios"] = {"no_stay_at_home": {"interventions": {"remove": ["stay_at_home", "reopening"]}}}
+    path = tmp_path / "scen.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    base, scenarios = load_config(path)
+    scenario = scenarios["no_stay_at_home"].model_dump()
+    changed = {k for k, v in scenario.items() if base.model_dump()[k] != v and k != "scenarios"}
+    assert changed == {"interventions"} and scenario["scenarios"] == {}
+
+    with respx.mock(assert_all_mocked=True) as mock:
+        mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_logprob_answer)
+        result = Experiment.from_yaml(path).run(tmp_path / "scen")
+    assert (tmp_path / "scen" / "scenarios.png").exists()
+    m = result.metrics.groupby(["scenario", "date"])[["new_infections", "deaths"]].sum()
+    before = pd.Timestamp("2020-03-22")  # the stay-at-home order's first day
+    base_s, scen_s = m.loc["baseline"], m.loc["no_stay_at_home"]
+    # Same seed and identical inputs until the order starts: identical days.
+    pd.testing.assert_frame_equal(base_s[base_s.index < before], scen_s[scen_s.index < before])
+    # Without the order, more people are infected afterwards.
+    assert scen_s.loc[scen_s.index >= before, "new_infections"].sum() > base_s.loc[
+        base_s.index >= before, "new_infections"].sum()
+
+
+def test_runner_script_is_the_same_cli(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nseedz: [1]\n")
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), str(bad), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown key 'seedz'" in proc.stderr and "seeds" in proc.stderr

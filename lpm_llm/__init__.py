@@ -1,10 +1,24 @@
 """lpm_llm: Large Population Models with LLM-driven archetype behaviour.
 
 The public face is small; everything else lives in modules named in the README's module map.
+
+    from lpm_llm import Experiment
+    result = Experiment.from_yaml("experiments/covid_nyc.yaml").run()
+
+or piece by piece: ``synthesize_nyc`` -> ``ArchetypeSpec.assign`` -> ``LLMDecision`` ->
+``Simulation(...).run()``.
 """
 
+from lpm_llm.archetypes import Archetypes, ArchetypeSpec
 from lpm_llm.behavior import AlignmentMap, ConstantDecision, DecisionSource, PerArchetype, broadcast
+from lpm_llm.experiment import Experiment, ExperimentConfig, load_config
+from lpm_llm.interventions import InterventionSchedule, nyc_2020
+from lpm_llm.llm import LLMDecision, LLMSettings, open_client
+from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.population import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
+from lpm_llm.prompts import PromptSpec
+from lpm_llm.sim import Results, Simulation
+from lpm_llm.synthesis import synthesize_nyc
 
 __version__ = "0.1.0"
 
@@ -14,9 +28,24 @@ __all__ = [
     "RACES",
     "SEXES",
     "AlignmentMap",
+    "ArchetypeSpec",
+    "Archetypes",
     "ConstantDecision",
     "DecisionSource",
+    "EpidemicParams",
+    "Experiment",
+    "ExperimentConfig",
+    "InterventionSchedule",
+    "LLMDecision",
+    "LLMSettings",
     "PerArchetype",
     "Population",
+    "PromptSpec",
+    "Results",
+    "Simulation",
     "broadcast",
+    "load_config",
+    "nyc_2020",
+    "open_client",
+    "synthesize_nyc",
 ]

@@ -56,23 +56,45 @@ def build_decisions(cfg: ExperimentConfig, client: Any, archetypes: Archetypes) 
     return out
 
 
-def _simulate_epidemic(cfg, population, archetypes, decisions, seed, on_day):
+def _months(cfg: ExperimentConfig) -> int:
+    """Month starts covered by the horizon, the start month included."""
+    end = cfg.start_date + dt.timedelta(days=cfg.days - 1)
+    return (end.year - cfg.start_date.year) * 12 + end.month - cfg.start_date.month + 1
+
+
+def _simulate(cfg: ExperimentConfig, population: Population, archetypes: Archetypes, decisions: dict[str, Any],
+              seed: int, scale: float, tick) -> tuple[Any, pd.DataFrame | None]:
+    """One run of the configured model: (epidemic Results or None, monthly labour table or None)."""
+    from lpm_llm.models.coupled import LaborCoupling
+    from lpm_llm.models.labor import simulate_labor
     from lpm_llm.sim import Simulation
 
-    sim = Simulation(
-        population, cfg.epidemic,
-        archetypes=archetypes,
-        decisions={k: v for k, v in decisions.items() if k == "isolate"},
-        decision_every=cfg.decisions["isolate"].every_days if "isolate" in cfg.decisions else 7,
-        interventions=cfg.interventions.schedule(),
-        start_date=cfg.start_date.isoformat(),
-        days=cfg.days,
-        seed=seed,
-        device=cfg.device,
-        on_day=on_day,
-    )
     with torch.no_grad():
-        return sim.run()
+        if cfg.model == "labor":
+            generator = torch.Generator(device=population.device).manual_seed(seed)
+            result = simulate_labor(population, cfg.labor, decisions["work"], archetypes, _months(cfg),
+                                    cfg.start_date, generator, persons_per_agent=1.0 / scale)
+            tick(cfg.days)
+            return None, result.monthly
+        couplings = []
+        if cfg.model == "epidemic+labor":
+            couplings.append(LaborCoupling(population, cfg.labor, decisions["work"], archetypes, cfg.start_date,
+                                           seed=seed, persons_per_agent=1.0 / scale))
+        sim = Simulation(
+            population, cfg.epidemic,
+            archetypes=archetypes,
+            decisions={k: v for k, v in decisions.items() if k == "isolate"},
+            decision_every=cfg.decisions["isolate"].every_days if "isolate" in cfg.decisions else 7,
+            interventions=cfg.interventions.schedule(),
+            start_date=cfg.start_date,
+            days=cfg.days,
+            seed=seed,
+            device=cfg.device,
+            couplings=couplings,
+            on_day=lambda *_: tick(1),
+        )
+        results = sim.run()
+        return results, (couplings[0].monthly if couplings else None)
 
 
 def _decisions_frame(decisions: Mapping[str, Any], scenario: str, seed: int) -> pd.DataFrame:
@@ -97,12 +119,17 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     configs = {"baseline": cfg, **exp.scenarios}
     bar = exp.progress
     client = None
-    metrics, areas, decisions_tables = [], [], []
+    metrics, areas, labor, decisions_tables = [], [], [], []
     try:
         with timer.phase("population"):
             population, scale = build_population(cfg)
             log.info("population: %d agents (scale %g), %.1f bytes/agent", population.n, scale,
                      population.nbytes() / population.n)
+            if cfg.model != "epidemic" or any(c.model != "epidemic" for c in exp.scenarios.values()):
+                from lpm_llm.industry import assign_industry
+
+                generator = torch.Generator(device=population.device).manual_seed(cfg.population.seed)
+                population = assign_industry(population, generator)
         with timer.phase("archetypes"):
             archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
         with timer.phase("llm_start"):
@@ -114,24 +141,31 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
         for i, (name, c, seed) in enumerate(runs):
             decisions = build_decisions(c, client, archetypes)
             pbar = bar(total=c.days, desc=f"{name} seed {seed} ({i + 1}/{len(runs)})") if bar else None
-            on_day = (lambda *_, bar_=pbar: bar_.update(1)) if pbar else None
             with timer.phase("simulation"):
-                results = _simulate_epidemic(c, population, archetypes, decisions, seed, on_day)
+                results, monthly = _simulate(c, population, archetypes, decisions, seed, scale,
+                                             pbar.update if pbar else (lambda n: None))
             if pbar:
                 pbar.close()
-            metrics.append(results.daily.assign(scenario=name, seed=seed))
-            areas.append(results.by_area().assign(scenario=name, seed=seed))
+            if results is not None:
+                metrics.append(results.daily.assign(scenario=name, seed=seed))
+                areas.append(results.by_area().assign(scenario=name, seed=seed))
+            if monthly is not None:
+                labor.append(monthly.assign(scenario=name, seed=seed))
             decisions_tables.append(_decisions_frame(decisions, name, seed))
         with timer.phase("outputs"):
-            metrics_df = pd.concat(metrics, ignore_index=True)
+            labor_df = pd.concat(labor, ignore_index=True) if labor else None
+            # metrics: the epidemic's daily series; for a labour-only run, the monthly labour series
+            metrics_df = pd.concat(metrics, ignore_index=True) if metrics else labor_df
             decisions_df = pd.concat(decisions_tables, ignore_index=True) if decisions_tables else pd.DataFrame()
             _outputs.write_table(metrics_df, out_dir, "metrics", parquet=cfg.outputs.parquet)
+            if labor_df is not None and metrics:
+                _outputs.write_table(labor_df, out_dir, "labor", parquet=cfg.outputs.parquet)
             decisions_df.to_csv(out_dir / "decisions.csv", index=False)
-            areas_df = pd.concat(areas, ignore_index=True)
-            plots = _plots(cfg, areas_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
+            areas_df = pd.concat(areas, ignore_index=True) if areas else None
+            plots = _plots(cfg, areas_df, labor_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
         manifest["status"] = "ok"
         return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=manifest,
-                                plots=plots)
+                                labor=labor_df, plots=plots)
     except BaseException as e:
         manifest["status"] = "failed"
         manifest["error"] = f"{type(e).__name__}: {e}"
@@ -166,32 +200,50 @@ def _resolved(cfg: ExperimentConfig, scenarios: Mapping[str, ExperimentConfig]) 
     return out
 
 
-def _plots(cfg, per_area: pd.DataFrame, decisions: pd.DataFrame, out_dir: Path, scale: float) -> list[Path]:
-    """Cases and deaths against observed data, decision heatmaps, and the scenario comparison.
+def _plots(cfg, per_area: pd.DataFrame | None, labor: pd.DataFrame | None, decisions: pd.DataFrame,
+           out_dir: Path, scale: float) -> list[Path]:
+    """Cases and deaths (and unemployment) against observed data, decision heatmaps, scenario comparison.
 
     Simulated counts are divided by `scale` so that they read as counts of the real city.
     """
     from lpm_llm import plots
-    from lpm_llm.observed import load_covid
+    from lpm_llm.observed import load_covid, load_unemployment
 
+    paths = []
+    if labor is not None:
+        base = labor[labor["scenario"] == "baseline"]
+        observed = load_unemployment() if cfg.outputs.observed else None
+        paths.append(plots.plot_monthly(base, observed, out_dir / "unemployment.png",
+                                        title=f"{cfg.name}: unemployment rate (%)"))
+    if per_area is None:
+        paths += _decision_plots(decisions, out_dir)
+        return paths
     per_area = per_area.assign(reported_cases=per_area["reported_cases"] / scale, deaths=per_area["deaths"] / scale)
     end = cfg.start_date + dt.timedelta(days=cfg.days - 1)
     observed = load_covid(cfg.start_date.isoformat(), end.isoformat()) if cfg.outputs.observed else None
     base = per_area[per_area["scenario"] == "baseline"]
-    paths = [
+    paths += [
         plots.plot_epidemic(base, observed, out_dir / "cases.png",
                             title=f"{cfg.name}: weekly reported cases (simulation scaled x{1 / scale:g})"),
         plots.plot_epidemic(base, observed, out_dir / "deaths.png", sim_column="deaths", obs_column="deaths",
                             title=f"{cfg.name}: weekly deaths (simulation scaled x{1 / scale:g})"),
     ]
+    paths += _decision_plots(decisions, out_dir)
+    if per_area["scenario"].nunique() > 1:
+        series = {name: g for name, g in per_area.groupby("scenario", sort=False)}
+        paths.append(plots.plot_scenarios(series, out_dir / "scenarios.png"))
+    return paths
+
+
+def _decision_plots(decisions: pd.DataFrame, out_dir: Path) -> list[Path]:
+    from lpm_llm import plots
+
+    paths = []
     if len(decisions):
         for name, d in decisions[decisions["scenario"] == "baseline"].groupby("decision"):
             first_seed = d[d["seed"] == d["seed"].min()]
             paths.append(plots.plot_decision_heatmap(first_seed, out_dir / f"decisions_{name}.png",
                                                      title=f"P({name}) by archetype, baseline"))
-    if per_area["scenario"].nunique() > 1:
-        series = {name: g for name, g in per_area.groupby("scenario", sort=False)}
-        paths.append(plots.plot_scenarios(series, out_dir / "scenarios.png"))
     return paths
 
 

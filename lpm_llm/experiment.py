@@ -52,10 +52,10 @@ class PopulationConfig(_Strict):
 
 
 class DecisionConfig(_Strict):
-    """One LLM decision: its prompt file and how often it is taken."""
+    """One LLM decision: its prompt file and how often it is taken (the work decision is always monthly)."""
 
     prompt: str
-    every_days: int = Field(7, ge=1, description="days between decision steps; decisions hold in between")
+    every_days: int = Field(7, ge=1, description="days between isolation decisions; decisions hold in between")
     enabled: bool = True
 
 
@@ -139,6 +139,9 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _scenario_names(self) -> ExperimentConfig:
+        if self.model != "epidemic" and "work" not in self.decisions:
+            raise ValueError(f"model {self.model!r} needs a monthly work decision: "
+                             "decisions: {work: {prompt: work.yaml}}")
         if "baseline" in self.scenarios:
             raise ValueError("scenario name 'baseline' is reserved for the unmodified config")
         return self

@@ -174,3 +174,35 @@ def test_runner_script_is_the_same_cli(tmp_path: Path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown key 'seedz'" in proc.stderr and "seeds" in proc.stderr
+
+
+@pytest.mark.parametrize("model,days", [("epidemic+labor", 40), ("labor", 92)])
+def test_labor_runs_end_to_end(experiment_file: Path, tmp_path: Path, model: str, days: int):
+    data = yaml.safe_load(experiment_file.read_text())
+    data.update(model=model, days=days)
+    data["decisions"]["work"] = {"prompt": "work.yaml"}
+    if model == "labor":
+        del data["decisions"]["isolate"]
+    path = tmp_path / "labor.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with respx.mock(assert_all_mocked=True) as mock:
+        route = mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_logprob_answer)
+        result = Experiment.from_yaml(path).run(tmp_path / "out")
+    labor = result.labor
+    months = 2 if model == "epidemic+labor" else 3  # March (start) + April (+ May)
+    assert sorted(labor["date"].unique()) == list(pd.date_range("2020-03-01", periods=months, freq="MS"))
+    assert (labor["labor_force"] - labor["employed"] - labor["unemployed"]).abs().max() < 1e-6
+    rate = 100 * labor["unemployed"] / labor["labor_force"]
+    assert (rate - labor["unemployment_rate"]).abs().max() < 1e-3
+    decisions = pd.read_csv(tmp_path / "out" / "decisions.csv")
+    work = decisions[decisions["decision"] == "work"]
+    assert len(work) == 10 * (months - 1), "one work decision per archetype per monthly step"
+    assert route.call_count == len(decisions)
+    assert (tmp_path / "out" / "unemployment.png").exists()
+    if model == "epidemic+labor":
+        assert (tmp_path / "out" / "labor.csv").exists() and (tmp_path / "out" / "cases.png").exists()
+
+
+def test_labor_model_needs_a_work_decision(experiment_file: Path):
+    with pytest.raises(ValueError, match="needs a monthly work decision"):
+        load_config(experiment_file, overrides=["model=labor"])

@@ -69,8 +69,8 @@ def body(request: httpx.Request) -> dict:
 
 
 def archetype_of(request: httpx.Request) -> int:
-    """Which archetype asked (from the description in the system message)."""
-    text = body(request)["messages"][0]["content"]
+    """Which archetype asked (from the description, wherever the prompt puts it)."""
+    text = "\n".join(m["content"] for m in body(request)["messages"])
     return int(text.split("archetype-")[1].split(":")[0])
 
 

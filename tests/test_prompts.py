@@ -28,16 +28,20 @@ def test_bundled_isolation_renders_every_variable():
     messages = spec.render({**PROFILE, **CONTEXT})
     assert [m["role"] for m in messages] == ["system", "user"]
     text = "\n".join(m["content"] for m in messages)
-    for value in ("a 35-44 year old woman in Queens", "35-44", "female", "Queens", "2020-03-20", "5400",
+    assert set(spec.input_variables) == {"description", "borough", "date", "cases_week", "cases_trend", "policies"}
+    for value in ("a 35-44 year old woman in Queens", "Queens", "2020-03-20", "5400",
                   "rising", "stay-at-home order (NY PAUSE)"):
         assert value in text
+    # Shared text first, so the local server reuses its evaluated prefix across archetypes.
+    assert messages[0]["content"] == spec.render({**PROFILE, **CONTEXT, "description": "x", "borough": "y"})[0]["content"]
+    assert text.index("2020-03-20") < text.index("a 35-44 year old woman in Queens")
     assert "{" not in text, "an unfilled template variable is left"
 
 
 def test_bundled_work_prompt_declares_its_context():
     spec = PromptSpec.from_yaml("work.yaml")
     assert set(spec.input_variables) == {
-        "description", "age_band", "sex", "borough", "month", "cases_week", "cases_trend", "policies",
+        "description", "borough", "month", "cases_week", "cases_trend", "policies",
         "unemployment_rate", "income_support",
     }
     text = spec.render({**PROFILE, **CONTEXT, "month": "April 2020", "unemployment_rate": 14.2,

@@ -7,7 +7,6 @@ way (with the error), so that nothing already paid for (LLM answers are cached a
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Mapping
@@ -105,6 +104,27 @@ def _decisions_frame(decisions: Mapping[str, Any], scenario: str, seed: int) -> 
     return pd.DataFrame(rows)
 
 
+def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, Any]
+             ) -> tuple[Population, float, Archetypes]:
+    """Population (with industries when a labour model runs) and archetypes, timed and recorded."""
+    cfg = exp.config
+    with timer.phase("population"):
+        population, scale = build_population(cfg)
+        log.info("population: %d agents (scale %g), %.1f bytes/agent", population.n, scale,
+                 population.nbytes() / population.n)
+        if cfg.model != "epidemic" or any(c.model != "epidemic" for c in exp.scenarios.values()):
+            from lpm_llm.industry import assign_industry
+
+            generator = torch.Generator(device=population.device).manual_seed(cfg.population.seed)
+            population = assign_industry(population, generator)
+    with timer.phase("archetypes"):
+        archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
+    manifest["population"] = {"agents": population.n, "scale": scale,
+                              "bytes_per_agent": population.nbytes() / population.n}
+    manifest["archetypes"] = {"name": archetypes.name, "k": archetypes.k}
+    return population, scale, archetypes
+
+
 def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     from lpm_llm.experiment import ExperimentResult
     from lpm_llm.llm.client import open_client
@@ -121,22 +141,9 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     client = None
     metrics, areas, labor, decisions_tables = [], [], [], []
     try:
-        with timer.phase("population"):
-            population, scale = build_population(cfg)
-            log.info("population: %d agents (scale %g), %.1f bytes/agent", population.n, scale,
-                     population.nbytes() / population.n)
-            if cfg.model != "epidemic" or any(c.model != "epidemic" for c in exp.scenarios.values()):
-                from lpm_llm.industry import assign_industry
-
-                generator = torch.Generator(device=population.device).manual_seed(cfg.population.seed)
-                population = assign_industry(population, generator)
-        with timer.phase("archetypes"):
-            archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
+        population, scale, archetypes = _prepare(exp, timer, manifest)
         with timer.phase("llm_start"):
             client = open_client(cfg.llm, http_client=exp.http_client)
-        manifest["population"] = {"agents": population.n, "scale": scale,
-                                  "bytes_per_agent": population.nbytes() / population.n}
-        manifest["archetypes"] = {"name": archetypes.name, "k": archetypes.k}
         runs = [(name, c, seed) for name, c in configs.items() for seed in c.seeds]
         for i, (name, c, seed) in enumerate(runs):
             decisions = build_decisions(c, client, archetypes)
@@ -173,11 +180,18 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     finally:
         if client is not None:
             manifest["llm"] = _llm_manifest(cfg, client)
-            with contextlib.suppress(Exception):
-                client.close()
+            _close(client)
         manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in timer.seconds.items()},
                                    "total": round(timer.total(), 3)}
         _outputs.write_manifest(out_dir / "manifest.json", manifest)
+
+
+def _close(client: Any) -> None:
+    """Close the LLM client; a failure to close is logged, never allowed to hide the run's own error."""
+    try:
+        client.close()
+    except Exception as e:  # noqa: BLE001 - closing must not mask the run's outcome
+        log.warning("closing the LLM client failed: %s: %s", type(e).__name__, e)
 
 
 def _llm_manifest(cfg: ExperimentConfig, client: Any) -> dict[str, Any]:
@@ -247,6 +261,67 @@ def _decision_plots(decisions: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def calibrate_experiment(exp: Experiment, out_dir: Path):
-    raise NotImplementedError("calibration is wired in by lpm_llm.calibrate")
+def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
+    """Calibrate the epidemic's parameters to the bundled NYC data (the config's ``calibration`` block).
 
+    Writes config.yaml, manifest.json (with the calibration summary and LLM usage), decisions.csv,
+    calibration.json, calibration_daily.csv, calibration_observed.csv and the calibration plots.
+    """
+    from lpm_llm.calibrate import calibrate_first_wave
+    from lpm_llm.experiment import ExperimentResult
+    from lpm_llm.llm.client import open_client
+
+    cfg, cal = exp.config, exp.config.calibration
+    if cfg.model != "epidemic":
+        raise ValueError(f"lpm-llm calibrate fits the epidemic model; model {cfg.model!r} is not supported "
+                         "(the labour model has lpm_llm.models.labor.calibrate_labor)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = _outputs.PhaseTimer()
+    manifest = _outputs.base_manifest(exp.config_path)
+    manifest.update({"name": cfg.name, "command_kind": "calibrate", "seeds": cfg.seeds, "device": cfg.device,
+                     "status": "running"})
+    _outputs.write_config(out_dir / "config.yaml", _resolved(cfg, exp.scenarios))
+    client = None
+    try:
+        population, scale, archetypes = _prepare(exp, timer, manifest)
+        with timer.phase("llm_start"):
+            client = open_client(cfg.llm, http_client=exp.http_client)
+        decisions = {k: v for k, v in build_decisions(cfg, client, archetypes).items() if k == "isolate"}
+        total = cal.steps + (cal.baseline_budget or cal.steps * cal.seeds_per_step)
+        pbar = exp.progress(total=total, desc="calibration") if exp.progress else None
+
+        def on_step(method: str, index: int, loss: float, seconds: float) -> None:
+            log.info("calibration %s step %d: loss %.4f (%.1f s)", method, index, loss, seconds)
+            if pbar:
+                pbar.set_postfix(method=method, loss=f"{loss:.3f}")
+                pbar.update(1)
+
+        with timer.phase("calibration"):
+            report = calibrate_first_wave(
+                population, archetypes, decisions, cfg.epidemic, cfg.interventions.schedule(),
+                start=cal.start, end=cal.end, forecast_weeks=cal.forecast_weeks, targets=cal.targets,
+                steps=cal.steps, lr=cal.lr, seeds_per_step=cal.seeds_per_step,
+                baseline_budget=cal.baseline_budget, checkpoint_days=cal.checkpoint_days, scale=scale,
+                device=cfg.device, seed=cfg.seeds[0], on_step=on_step,
+            )
+        if pbar:
+            pbar.close()
+        with timer.phase("outputs"):
+            plots = report.save(out_dir, plots=cfg.outputs.plots)
+            decisions_df = _decisions_frame(decisions, "calibration", cfg.seeds[0])
+            decisions_df.to_csv(out_dir / "decisions.csv", index=False)
+        manifest["calibration"] = report.to_dict()
+        manifest["status"] = "ok"
+        return ExperimentResult(out_dir=out_dir, metrics=report.daily, decisions=decisions_df, manifest=manifest,
+                                plots=[p for p in plots if p.suffix == ".png"])
+    except BaseException as e:
+        manifest["status"] = "failed"
+        manifest["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if client is not None:
+            manifest["llm"] = _llm_manifest(cfg, client)
+            _close(client)
+        manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in timer.seconds.items()},
+                                   "total": round(timer.total(), 3)}
+        _outputs.write_manifest(out_dir / "manifest.json", manifest)

@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, LLMError, FileNotFoundError) as e:
         sys.stderr.write(f"lpm-llm: error: {e}\n")
         return 2
+    except ValueError as e:  # bad values found while running (e.g. an impossible setting): one line too
+        sys.stderr.write(f"lpm-llm: error: {type(e).__name__}: {e}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("lpm-llm: interrupted; the partial run folder is kept, the local model was stopped\n")
         return 130

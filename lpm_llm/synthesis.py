@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()  # (marginals file, borough) already warned about
 
 #: relative disagreement allowed between a complete partition (age, sex) and the borough total
 TOTAL_TOLERANCE = 0.01
@@ -337,10 +338,12 @@ def load_marginals(path: str | Path | None = None) -> Marginals:
                 f"{excess:+.2%} above its total {total[i]:.0f} (tolerance {RACE_EXCESS_TOLERANCE:.0%})"
             )
         if excess > 0:
-            log.warning(
+            # Known in the bundled data (Manhattan, +1.90%): said once per process, not on every build.
+            (log.info if (str(path), b) in _WARNED else log.warning)(
                 "marginals file %s: race groups of %s exceed its total by %.2f%%; scaled down, 'other' = 0",
                 path, b, 100 * excess,
             )
+            _WARNED.add((str(path), b))
             race[i, :-1] *= total[i] / listed[i]
             race[i, -1] = 0.0
         else:

@@ -206,3 +206,25 @@ def test_labor_runs_end_to_end(experiment_file: Path, tmp_path: Path, model: str
 def test_labor_model_needs_a_work_decision(experiment_file: Path):
     with pytest.raises(ValueError, match="needs a monthly work decision"):
         load_config(experiment_file, overrides=["model=labor"])
+
+
+def test_cli_calibrate_writes_fit_forecast_and_plots(experiment_file: Path, tmp_path: Path):
+    overrides = ["calibration.end=2020-03-28", "calibration.forecast_weeks=1", "calibration.steps=2",
+                 "calibration.baseline_budget=2", "calibration.targets=[cases]"]
+    args = ["calibrate", str(experiment_file), "--out", str(tmp_path / "cal"), "--quiet"]
+    with respx.mock(assert_all_mocked=True) as mock:
+        mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_logprob_answer)
+        assert main(args + [x for o in overrides for x in ("--set", o)]) == 0
+    out = tmp_path / "cal"
+    for name in ("calibration.json", "calibration_daily.csv", "calibration_cases.png", "manifest.json"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "calibration.json").read_text())
+    assert set(summary["losses"]) == {"initial", "adam", "nelder-mead"}
+    assert all(math.isfinite(v) for v in summary["losses"].values())
+    for method in ("adam", "nelder-mead"):
+        scores = summary["forecast"][method]["cases"]
+        assert scores["weeks"] == 1 and set(scores["mae"]) == {"Bronx", "Brooklyn", "Manhattan", "Queens",
+                                                               "Staten Island"}
+        assert scores["persistence_mae_total"] > 0
+    manifest = _manifest(out)
+    assert manifest["status"] == "ok" and manifest["calibration"]["params"]

@@ -26,6 +26,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+class _Announced:
+    """A DecisionSource wrapper that tells the progress bar while the LLM is being asked."""
+
+    def __init__(self, source: Any, bar: Any, desc: str, k: int):
+        self.source, self.bar, self.desc, self.k = source, bar, desc, k
+
+    def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
+        self.bar.set_description(f"{self.desc}: asking the LLM ({self.k} archetypes, {context.get('date')})")
+        try:
+            return self.source.probabilities(context)
+        finally:
+            self.bar.set_description(self.desc)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.source.records
+
+
 def build_population(cfg: ExperimentConfig) -> tuple[Population, float]:
     """The configured population on the configured device, and its scale (agents per real person)."""
     from lpm_llm.synthesis import synthesize_nyc
@@ -90,10 +108,19 @@ def _simulate(cfg: ExperimentConfig, population: Population, archetypes: Archety
             seed=seed,
             device=cfg.device,
             couplings=couplings,
+            alignment=_alignment(cfg),
             on_day=lambda *_: tick(1),
         )
         results = sim.run()
         return results, (couplings[0].monthly if couplings else None)
+
+
+def _alignment(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Decision name -> AlignmentMap for the epidemic's decisions that configure one."""
+    from lpm_llm.behavior import AlignmentMap
+
+    return {name: AlignmentMap(a=dc.alignment[0], b=dc.alignment[1]) for name, dc in cfg.decisions.items()
+            if dc.enabled and dc.alignment is not None and name == "isolate"}
 
 
 def _decisions_frame(decisions: Mapping[str, Any], scenario: str, seed: int) -> pd.DataFrame:
@@ -108,6 +135,7 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
              ) -> tuple[Population, float, Archetypes]:
     """Population (with industries when a labour model runs) and archetypes, timed and recorded."""
     cfg = exp.config
+    setup = exp.progress(total=3, desc="setup: population") if exp.progress else None
     with timer.phase("population"):
         population, scale = build_population(cfg)
         log.info("population: %d agents (scale %g), %.1f bytes/agent", population.n, scale,
@@ -117,8 +145,14 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
 
             generator = torch.Generator(device=population.device).manual_seed(cfg.population.seed)
             population = assign_industry(population, generator)
+    if setup:
+        setup.set_description("setup: archetypes")
+        setup.update(1)
     with timer.phase("archetypes"):
         archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
+    if setup:
+        setup.update(1)
+        setup.close()
     manifest["population"] = {"agents": population.n, "scale": scale,
                               "bytes_per_agent": population.nbytes() / population.n}
     manifest["archetypes"] = {"name": archetypes.name, "k": archetypes.k}
@@ -146,8 +180,11 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
             client = open_client(cfg.llm, http_client=exp.http_client)
         runs = [(name, c, seed) for name, c in configs.items() for seed in c.seeds]
         for i, (name, c, seed) in enumerate(runs):
+            desc = f"{name} seed {seed} ({i + 1}/{len(runs)})"
+            pbar = bar(total=c.days, desc=desc) if bar else None
             decisions = build_decisions(c, client, archetypes)
-            pbar = bar(total=c.days, desc=f"{name} seed {seed} ({i + 1}/{len(runs)})") if bar else None
+            if pbar:
+                decisions = {k: _Announced(v, pbar, desc, archetypes.k) for k, v in decisions.items()}
             with timer.phase("simulation"):
                 results, monthly = _simulate(c, population, archetypes, decisions, seed, scale,
                                              pbar.update if pbar else (lambda n: None))

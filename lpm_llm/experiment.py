@@ -57,6 +57,16 @@ class DecisionConfig(_Strict):
     prompt: str
     every_days: int = Field(7, ge=1, description="days between isolation decisions; decisions hold in between")
     enabled: bool = True
+    alignment: tuple[float, float] | None = Field(
+        None, description="(a, b) of the alignment map logit(p') = a*logit(p) + b applied to the LLM's answers, "
+                          "e.g. as fitted by lpm-llm calibrate; None: the answers as they are")
+
+    @field_validator("alignment")
+    @classmethod
+    def _positive_slope(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] <= 0:
+            raise ValueError(f"alignment slope a must be > 0 (it may not reverse the answers), got {v[0]}")
+        return v
 
 
 class InterventionsConfig(_Strict):

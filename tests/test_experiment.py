@@ -228,3 +228,37 @@ def test_cli_calibrate_writes_fit_forecast_and_plots(experiment_file: Path, tmp_
         assert scores["persistence_mae_total"] > 0
     manifest = _manifest(out)
     assert manifest["status"] == "ok" and manifest["calibration"]["params"]
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records totals, updates and descriptions."""
+
+    made: list[_RecordingBar] = []
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.n, self.descriptions, self.closed = total, 0, [desc], False
+        _RecordingBar.made.append(self)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_description(self, desc: str) -> None:
+        self.descriptions.append(desc)
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_progress_covers_setup_llm_queries_and_simulation(experiment_file: Path, tmp_path: Path):
+    _RecordingBar.made = []
+    with respx.mock(assert_all_mocked=True) as mock:
+        mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_logprob_answer)
+        Experiment.from_yaml(experiment_file, progress=_RecordingBar).run(tmp_path / "p")
+    setup, sim = _RecordingBar.made
+    assert setup.descriptions[0].startswith("setup") and setup.closed
+    assert sim.total == sim.n == 15 and sim.closed
+    asking = [d for d in sim.descriptions if "asking the LLM" in d]
+    assert len(asking) == 3 and "2020-03-08" in asking[1]  # one per decision step

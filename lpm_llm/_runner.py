@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,20 +166,14 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     from lpm_llm.llm.client import open_client
 
     cfg = exp.config
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timer = _outputs.PhaseTimer()
-    manifest = _outputs.base_manifest(exp.config_path)
-    manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device,
-                     "scenarios": ["baseline", *exp.scenarios], "status": "running"})
-    _outputs.write_config(out_dir / "config.yaml", _resolved(cfg, exp.scenarios))
     configs = {"baseline": cfg, **exp.scenarios}
     bar = exp.progress
-    client = None
     metrics, areas, labor, decisions_tables = [], [], [], []
-    try:
-        population, scale, archetypes = _prepare(exp, timer, manifest)
+    with _run_folder(exp, out_dir, scenarios=list(configs)) as run:
+        timer = run.timer
+        population, scale, archetypes = _prepare(exp, timer, run.manifest)
         with timer.phase("llm_start"):
-            client = open_client(cfg.llm, http_client=exp.http_client)
+            client = run.client = open_client(cfg.llm, http_client=exp.http_client)
         runs = [(name, c, seed) for name, c in configs.items() for seed in c.seeds]
         for i, (name, c, seed) in enumerate(runs):
             desc = f"{name} seed {seed} ({i + 1}/{len(runs)})"
@@ -207,19 +203,47 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
             decisions_df.to_csv(out_dir / "decisions.csv", index=False)
             areas_df = pd.concat(areas, ignore_index=True) if areas else None
             plots = _plots(cfg, areas_df, labor_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
+    return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=run.manifest,
+                            labor=labor_df, plots=plots)
+
+
+@dataclass
+class _Run:
+    """One run folder being written: its phase timer, its manifest, and the LLM client once opened."""
+
+    cfg: ExperimentConfig
+    out_dir: Path
+    timer: _outputs.PhaseTimer
+    manifest: dict[str, Any]
+    client: Any = None
+
+
+@contextmanager
+def _run_folder(exp: Experiment, out_dir: Path, **fields: Any):
+    """Create the folder and its config.yaml; on the way out, always write manifest.json.
+
+    The manifest records ``status`` (ok or failed, with the error), LLM usage, and wall time per
+    phase, so that a failed run still says what it did and what it cost; the LLM client is closed.
+    """
+    cfg = exp.config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _outputs.base_manifest(exp.config_path)
+    manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device, **fields, "status": "running"})
+    _outputs.write_config(out_dir / "config.yaml", _resolved(cfg, exp.scenarios))
+    run = _Run(cfg, out_dir, _outputs.PhaseTimer(), manifest)
+    try:
+        yield run
         manifest["status"] = "ok"
-        return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=manifest,
-                                labor=labor_df, plots=plots)
     except BaseException as e:
         manifest["status"] = "failed"
         manifest["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        if client is not None:
-            manifest["llm"] = _llm_manifest(cfg, client)
-            _close(client)
-        manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in timer.seconds.items()},
-                                   "total": round(timer.total(), 3)}
+        if run.client is not None:
+            manifest["llm"] = _llm_manifest(cfg, run.client)
+            _close(run.client)
+        manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in run.timer.seconds.items()},
+                                   "total": round(run.timer.total(), 3)}
         _outputs.write_manifest(out_dir / "manifest.json", manifest)
 
 
@@ -312,17 +336,11 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     if cfg.model != "epidemic":
         raise ValueError(f"lpm-llm calibrate fits the epidemic model; model {cfg.model!r} is not supported "
                          "(the labour model has lpm_llm.models.labor.calibrate_labor)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timer = _outputs.PhaseTimer()
-    manifest = _outputs.base_manifest(exp.config_path)
-    manifest.update({"name": cfg.name, "command_kind": "calibrate", "seeds": cfg.seeds, "device": cfg.device,
-                     "status": "running"})
-    _outputs.write_config(out_dir / "config.yaml", _resolved(cfg, exp.scenarios))
-    client = None
-    try:
-        population, scale, archetypes = _prepare(exp, timer, manifest)
+    with _run_folder(exp, out_dir, command_kind="calibrate") as run:
+        timer = run.timer
+        population, scale, archetypes = _prepare(exp, timer, run.manifest)
         with timer.phase("llm_start"):
-            client = open_client(cfg.llm, http_client=exp.http_client)
+            client = run.client = open_client(cfg.llm, http_client=exp.http_client)
         decisions = {k: v for k, v in build_decisions(cfg, client, archetypes).items() if k == "isolate"}
         total = cal.steps + (cal.baseline_budget or cal.steps * cal.seeds_per_step)
         pbar = exp.progress(total=total, desc="calibration") if exp.progress else None
@@ -347,18 +365,6 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
             plots = report.save(out_dir, plots=cfg.outputs.plots)
             decisions_df = _decisions_frame(decisions, "calibration", cfg.seeds[0])
             decisions_df.to_csv(out_dir / "decisions.csv", index=False)
-        manifest["calibration"] = report.to_dict()
-        manifest["status"] = "ok"
-        return ExperimentResult(out_dir=out_dir, metrics=report.daily, decisions=decisions_df, manifest=manifest,
-                                plots=[p for p in plots if p.suffix == ".png"])
-    except BaseException as e:
-        manifest["status"] = "failed"
-        manifest["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        if client is not None:
-            manifest["llm"] = _llm_manifest(cfg, client)
-            _close(client)
-        manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in timer.seconds.items()},
-                                   "total": round(timer.total(), 3)}
-        _outputs.write_manifest(out_dir / "manifest.json", manifest)
+        run.manifest["calibration"] = report.to_dict()
+    return ExperimentResult(out_dir=out_dir, metrics=report.daily, decisions=decisions_df, manifest=run.manifest,
+                            plots=[p for p in plots if p.suffix == ".png"])

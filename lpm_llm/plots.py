@@ -24,6 +24,24 @@ def _areas(df: pd.DataFrame) -> list[str]:
     return [a for a in _AREA_ORDER if a in present] + sorted(present - set(_AREA_ORDER))
 
 
+def _grid(n_panels: int, ncols: int = 3):
+    """A figure with one panel per area, three to a row, sharing the date axis."""
+    nrows = int(np.ceil(n_panels / ncols))
+    return plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
+
+
+def _save_grid(fig, axes, n_used: int, title: str, path: str | Path) -> Path:
+    for ax in list(axes.flat)[n_used:]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _weekly(df: pd.DataFrame, column: str, start: pd.Timestamp) -> pd.DataFrame:
     """Sum a daily series (date, area, column[, seed]) into complete 7-day weeks counted from `start`.
 
@@ -58,9 +76,7 @@ def plot_epidemic(
     start = pd.Timestamp(simulated["date"].min())
     sim_w = _weekly(simulated, sim_column, start)
     areas = _areas(simulated)
-    ncols = 3
-    nrows = int(np.ceil(len(areas) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
+    fig, axes = _grid(len(areas))
     for ax, area in zip(axes.flat, areas, strict=False):
         ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter("%b %d"))
         s = sim_w[sim_w["area"] == area]
@@ -80,15 +96,7 @@ def plot_epidemic(
             ax.axvline(pd.Timestamp(forecast_from), ls="--", color="gray", lw=1)
         ax.set_title(area)
         ax.tick_params(axis="x", labelrotation=30)
-    for ax in list(axes.flat)[len(areas):]:
-        ax.set_visible(False)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_grid(fig, axes, len(areas), title, path)
 
 
 def plot_decision_heatmap(decisions: pd.DataFrame, path: str | Path, *, title: str | None = None) -> Path:
@@ -150,9 +158,7 @@ def plot_monthly(
 ) -> Path:
     """One panel per area: a simulated monthly series (mean and band over seeds) against observed."""
     areas = _areas(simulated)
-    ncols = 3
-    nrows = int(np.ceil(len(areas) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
+    fig, axes = _grid(len(areas))
     for ax, area in zip(axes.flat, areas, strict=False):
         s = simulated[simulated["area"] == area]
         g = s.groupby("date")[column]
@@ -168,12 +174,4 @@ def plot_monthly(
             ax.axvline(pd.Timestamp(forecast_from), ls="--", color="gray", lw=1)
         ax.set_title(area)
         ax.tick_params(axis="x", labelrotation=30)
-    for ax in list(axes.flat)[len(areas):]:
-        ax.set_visible(False)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_grid(fig, axes, len(areas), title, path)

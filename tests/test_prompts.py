@@ -33,7 +33,8 @@ def test_bundled_isolation_renders_every_variable():
                   "rising", "stay-at-home order (NY PAUSE)"):
         assert value in text
     # Shared text first, so the local server reuses its evaluated prefix across archetypes.
-    assert messages[0]["content"] == spec.render({**PROFILE, **CONTEXT, "description": "x", "borough": "y"})[0]["content"]
+    other = spec.render({**PROFILE, **CONTEXT, "description": "x", "borough": "y"})
+    assert messages[0]["content"] == other[0]["content"]
     assert text.index("2020-03-20") < text.index("a 35-44 year old woman in Queens")
     assert "{" not in text, "an unfilled template variable is left"
 

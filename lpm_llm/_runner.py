@@ -333,9 +333,10 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     from lpm_llm.llm.client import open_client
 
     cfg, cal = exp.config, exp.config.calibration
+    if cfg.model == "labor":
+        return _calibrate_labor(exp, out_dir)
     if cfg.model != "epidemic":
-        raise ValueError(f"lpm-llm calibrate fits the epidemic model; model {cfg.model!r} is not supported "
-                         "(the labour model has lpm_llm.models.labor.calibrate_labor)")
+        raise ValueError(f"lpm-llm calibrate fits one model at a time: 'epidemic' or 'labor', not {cfg.model!r}")
     with _run_folder(exp, out_dir, command_kind="calibrate") as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
@@ -368,3 +369,59 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
         run.manifest["calibration"] = report.to_dict()
     return ExperimentResult(out_dir=out_dir, metrics=report.daily, decisions=decisions_df, manifest=run.manifest,
                             plots=[p for p in plots if p.suffix == ".png"])
+
+
+def _calibrate_labor(exp: Experiment, out_dir: Path) -> ExperimentResult:
+    """Fit the labour model to monthly unemployment by borough over the run's months, the last 3 held out.
+
+    Writes labor_calibration.json (fitted parameters, loss history, errors against persistence),
+    labor_fit.csv (fitted and forecast months) and unemployment_fit.png, with the usual config and manifest.
+    """
+    from lpm_llm import plots
+    from lpm_llm.experiment import ExperimentResult
+    from lpm_llm.llm.client import open_client
+    from lpm_llm.models.labor import calibrate_labor
+    from lpm_llm.observed import load_unemployment
+
+    cfg, cal = exp.config, exp.config.calibration
+    end = cfg.start_date + dt.timedelta(days=cfg.days - 1)
+    with _run_folder(exp, out_dir, command_kind="calibrate") as run:
+        timer = run.timer
+        population, _, archetypes = _prepare(exp, timer, run.manifest)
+        with timer.phase("llm_start"):
+            client = run.client = open_client(cfg.llm, http_client=exp.http_client)
+        work = build_decisions(cfg, client, archetypes)["work"]
+        pbar = exp.progress(total=cal.steps, desc="labour calibration") if exp.progress else None
+
+        def on_step(i: int, loss: float) -> None:
+            log.info("labour calibration step %d: loss %.4f pp^2", i, loss)
+            if pbar:
+                pbar.set_postfix(loss=f"{loss:.3f}")
+                pbar.update(1)
+
+        with timer.phase("calibration"):
+            fit = calibrate_labor(population, archetypes, work, start=cfg.start_date, end=end, holdout=3,
+                                  params=cfg.labor, seeds=[cfg.seeds[0] + i for i in range(cal.seeds_per_step)],
+                                  iterations=cal.steps, lr=cal.lr, on_step=on_step)
+        if pbar:
+            pbar.close()
+        with timer.phase("outputs"):
+            summary = {"params": fit.params_.model_dump(mode="json"), "loss_history": fit.loss_history_,
+                       "train_mae_pp": fit.train_mae_, "holdout_mae_pp": fit.holdout_mae_,
+                       "persistence_mae_pp": fit.persistence_mae_, "holdout_months": 3}
+            _outputs.write_manifest(out_dir / "labor_calibration.json", summary)
+            table = pd.concat([fit.fitted_.assign(split="fit"), fit.forecast_.assign(split="forecast")],
+                              ignore_index=True)
+            table.to_csv(out_dir / "labor_fit.csv", index=False)
+            decisions_df = _decisions_frame({"work": work}, "calibration", cfg.seeds[0])
+            decisions_df.to_csv(out_dir / "decisions.csv", index=False)
+            paths = []
+            if cfg.outputs.plots:
+                simulated = table.rename(columns={"simulated": "unemployment_rate"})
+                paths.append(plots.plot_monthly(
+                    simulated, load_unemployment(), out_dir / "unemployment_fit.png",
+                    forecast_from=str(fit.forecast_["date"].min().date()),
+                    title=f"{cfg.name}: unemployment rate (%), fitted, then forecast (dashed line)"))
+        run.manifest["calibration"] = summary
+    return ExperimentResult(out_dir=out_dir, metrics=table, decisions=decisions_df, manifest=run.manifest,
+                            plots=paths)

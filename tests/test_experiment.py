@@ -262,3 +262,22 @@ def test_progress_covers_setup_llm_queries_and_simulation(experiment_file: Path,
     assert sim.total == sim.n == 15 and sim.closed
     asking = [d for d in sim.descriptions if "asking the LLM" in d]
     assert len(asking) == 3 and "2020-03-08" in asking[1]  # one per decision step
+
+
+def test_cli_calibrates_the_labour_model_with_a_held_out_forecast(experiment_file: Path, tmp_path: Path):
+    data = yaml.safe_load(experiment_file.read_text())
+    data.update(model="labor", start_date="2020-03-01", days=183)  # March .. August: 6 months, 3 held out
+    data["decisions"] = {"work": {"prompt": "work.yaml"}}
+    data["calibration"] = {"steps": 3, "lr": 0.1, "seeds_per_step": 1}
+    path = tmp_path / "labor.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with respx.mock(assert_all_mocked=True) as mock:
+        mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_logprob_answer)
+        assert main(["calibrate", str(path), "--out", str(tmp_path / "cal"), "--quiet"]) == 0
+    out = tmp_path / "cal"
+    summary = json.loads((out / "labor_calibration.json").read_text())
+    assert len(summary["loss_history"]) == 3 and summary["holdout_months"] == 3
+    assert all(math.isfinite(summary[k]) for k in ("train_mae_pp", "holdout_mae_pp", "persistence_mae_pp"))
+    fit = pd.read_csv(out / "labor_fit.csv")
+    assert set(fit["split"]) == {"fit", "forecast"} and fit.loc[fit["split"] == "forecast", "date"].nunique() == 3
+    assert (out / "unemployment_fit.png").exists() and _manifest(out)["status"] == "ok"

@@ -202,6 +202,8 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
                 _outputs.write_table(labor_df, out_dir, "labor", parquet=cfg.outputs.parquet)
             decisions_df.to_csv(out_dir / "decisions.csv", index=False)
             areas_df = pd.concat(areas, ignore_index=True) if areas else None
+            if areas_df is not None:
+                ensemble_summary(areas_df).to_csv(out_dir / "summary.csv", index=False)
             plots = _plots(cfg, areas_df, labor_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
     return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=run.manifest,
                             labor=labor_df, plots=plots)
@@ -308,6 +310,22 @@ def _plots(cfg, per_area: pd.DataFrame | None, labor: pd.DataFrame | None, decis
         series = {name: g for name, g in per_area.groupby("scenario", sort=False)}
         paths.append(plots.plot_scenarios(series, out_dir / "scenarios.png"))
     return paths
+
+
+_SUMMARY = ("new_infections", "reported_cases", "hospitalized", "deaths", "isolating")
+
+
+def ensemble_summary(per_area: pd.DataFrame) -> pd.DataFrame:
+    """Mean and 5-95% band over seeds of the daily series by scenario, date and area (NYC included).
+
+    Columns: scenario, date, area, seeds, then ``{metric}_mean``, ``{metric}_p05``, ``{metric}_p95``.
+    Counts are of simulated agents (divide by the population scale for the real city).
+    """
+    g = per_area.groupby(["scenario", "date", "area"], sort=False)[list(_SUMMARY)]
+    out = g.mean().add_suffix("_mean")
+    out = out.join(g.quantile(0.05).add_suffix("_p05")).join(g.quantile(0.95).add_suffix("_p95"))
+    out.insert(0, "seeds", per_area.groupby(["scenario", "date", "area"], sort=False)["seed"].nunique())
+    return out.reset_index()
 
 
 def _decision_plots(decisions: pd.DataFrame, out_dir: Path) -> list[Path]:

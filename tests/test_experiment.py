@@ -157,6 +157,10 @@ def test_scenario_overrides_change_only_what_they_name(experiment_file: Path, tm
         mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_logprob_answer)
         result = Experiment.from_yaml(path).run(tmp_path / "scen")
     assert (tmp_path / "scen" / "scenarios.png").exists()
+    summary = pd.read_csv(tmp_path / "scen" / "summary.csv")
+    assert set(summary["scenario"]) == {"baseline", "no_stay_at_home"} and (summary["seeds"] == 1).all()
+    assert (summary["deaths_p05"] <= summary["deaths_mean"]).all()
+    assert (summary["deaths_mean"] <= summary["deaths_p95"]).all()
     m = result.metrics.groupby(["scenario", "date"])[["new_infections", "deaths"]].sum()
     before = pd.Timestamp("2020-03-22")  # the stay-at-home order's first day
     base_s, scen_s = m.loc["baseline"], m.loc["no_stay_at_home"]
@@ -281,3 +285,16 @@ def test_cli_calibrates_the_labour_model_with_a_held_out_forecast(experiment_fil
     fit = pd.read_csv(out / "labor_fit.csv")
     assert set(fit["split"]) == {"fit", "forecast"} and fit.loc[fit["split"] == "forecast", "date"].nunique() == 3
     assert (out / "unemployment_fit.png").exists() and _manifest(out)["status"] == "ok"
+
+
+def test_ensemble_summary_is_mean_and_band_over_seeds():
+    from lpm_llm._runner import ensemble_summary
+
+    rows = [{"scenario": "baseline", "date": pd.Timestamp("2020-03-01"), "area": "NYC", "seed": s,
+             "new_infections": float(s), "reported_cases": 10.0 * s, "hospitalized": 0.0, "deaths": 1.0,
+             "isolating": 0.5} for s in range(21)]
+    out = ensemble_summary(pd.DataFrame(rows))
+    assert len(out) == 1 and out.loc[0, "seeds"] == 21
+    assert out.loc[0, "new_infections_mean"] == 10.0
+    assert out.loc[0, "new_infections_p05"] == 1.0 and out.loc[0, "new_infections_p95"] == 19.0
+    assert out.loc[0, "deaths_p05"] == out.loc[0, "deaths_p95"] == 1.0

@@ -201,6 +201,7 @@ def test_labor_runs_end_to_end(experiment_file: Path, tmp_path: Path, model: str
     decisions = pd.read_csv(tmp_path / "out" / "decisions.csv")
     work = decisions[decisions["decision"] == "work"]
     assert len(work) == 10 * (months - 1), "one work decision per archetype per monthly step"
+    assert sorted(work["date"].unique()) == [f"2020-{m:02d}-01" for m in range(4, 3 + months)]
     assert route.call_count == len(decisions)
     assert (tmp_path / "out" / "unemployment.png").exists()
     if model == "epidemic+labor":

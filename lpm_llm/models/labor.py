@@ -541,7 +541,8 @@ def work_context(
         borough: (N,) borough code of each agent.
 
     Returns:
-        ``month`` ("April 2020"), ``policies``, ``income_support`` (plain strings) and
+        ``date`` (ISO first of the month, for the records), ``month`` ("April 2020"), ``policies``,
+        ``income_support`` (plain strings) and
         ``unemployment_rate``, ``cases_week``, ``cases_trend`` (:class:`PerArchetype`).
     """
     rate = torch.as_tensor(unemployment_rate, dtype=torch.float32).detach().cpu()
@@ -554,6 +555,7 @@ def work_context(
     trends = inputs.cases_trend.detach().cpu().tolist()
     first, last = labor_period(inputs.month)
     return {
+        "date": inputs.month.isoformat(),  # recorded with each answer (decisions.csv); not in the prompt
         "month": f"{inputs.month:%B %Y}",
         "policies": inputs.policy.describe(),
         "income_support": income_support(first + (last - first) / 2),

@@ -398,7 +398,7 @@ def _calibrate_labor(exp: Experiment, out_dir: Path) -> ExperimentResult:
     from lpm_llm import plots
     from lpm_llm.experiment import ExperimentResult
     from lpm_llm.llm.client import open_client
-    from lpm_llm.models.labor import calibrate_labor
+    from lpm_llm.models.labor_fit import calibrate_labor
     from lpm_llm.observed import load_unemployment
 
     cfg, cal = exp.config, exp.config.calibration

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from lpm_llm.behavior import ConstantDecision, PerArchetype
 from lpm_llm.industry import INDUSTRIES, assign_industry, load_industry_shares, working_age_mask
 from lpm_llm.models import labor as L
+from lpm_llm.models.labor_fit import calibrate_labor
 from lpm_llm.observed import load_unemployment
 from lpm_llm.population import AGE_BANDS, BOROUGHS, SEXES, Population
 
@@ -325,7 +326,7 @@ def test_calibration_recovers_synthetic_parameters():
     steps = []
     start = L.LaborParams(job_finding=0.35,
                           shock={"leisure_hospitality": 10.0, "retail_personal_services": 5.0})
-    fit = L.calibrate_labor(pop, arch, decision, start="2020-03", end="2020-10", holdout=2, params=start,
+    fit = calibrate_labor(pop, arch, decision, start="2020-03", end="2020-10", holdout=2, params=start,
                             seeds=(0,), iterations=40, lr=0.1, observed=observed,
                             on_step=lambda i, loss: steps.append(i))
     assert steps == list(range(40)) and len(fit.loss_history_) == 40
@@ -343,9 +344,9 @@ def test_calibration_errors(pop):
     arch = make_archetypes(pop)
     decision = ConstantDecision(0.9, k=arch.k)
     with pytest.raises(ValueError, match="holdout"):
-        L.calibrate_labor(pop, arch, decision, start="2020-03", end="2020-05", holdout=2)
+        calibrate_labor(pop, arch, decision, start="2020-03", end="2020-05", holdout=2)
     with pytest.raises(ValueError, match="no observed unemployment"):
-        L.calibrate_labor(pop, arch, decision, start="2021-03", end="2021-09", holdout=2)
+        calibrate_labor(pop, arch, decision, start="2021-03", end="2021-09", holdout=2)
 
 
 # -- decisions and context -------------------------------------------------------------------------

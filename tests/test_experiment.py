@@ -299,3 +299,17 @@ def test_ensemble_summary_is_mean_and_band_over_seeds():
     assert out.loc[0, "new_infections_mean"] == 10.0
     assert out.loc[0, "new_infections_p05"] == 1.0 and out.loc[0, "new_infections_p95"] == 19.0
     assert out.loc[0, "deaths_p05"] == out.loc[0, "deaths_p95"] == 1.0
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_experiment_validates_and_its_files_resolve(path: Path):
+    from lpm_llm._resources import resolve_path
+    from lpm_llm.archetypes import ArchetypeSpec
+    from lpm_llm.prompts import PromptSpec
+
+    base, scenarios = load_config(path)
+    for cfg in (base, *scenarios.values()):
+        ArchetypeSpec.from_yaml(cfg.archetypes)
+        for decision in cfg.decisions.values():
+            PromptSpec.from_yaml(resolve_path(decision.prompt, "prompts"))
+        assert cfg.llm.provider == "local", "bundled experiments run on the embedded model"

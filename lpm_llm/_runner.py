@@ -231,7 +231,7 @@ def _run_folder(exp: Experiment, out_dir: Path, **fields: Any):
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = _outputs.base_manifest(exp.config_path)
     manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device, **fields, "status": "running"})
-    _outputs.write_config(out_dir / "config.yaml", _resolved(cfg, exp.scenarios))
+    _outputs.write_config(out_dir / "config.yaml", _resolved(cfg))
     run = _Run(cfg, out_dir, _outputs.PhaseTimer(), manifest)
     try:
         yield run
@@ -271,7 +271,8 @@ def _llm_manifest(cfg: ExperimentConfig, client: Any) -> dict[str, Any]:
             "cache_mode": cfg.llm.cache_mode, "usage": as_dict, "prompts": prompts}
 
 
-def _resolved(cfg: ExperimentConfig, scenarios: Mapping[str, ExperimentConfig]) -> dict[str, Any]:
+def _resolved(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config with every default written out; scenarios kept as the overrides the user wrote."""
     out = cfg.model_dump(mode="json")
     out["scenarios"] = dict(cfg.scenarios)
     return out

@@ -30,16 +30,21 @@ def _grid(n_panels: int, ncols: int = 3):
     return plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False, sharex=True)
 
 
-def _save_grid(fig, axes, n_used: int, title: str, path: str | Path) -> Path:
-    for ax in list(axes.flat)[n_used:]:
-        ax.set_visible(False)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title)
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG and release the figure."""
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _save_grid(fig, axes, n_used: int, title: str, path: str | Path) -> Path:
+    for ax in list(axes.flat)[n_used:]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
 
 
 def _weekly(df: pd.DataFrame, column: str, start: pd.Timestamp) -> pd.DataFrame:
@@ -117,11 +122,7 @@ def plot_decision_heatmap(decisions: pd.DataFrame, path: str | Path, *, title: s
     ax.set_yticklabels([str(x)[:40] for x in labels.to_numpy()[::step]], fontsize=6)
     fig.colorbar(im, ax=ax, label="probability")
     ax.set_title(title or "Decision probability by archetype")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_scenarios(
@@ -145,11 +146,7 @@ def plot_scenarios(
     ax.set_title(title or "Scenario comparison, New York City")
     ax.legend()
     ax.tick_params(axis="x", labelrotation=30)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_monthly(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lpm_llm.population import Population
 from lpm_llm.synthesis import synthesize_nyc
@@ -12,3 +13,12 @@ from lpm_llm.synthesis import synthesize_nyc
 def small_nyc() -> Population:
     """About 83,000 agents (scale 0.01, seed 0). Shared: never modify its columns in place."""
     return synthesize_nyc(scale=0.01, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the 2 cores are shared, and oversubscription stalls the engine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,14 +15,7 @@ from lpm_llm.models.epidemic import STATES, EpidemicParams, duration_pmf
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
 from lpm_llm.sim import Simulation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The 2 cores are shared: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def population(n_households: int, size: int, *, seed: int = 0, school: int = 0, work: int = 0) -> Population:

@@ -14,13 +14,7 @@ from lpm_llm.models.epidemic import STATES, EpidemicParams
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
 from lpm_llm.sim import Simulation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@
 ``step``: one forward and backward pass of the first-wave loss (every calibrated parameter requires
 grad) on a synthetic city of about ``--agents`` agents over ``--days`` days: seconds and peak RSS
 (``resource.getrusage``, the whole process, so run one configuration per process).
-``wave``: :func:`lpm_llm.calibrate.calibrate_first_wave` on the bundled NYC data: the loss of
-gradient descent and of Nelder-Mead against wall time, and the forecast errors against persistence.
+``wave``: :func:`lpm_llm.calibrate.calibrate_first_wave` on the bundled NYC data (constant isolation
+decisions, no LLM): the loss on common evaluation seeds of gradient descent and of Nelder-Mead
+(given as much wall time as Adam took) against fitting time, and the forecast errors against
+persistence.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def bench_step(agents: int, days: int, checkpoint_days: int | None) -> dict:
             "peak_rss_gib": round(_rss_gib(), 2), "loss": float(loss.detach())}
 
 
-def bench_wave(scale: float, steps: int, seeds_per_step: int, out: Path | None) -> dict:
+def bench_wave(scale: float, steps: int, seeds_per_step: int, lr: float, lr_final: float | None,
+               out: Path | None) -> dict:
     pop = synthesize_nyc(scale=scale, seed=0)
     arch = ArchetypeSpec.from_yaml("nyc_age_sex_borough.yaml").assign(pop)
 
@@ -74,12 +77,16 @@ def bench_wave(scale: float, steps: int, seeds_per_step: int, out: Path | None) 
         print(f"  {method:12s} {i:3d}  loss {loss:.4f}  {seconds:7.1f} s", flush=True)
 
     report = calibrate_first_wave(pop, arch, {"isolate": ConstantDecision(0.2, arch.k)}, PARAMS, nyc_2020(),
-                                  start=START, end="2020-07-31", forecast_weeks=4, steps=steps, lr=0.1,
-                                  seeds_per_step=seeds_per_step, eval_seeds=2, on_step=progress)
+                                  start=START, end="2020-07-31", forecast_weeks=4, steps=steps, lr=lr,
+                                  lr_final=lr_final, seeds_per_step=seeds_per_step, eval_seeds=4, on_step=progress)
     if out is not None:
         report.save(out)
     summary = {"losses": report.losses, "params": report.params, "baseline_params": report.baseline_params,
                "wall_s": {m: h["wall_time"][-1] for m, h in report.history.items()},
+               "simulations": {m: h["simulations"][-1] for m, h in report.history.items()},
+               "eval_loss_vs_time": {m: [(round(t, 1), round(v, 4)) for t, v in zip(h["eval_wall_time"],
+                                                                                   h["eval_loss"], strict=True)]
+                                     for m, h in report.history.items()},
                "forecast_cases": {m: {k: v for k, v in f["cases"].items() if k.endswith(("total", "error"))}
                                   for m, f in report.forecast.items()}}
     return summary
@@ -96,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--scale", type=float, default=0.01)
     w.add_argument("--steps", type=int, default=20)
     w.add_argument("--seeds-per-step", type=int, default=1)
+    w.add_argument("--lr", type=float, default=0.1)
+    w.add_argument("--lr-final", type=float, default=0.02)
     w.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.what == "step":
         result = bench_step(args.agents, args.days, args.checkpoint_days)
     else:
-        result = bench_wave(args.scale, args.steps, args.seeds_per_step, args.out)
+        result = bench_wave(args.scale, args.steps, args.seeds_per_step, args.lr, args.lr_final, args.out)
     print(json.dumps(result, indent=2))
     return 0
 

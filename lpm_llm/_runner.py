@@ -362,22 +362,28 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
         with timer.phase("llm_start"):
             client = run.client = open_client(cfg.llm, http_client=exp.http_client)
         decisions = {k: v for k, v in build_decisions(cfg, client, archetypes).items() if k == "isolate"}
-        total = cal.steps + (cal.baseline_budget or cal.steps * cal.seeds_per_step)
-        pbar = exp.progress(total=total, desc="calibration") if exp.progress else None
+        pbar = exp.progress(total=cal.steps, desc="calibration: adam") if exp.progress else None
+        current = ["adam"]
 
         def on_step(method: str, index: int, loss: float, seconds: float) -> None:
             log.info("calibration %s step %d: loss %.4f (%.1f s)", method, index, loss, seconds)
             if pbar:
-                pbar.set_postfix(method=method, loss=f"{loss:.3f}")
+                if method != current[0]:  # the baseline: a number of simulations, or as long as Adam ran
+                    current[0] = method
+                    evals = cal.baseline_budget // cal.seeds_per_step if cal.baseline_budget else None
+                    pbar.reset(total=evals)
+                    pbar.set_description(f"calibration: {method}" + ("" if evals else " (as long as adam)"))
+                pbar.set_postfix(loss=f"{loss:.3f}", seconds=f"{seconds:.0f}")
                 pbar.update(1)
 
         with timer.phase("calibration"):
             report = calibrate_first_wave(
                 population, archetypes, decisions, cfg.epidemic, cfg.interventions.schedule(),
                 start=cal.start, end=cal.end, forecast_weeks=cal.forecast_weeks, targets=cal.targets,
-                steps=cal.steps, lr=cal.lr, seeds_per_step=cal.seeds_per_step,
+                steps=cal.steps, lr=cal.lr, lr_final=cal.lr_final, seeds_per_step=cal.seeds_per_step,
                 baseline_budget=cal.baseline_budget, checkpoint_days=cal.checkpoint_days, scale=scale,
-                device=cfg.device, seed=cfg.seeds[0], on_step=on_step,
+                device=cfg.device, seed=cfg.seeds[0], parameters=cal.parameters, on_step=on_step,
+                alignment=cfg.decisions["isolate"].alignment if "isolate" in cfg.decisions else None,
             )
         if pbar:
             pbar.close()

@@ -10,8 +10,9 @@ bounded transform (see :func:`first_wave_space` for the ranges). The LLM's answe
 parameters: :class:`FrozenDecisions` fetches each decision step's probabilities once and reuses them
 in every later simulation, so that calibration makes no LLM request after the first run and the loss
 is a deterministic function of (parameters, seed). Gradients reach the parameters through the
-simulation's straight-through Bernoulli draws; :class:`Calibrator` with ``method="nelder-mead"`` is
-the gradient-free baseline over the same unconstrained vector and the same budget of simulations.
+simulation's discrete draws by the path-weight (score-function) estimator described in
+:mod:`lpm_llm.models.epidemic`; :class:`Calibrator` with ``method="nelder-mead"`` is the
+gradient-free baseline over the same unconstrained vector.
 
 :func:`calibrate_first_wave` is the entry point the experiment runner calls: New York's first wave,
 weekly reported cases and deaths by borough, fitted with both methods, then a forecast of the weeks
@@ -42,6 +43,7 @@ from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.population import BOROUGHS, Population
 
 __all__ = [
+    "FIRST_WAVE_PARAMETERS",
     "NYC_POPULATION",
     "Bounded",
     "CalibrationReport",
@@ -60,6 +62,11 @@ NYC_POPULATION = 8_336_817
 """Residents of New York City in the bundled marginals (ACS 2019); ``scale = agents / NYC_POPULATION``."""
 
 _ALIGNMENT = ("alignment_a", "alignment_b")
+FIRST_WAVE_PARAMETERS = (
+    "beta_scale", "transmission_change", "initial_infections_per_100k", "ascertainment", "fatality_scale",
+    *_ALIGNMENT,
+)
+"""Names :func:`first_wave_space` can calibrate."""
 _EPS = 1e-6
 
 # -- the LLM's answers as fixed inputs ----------------------------------------------------------------
@@ -119,7 +126,7 @@ def first_wave_space(
     n_months: int,
     *,
     n_boroughs: int = len(BOROUGHS),
-    alignment: bool = True,
+    alignment: bool | tuple[float, float] = True,
     include: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
 ) -> ParameterSpace:
@@ -129,6 +136,8 @@ def first_wave_space(
     name                         shape     range         meaning
     ===========================  ========  ============  =====================================================
     beta_scale                   ()        0.2 - 5 log   multiplier of every layer's transmission rate
+    transmission_change          (M-1,)    0.1 - 10 log  multiplier of transmission in months 2..M relative to
+                                                         month 1 (behaviour the schedule leaves out)
     initial_infections_per_100k  (B,)      1 - 5000 log  infections on day 0 per 100,000 residents, by borough
     ascertainment                (M,)      0.01 - 1 log  share of symptomatic onsets reported, per month
     fatality_scale               ()        0.1 - 10 log  multiplier of the infection fatality ratio by age
@@ -140,14 +149,21 @@ def first_wave_space(
     layer: borough totals of cases and deaths tell how fast the epidemic grows and how much it slowed
     under the interventions, not which setting the transmission happened in; four layer rates would
     be nearly collinear in this loss, and their ratios come from household and contact studies.
+    ``transmission_change`` lets that rate move by calendar month on top of the intervention
+    schedule (distancing beyond the orders, the pace of reopening); the last fitted month's value
+    holds in a forecast, which then continues the last month's growth rate instead of the schedule's.
 
     Args:
         n_months: calendar months of the fitted window (the last value holds after it).
-        alignment: include ``alignment_a`` and ``alignment_b`` (only with an isolation decision).
+        alignment: include ``alignment_a`` and ``alignment_b`` (only with an isolation decision),
+            starting from (1, 0), the identity, or from the given (a, b).
         include: names to keep (default: all).
     """
     asc = params.ascertainment if isinstance(params.ascertainment, tuple) else (params.ascertainment,)
     asc = list(asc[:n_months]) + [asc[-1]] * max(0, n_months - len(asc))
+    change = params.transmission_change
+    change = change if isinstance(change, tuple) else (change,)
+    change = list(change[: n_months - 1]) + [change[-1]] * max(0, n_months - 1 - len(change))
     seeds = list(params.initial_infections_per_100k)
     if len(seeds) != n_boroughs:
         raise ValueError(f"initial_infections_per_100k has {len(seeds)} values, expected {n_boroughs}")
@@ -158,6 +174,8 @@ def first_wave_space(
     specs = {
         "beta_scale": Bounded(0.2, 5.0, clip(params.beta_scale, 0.2, 5.0), log=True,
                               doc="multiplier of every layer's transmission rate (layer ratios fixed)"),
+        "transmission_change": Bounded(0.1, 10.0, clip(change, 0.1, 10.0), (n_months - 1,), log=True,
+                                       doc="multiplier of transmission in months 2..M relative to month 1"),
         "initial_infections_per_100k": Bounded(1.0, 5000.0, clip(seeds, 1.0, 5000.0), (n_boroughs,), log=True,
                                                doc="infections on day 0 per 100,000 residents, by borough"),
         "ascertainment": Bounded(0.01, 1.0, clip(asc, 0.01, 1.0), (n_months,), log=True,
@@ -165,9 +183,14 @@ def first_wave_space(
         "fatality_scale": Bounded(0.1, 10.0, clip(params.fatality_scale, 0.1, 10.0), log=True,
                                   doc="multiplier of the infection fatality ratio by age"),
     }
-    if alignment:
-        specs["alignment_a"] = Bounded(0.25, 4.0, 1.0, log=True, doc="slope of the isolation alignment map")
-        specs["alignment_b"] = Bounded(-4.0, 4.0, 0.0, doc="shift (logit) of the isolation alignment map")
+    if n_months < 2:
+        del specs["transmission_change"]
+    if alignment is not False:
+        a, b = (1.0, 0.0) if alignment is True else alignment
+        specs["alignment_a"] = Bounded(0.25, 4.0, clip(a, 0.25, 4.0), log=True,
+                                       doc="slope of the isolation alignment map")
+        specs["alignment_b"] = Bounded(-4.0, 4.0, clip(b, -4.0, 4.0),
+                                       doc="shift (logit) of the isolation alignment map")
     if include is not None:
         unknown = sorted(set(include) - set(specs))
         if unknown:
@@ -243,6 +266,10 @@ class SimulationObjective:
 # -- the optimiser ------------------------------------------------------------------------------------
 
 
+class _TimeUp(Exception):
+    """Raised inside a fit when its ``time_limit`` has passed."""
+
+
 class Calibrator:
     """Fit a :class:`ParameterSpace` to an objective, scikit-learn style.
 
@@ -261,6 +288,8 @@ class Calibrator:
             deterministic), no gradients; at most ``budget`` simulations (default: what ``adam``
             would use, ``steps * seeds_per_step``), initial simplex of size ``simplex_step``.
 
+    ``time_limit`` (seconds) stops either method once its fit has run that long.
+
     Fitted attributes:
         params_: name -> fitted value (float or list of floats). For ``adam`` the last iterate; for
             ``nelder-mead`` the best point found.
@@ -271,6 +300,9 @@ class Calibrator:
         best_loss_, best_params_: the lowest entry of ``loss_history_`` and the parameters it was
             measured at (with fresh seeds each step this minimum is optimistic: prefer ``params_``).
         space_: the fitted ParameterSpace.
+        vector_history_: the raw parameter vector after each entry of ``loss_history_`` (Adam's
+            iterate after its update, Nelder-Mead's best point so far), to score the fit as it went
+            (:meth:`space_at`).
     """
 
     def __init__(
@@ -286,6 +318,7 @@ class Calibrator:
         simplex_step: float = 0.5,
         resample_seeds: bool = True,
         seed: int = 0,
+        time_limit: float | None = None,
         on_step: Callable[[str, int, float, float], None] | None = None,
     ):
         self.space = space
@@ -298,6 +331,7 @@ class Calibrator:
         self.simplex_step = simplex_step
         self.resample_seeds = resample_seeds
         self.seed = seed
+        self.time_limit = time_limit
         self.on_step = on_step
 
     def _check(self) -> None:
@@ -307,6 +341,8 @@ class Calibrator:
             raise ValueError(f"steps and seeds_per_step must be >= 1: {self.steps}, {self.seeds_per_step}")
         if self.budget is not None and self.budget < self.seeds_per_step:
             raise ValueError(f"budget {self.budget} < one evaluation ({self.seeds_per_step} simulations)")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds or None, got {self.time_limit}")
 
     def fit(self, objective: Callable[[Mapping[str, torch.Tensor], list[int]], torch.Tensor]) -> Calibrator:
         """Minimise `objective`; returns self."""
@@ -316,20 +352,39 @@ class Calibrator:
         self.wall_times_: list[float] = []
         self.simulations_: list[int] = []
         self.best_loss_, self.best_params_ = float("inf"), {}
+        self.vector_history_: list[torch.Tensor] = []
         self._t0 = time.perf_counter()
-        if self.method == "adam":
-            self._fit_adam(objective)
-        else:
-            self._fit_nelder_mead(objective)
+        self._best_vector: torch.Tensor | None = None
+        try:
+            if self.method == "adam":
+                self._fit_adam(objective)
+            else:
+                self._fit_nelder_mead(objective)
+        except _TimeUp:
+            pass
+        if self.method == "nelder-mead" and self._best_vector is not None:
+            self.space_.set_vector(self._best_vector)
         self.params_ = self.space_.to_dict()
         return self
+
+    def space_at(self, seconds: float) -> ParameterSpace:
+        """The fit as it stood `seconds` into fitting (the last entry at or before it; the start
+        before the first): a copy of ``space_`` holding that vector."""
+        probe = copy.deepcopy(self.space_)
+        i = int(np.searchsorted(np.asarray(self.wall_times_), seconds, side="right"))
+        probe.set_vector(self.vector_history_[i - 1] if i > 0 else self.space.get_vector())
+        return probe
 
     def _record(self, loss: float, sims: int) -> None:
         self.loss_history_.append(loss)
         self.wall_times_.append(time.perf_counter() - self._t0)
         self.simulations_.append(sims)
+        best = self._best_vector if self.method == "nelder-mead" else None
+        self.vector_history_.append(best.clone() if best is not None else self.space_.get_vector())
         if self.on_step is not None:
             self.on_step(self.method, len(self.loss_history_) - 1, loss, self.wall_times_[-1])
+        if self.time_limit is not None and self.wall_times_[-1] >= self.time_limit:
+            raise _TimeUp
 
     def _fit_adam(self, objective) -> None:
         opt = torch.optim.Adam(self.space_.parameters(), lr=self.lr)
@@ -367,6 +422,7 @@ class Calibrator:
                 raise FloatingPointError(f"calibration loss is {loss}; parameters: {self.space_.to_dict()}")
             if loss < best["loss"]:
                 best.update(loss=loss, x=np.array(x))
+                self._best_vector = torch.as_tensor(np.array(x))
                 self.best_loss_, self.best_params_ = loss, self.space_.to_dict()
             self._record(loss, len(self.loss_history_) * k + k)
             return loss
@@ -381,7 +437,6 @@ class Calibrator:
         else:  # too few evaluations for a simplex: evaluate its first vertices only
             for x in simplex[:max_evals]:
                 f(x)
-        self.space_.set_vector(torch.as_tensor(best["x"]))
 
     def to_dict(self) -> dict[str, Any]:
         """Settings and fitted values as plain JSON-able data."""
@@ -390,7 +445,7 @@ class Calibrator:
             "seeds_per_step": self.seeds_per_step, "resample_seeds": self.resample_seeds,
             "budget": self.budget, "seed": self.seed, "bounds": self.space.describe(),
             "params": self.params_, "loss_history": self.loss_history_, "wall_times": self.wall_times_,
-            "simulations": self.simulations_,
+            "simulations": self.simulations_, "time_limit": self.time_limit,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -439,9 +494,10 @@ class CalibrationReport:
                 "history": self.history}
 
     def plot(self, out_dir: str | Path) -> list[Path]:
-        """Observed vs fitted vs forecast weekly cases and deaths per borough (one PNG per target)."""
+        """Observed vs fitted vs forecast weekly cases and deaths per borough (one PNG per target), and
+        the loss of both methods against fitting time."""
         from lpm_llm.observed import load_covid
-        from lpm_llm.plots import plot_epidemic
+        from lpm_llm.plots import plot_epidemic, plot_loss_curves
 
         out_dir = Path(out_dir)
         start, stop = self.daily["date"].min(), self.daily["date"].max()
@@ -453,6 +509,7 @@ class CalibrationReport:
                 obs_column=target, forecast_from=self.settings["cutoff"],
                 title=f"Weekly {target}: observed, fitted to {self.settings['cutoff']}, forecast after",
             ))
+        paths.append(plot_loss_curves(self.history, out_dir / "calibration_loss.png"))
         return paths
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
@@ -489,25 +546,33 @@ def calibrate_first_wave(
     targets: Sequence[str] = ("cases", "deaths"),
     steps: int = 40,
     lr: float = 0.05,
+    lr_final: float | None = None,
     seeds_per_step: int = 1,
     baseline_budget: int | None = None,
     eval_seeds: int = 4,
+    curve_points: int = 8,
     checkpoint_days: int | None = None,
     scale: float | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
     observed: pd.DataFrame | None = None,
+    parameters: Sequence[str] | None = None,
+    alignment: tuple[float, float] | None = None,
     on_step: Callable[[str, int, float, float], None] | None = None,
 ) -> CalibrationReport:
     """Calibrate the epidemic to New York's first wave and forecast the weeks after it.
 
     The fit covers the complete weeks from `start` through `end` (the cut-off); the loss is
     :func:`log_mse` of weekly `targets` by borough (simulated counts divided by `scale` against the
-    observed ones). Two fits from the same start, with the same number of simulations: Adam on the
-    gradient (``steps`` x ``seeds_per_step`` simulations) and Nelder-Mead without gradients
-    (``baseline_budget`` simulations, default the same). Both fits are then scored on ``eval_seeds``
-    common seeds, and each forecasts ``forecast_weeks`` weeks after the cut-off, scored against the
-    observations and a persistence forecast (the last fitted week repeated).
+    observed ones). Two fits from the same start: Adam on the gradient (``steps`` x
+    ``seeds_per_step`` simulations), then Nelder-Mead without gradients for as long as Adam ran
+    (a simulation without gradients is several times cheaper, so it gets more of them), or for
+    ``baseline_budget`` simulations if given. Both fits are scored on ``eval_seeds`` common seeds:
+    at the end, at ``curve_points`` times spread over Adam's fitting time (the fit as it stood then:
+    held-out loss against wall time), and Nelder-Mead's best point once it had run as many
+    simulations as Adam (``losses["nelder-mead_same_simulations"]``). Each fit then forecasts
+    ``forecast_weeks`` weeks after the cut-off, scored against the observations and a persistence
+    forecast (the last fitted week repeated).
 
     Args:
         population: the scaled synthetic city.
@@ -518,6 +583,11 @@ def calibrate_first_wave(
         checkpoint_days: recompute the simulation's activations in chunks of this many days during
             the backward pass (bounded memory on long horizons); None keeps them all.
         observed: daily observations (date, area, targets); default: the bundled NYC data.
+        parameters: names of :func:`first_wave_space` to calibrate (default: all of them; the
+            alignment terms only with an ``isolate`` decision).
+        alignment: the (a, b) the isolation decision's alignment map starts from (default: identity).
+        lr_final: Adam's learning rate at the last step (geometric decay from `lr`; default: constant).
+        curve_points: times at which both fits are scored for the loss-against-time curve.
         on_step: called as ``on_step(method, index, loss, seconds)`` after each step/evaluation.
     """
     from lpm_llm.sim import Simulation
@@ -543,7 +613,9 @@ def calibrate_first_wave(
                           device=device, **kwargs)
 
     objective = SimulationObjective(simulation(7 * weeks), obs_fit, weeks=weeks, scale=scale)
-    space = first_wave_space(params, _months(start, 7 * weeks), alignment="isolate" in frozen, device=device)
+    space = first_wave_space(params, _months(start, 7 * weeks),
+                             alignment=("isolate" in frozen) and (tuple(alignment) if alignment else True),
+                             include=parameters, device=device)
     eval_list = [10_000 + seed + j for j in range(eval_seeds)]
 
     def evaluate(values: Mapping[str, torch.Tensor]) -> float:
@@ -552,13 +624,25 @@ def calibrate_first_wave(
 
     initial = evaluate(space.values())
     fits = {}
-    for method, kwargs in (("adam", {}), ("nelder-mead", {"budget": baseline_budget})):
-        log.info("calibrating with %s", method)
-        fits[method] = Calibrator(space, method=method, steps=steps, lr=lr, seeds_per_step=seeds_per_step,
-                                  seed=seed, on_step=on_step, **kwargs).fit(objective)
+    log.info("calibrating with adam")
+    fits["adam"] = Calibrator(space, method="adam", steps=steps, lr=lr, lr_final=lr_final,
+                              seeds_per_step=seeds_per_step, seed=seed, on_step=on_step).fit(objective)
+    adam_time, adam_sims = fits["adam"].wall_times_[-1], fits["adam"].simulations_[-1]
+    # the baseline: as long as Adam ran (it then gets more simulations), or a given number of simulations
+    budget = {"budget": 10**9, "time_limit": adam_time} if baseline_budget is None else {"budget": baseline_budget}
+    log.info("calibrating with nelder-mead")
+    fits["nelder-mead"] = Calibrator(space, method="nelder-mead", steps=steps, seeds_per_step=seeds_per_step,
+                                     seed=seed, on_step=on_step, **budget).fit(objective)
     losses = {"initial": initial}
     for method, fit in fits.items():
         losses[method] = evaluate(fit.space_.values())
+    # loss on the evaluation seeds against fitting time (the fit as it stood at each time)
+    nm = fits["nelder-mead"]
+    same = int(np.searchsorted(np.asarray(nm.simulations_), adam_sims))
+    if same < len(nm.simulations_):  # Nelder-Mead's best point once it had run as many simulations as Adam
+        losses["nelder-mead_same_simulations"] = evaluate(nm.space_at(nm.wall_times_[same]).values())
+    curve_times = [adam_time * (i + 1) / curve_points for i in range(curve_points)] if curve_points else []
+    curves = {m: [evaluate(fit.space_at(t).values()) for t in curve_times] for m, fit in fits.items()}
 
     # forecast: the fitted parameters over the fit window and the weeks after it
     forecaster = SimulationObjective(simulation(7 * total_weeks), obs_all, weeks=total_weeks, scale=scale)
@@ -586,13 +670,16 @@ def calibrate_first_wave(
         "cutoff": (start + dt.timedelta(days=7 * weeks)).isoformat(),
         "fit_weeks": weeks, "forecast_weeks": forecast_weeks, "targets": list(targets), "scale": scale,
         "agents": population.n, "steps": steps, "lr": lr, "seeds_per_step": seeds_per_step,
-        "baseline_budget": baseline_budget if baseline_budget is not None else steps * seeds_per_step,
+        "baseline_budget": (f"{baseline_budget} simulations" if baseline_budget is not None
+                            else f"{adam_time:.1f} s (Adam's fitting time)"),
+        "lr_final": lr_final, "parameters": list(space.names),
         "eval_seeds": eval_list, "checkpoint_days": checkpoint_days, "device": str(device), "seed": seed,
         "loss": "mean over targets, weeks and boroughs of (log(m/scale + 1/scale) - log(observed + "
                 "1/scale))^2, m: the mean weekly count over the seeds",
         "llm_requests": sum(f.calls for f in frozen.values()),
     }
-    history = {m: {"loss": f.loss_history_, "wall_time": f.wall_times_, "simulations": f.simulations_}
+    history = {m: {"loss": f.loss_history_, "wall_time": f.wall_times_, "simulations": f.simulations_,
+                   "eval_loss": curves[m], "eval_wall_time": curve_times}
                for m, f in fits.items()}
     return CalibrationReport(
         params=fits["adam"].params_, baseline_params=fits["nelder-mead"].params_, bounds=space.describe(),

@@ -100,9 +100,28 @@ class CalibrationConfig(_Strict):
     targets: list[Literal["cases", "deaths", "hospitalized"]] = Field(default_factory=lambda: ["cases", "deaths"])
     steps: int = Field(40, ge=1, le=10000)
     lr: float = Field(0.05, gt=0)
+    lr_final: float | None = Field(None, gt=0, description="learning rate at the last step (geometric decay)")
     seeds_per_step: int = Field(1, ge=1, le=16)
-    baseline_budget: int | None = Field(None, ge=1, description="simulations for the gradient-free baseline")
+    baseline_budget: int | None = Field(
+        None, ge=1, description="simulations for the gradient-free baseline; default: as long as Adam ran"
+    )
     checkpoint_days: int | None = Field(None, ge=1, description="recompute activations in chunks of this many days")
+    parameters: list[str] | None = Field(
+        None, description="calibrated parameters (lpm_llm.calibrate.first_wave_space names); default: all"
+    )
+
+
+    @field_validator("parameters")
+    @classmethod
+    def _known_parameters(cls, v: list[str] | None) -> list[str] | None:
+        from lpm_llm.calibrate import FIRST_WAVE_PARAMETERS
+
+        if v is not None:
+            unknown = [n for n in v if n not in FIRST_WAVE_PARAMETERS]
+            if unknown or not v:
+                raise ValueError(f"unknown or no calibrated parameter(s) {unknown}; known: "
+                                 f"{', '.join(FIRST_WAVE_PARAMETERS)}")
+        return v
 
 
 class ExperimentConfig(_Strict):

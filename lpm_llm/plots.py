@@ -172,3 +172,25 @@ def plot_monthly(
         ax.set_title(area)
         ax.tick_params(axis="x", labelrotation=30)
     return _save_grid(fig, axes, len(areas), title, path)
+
+
+def plot_loss_curves(history: dict[str, dict[str, list[float]]], path: str | Path, *, title: str | None = None) -> Path:
+    """Calibration loss against fitting time, one colour per method: the loss each step or
+    evaluation saw (thin) and the loss on common evaluation seeds of the fit as it stood (markers).
+
+    Args:
+        history: method -> ``wall_time`` and ``loss`` lists, optionally ``eval_wall_time`` and
+            ``eval_loss`` (see :class:`lpm_llm.calibrate.CalibrationReport`).
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (method, h) in enumerate(history.items()):
+        ax.plot(h["wall_time"], h["loss"], color=f"C{i}", alpha=0.35, lw=1, label=f"{method}: loss seen by the fit")
+        if h.get("eval_loss"):
+            label = f"{method}: loss on evaluation seeds"
+            ax.plot(h["eval_wall_time"], h["eval_loss"], "o-", color=f"C{i}", label=label)
+    ax.set_xlabel("fitting time (s)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title or "Calibration loss against wall time")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -307,7 +307,7 @@ class Simulation:
             dtype=torch.float32,
             device=self.device,
         )
-        rates = layer_rates(theta, multipliers)  # (T, 4)
+        rates = layer_rates(theta, multipliers, month_index)  # (T, 4)
         imports = (
             self.initial_infected.to(torch.float32)
             if self.initial_infected is not None

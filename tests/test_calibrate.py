@@ -230,6 +230,57 @@ def test_gradient_descent_recovers_transmission_and_ascertainment(tiny_nyc):
     assert space.to_dict()["beta_scale"] == pytest.approx(1.0, rel=1e-5)  # the given space is untouched
 
 
+# -- the optimiser's bookkeeping -------------------------------------------------------------------------
+
+
+class _Quadratic:
+    """objective(values, seeds) = (x - 2)^2 for a bounded x, taking `delay` seconds per simulation."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.calls = delay, 0
+
+    def __call__(self, values, seeds):
+        import time
+
+        self.calls += len(seeds)
+        time.sleep(self.delay * len(seeds))
+        return (values["x"] - 2.0) ** 2
+
+
+def test_time_limit_stops_nelder_mead_and_space_at_replays_the_fit():
+    space = ParameterSpace({"x": Bounded(0.1, 10.0, 0.5, log=True)})
+    objective = _Quadratic(delay=0.02)
+    fit = Calibrator(space, method="nelder-mead", budget=10**6, time_limit=0.5).fit(objective)
+    assert 0.5 <= fit.wall_times_[-1] < 1.0 and fit.simulations_[-1] == objective.calls < 50
+    assert fit.params_["x"] == pytest.approx(fit.best_params_["x"])  # the best point, not the last
+    assert fit.space_at(0.0).to_dict()["x"] == pytest.approx(0.5, rel=1e-6)  # before the first entry: the start
+    halfway = fit.space_at(fit.wall_times_[len(fit.wall_times_) // 2]).to_dict()["x"]
+    assert abs(halfway - 2.0) >= abs(fit.params_["x"] - 2.0)  # the best point only gets better
+    adam = Calibrator(space, steps=80, lr=0.2, lr_final=0.002).fit(_Quadratic())
+    assert adam.params_["x"] == pytest.approx(2.0, rel=0.05)
+    assert adam.space_at(adam.wall_times_[-1]).to_dict() == adam.params_
+    assert len(adam.vector_history_) == 80 and adam.space_at(adam.wall_times_[0]).to_dict() != adam.params_
+    with pytest.raises(ValueError, match="time_limit"):
+        Calibrator(space, time_limit=0.0).fit(objective)
+
+
+def test_transmission_change_multiplies_the_rates_of_later_months_only(tiny_nyc):
+    pop, _ = tiny_nyc
+    runs = {}
+    for change in (1.0, 0.3):
+        params = EpidemicParams(initial_infections_per_100k=(300.0,) * 5, transmission_change=change)
+        sim = Simulation(pop, params, start_date="2020-03-20", days=25, seed=3)
+        with torch.no_grad():
+            runs[change] = sim.run().series["new_infections"].sum((1, 2))
+    march = 12  # 2020-03-20 .. 2020-03-31
+    assert torch.equal(runs[1.0][:march], runs[0.3][:march])
+    assert float(runs[0.3][march + 5:].sum()) < 0.6 * float(runs[1.0][march + 5:].sum())
+    space = first_wave_space(EpidemicParams(transmission_change=(0.5, 2.0)), n_months=4)
+    assert space.to_dict()["transmission_change"] == pytest.approx([0.5, 2.0, 2.0], rel=1e-5)  # last holds
+    with pytest.raises(ValueError, match="transmission_change"):
+        EpidemicParams(transmission_change=-1.0)
+
+
 # -- the first-wave entry point --------------------------------------------------------------------------
 
 
@@ -244,6 +295,10 @@ def test_calibrate_first_wave_on_bundled_data(tiny_nyc, tmp_path):
     assert report.settings["fit_weeks"] == 4 and report.settings["cutoff"] == "2020-03-29"
     assert report.settings["llm_requests"] == 5  # decision days 0, 7, 14, 21 and 28: once each
     assert len(report.history["adam"]["loss"]) == 2 and len(report.history["nelder-mead"]["loss"]) == 3
+    assert "transmission_change" not in report.params  # a fit within one calendar month has no month 2
+    assert len(report.history["adam"]["eval_loss"]) == 8 == len(report.history["nelder-mead"]["eval_wall_time"])
+    assert report.history["adam"]["eval_wall_time"][-1] == pytest.approx(report.history["adam"]["wall_time"][-1])
+    assert report.losses["adam"] == pytest.approx(report.history["adam"]["eval_loss"][-1], rel=1e-6)
     assert all(np.isfinite(v) for v in report.losses.values())
     cases = report.forecast["adam"]["cases"]
     assert set(cases["mae"]) == {"Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island"}
@@ -252,6 +307,7 @@ def test_calibrate_first_wave_on_bundled_data(tiny_nyc, tmp_path):
     paths = report.save(tmp_path)
     saved = json.loads((tmp_path / "calibration.json").read_text())
     assert saved["params"]["beta_scale"] == pytest.approx(report.params["beta_scale"])
-    assert (tmp_path / "calibration_cases.png").stat().st_size > 0 and len(paths) == 5
+    assert (tmp_path / "calibration_cases.png").stat().st_size > 0 and len(paths) == 6
+    assert (tmp_path / "calibration_loss.png").stat().st_size > 0
     with pytest.raises(ValueError, match="complete week"):
         calibrate_first_wave(pop, None, None, EpidemicParams(), None, start=START, end="2020-03-07")

@@ -224,7 +224,8 @@ def test_cli_calibrate_writes_fit_forecast_and_plots(experiment_file: Path, tmp_
     for name in ("calibration.json", "calibration_daily.csv", "calibration_cases.png", "manifest.json"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "calibration.json").read_text())
-    assert set(summary["losses"]) == {"initial", "adam", "nelder-mead"}
+    assert set(summary["losses"]) == {"initial", "adam", "nelder-mead", "nelder-mead_same_simulations"}
+    assert summary["settings"]["baseline_budget"] == "2 simulations"
     assert all(math.isfinite(v) for v in summary["losses"].values())
     for method in ("adam", "nelder-mead"):
         scores = summary["forecast"][method]["cases"]

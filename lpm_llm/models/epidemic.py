@@ -126,6 +126,15 @@ class EpidemicParams(BaseModel):
         ),
     )
     beta_scale: float = Field(1.0, ge=0, le=10, description="dimensionless multiplier of every layer's rate")
+    transmission_change: float | tuple[float, ...] = Field(
+        1.0,
+        description=(
+            "multiplier of every layer's rate in the second, third, ... calendar month from the start date, "
+            "relative to the first month (one value, or one per month; the last one holds after). It carries "
+            "what the intervention schedule and the isolation decisions leave out: voluntary distancing, "
+            "masks, the pace of reopening, infections imported from outside the city. 1.0: none; calibrate"
+        ),
+    )
     community_assortativity: float = Field(
         0.4,
         ge=0,
@@ -280,6 +289,14 @@ class EpidemicParams(BaseModel):
             raise ValueError("ascertainment must be a value in [0, 1] or a non-empty list of them")
         return v
 
+    @field_validator("transmission_change")
+    @classmethod
+    def _multipliers(cls, v: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        values = (v,) if isinstance(v, float | int) else v
+        if not values or any(not 0 <= x <= 100 for x in values):
+            raise ValueError("transmission_change must be a value in [0, 100] or a non-empty list of them")
+        return v
+
     @field_validator("community_matrix")
     @classmethod
     def _matrix(cls, v: tuple[tuple[float, ...], ...] | None) -> tuple[tuple[float, ...], ...] | None:
@@ -289,13 +306,15 @@ class EpidemicParams(BaseModel):
 
 
 #: parameters that may be given as tensors (with requires_grad) to override EpidemicParams; shapes:
-#: () scalar, "A" one per age band, "B" one per borough, "M" one per month (or a scalar).
+#: () scalar, "A" one per age band, "B" one per borough, "M" one per month (or a scalar;
+#: ``transmission_change`` one per month after the first).
 TENSOR_PARAMS: dict[str, str] = {
     "beta_household": "()",
     "beta_school": "()",
     "beta_workplace": "()",
     "beta_community": "()",
     "beta_scale": "()",
+    "transmission_change": "M",
     "isolation_compliance": "()",
     "rel_infectiousness_asymptomatic": "()",
     "susceptibility": "A",
@@ -473,10 +492,9 @@ class EpidemicModel:
             elif tuple(t.shape) != sizes[kind]:
                 raise ValueError(f"{name} must have shape {sizes[kind]}, got {tuple(t.shape)}")
             out[name] = t
-        asc = out["ascertainment"].reshape(-1)
-        if asc.numel() < n_months:  # the last month's value holds after the given ones
-            asc = torch.cat([asc, asc[-1:].expand(n_months - asc.numel())])
-        out["ascertainment"] = asc
+        out["ascertainment"] = _by_month(out["ascertainment"], n_months)
+        change = out["transmission_change"].reshape(-1)
+        out["transmission_change"] = _by_month(torch.cat([change.new_ones(1), change]), n_months)  # month 0: 1
         return out
 
     # -- state ----------------------------------------------------------------------------------
@@ -718,10 +736,24 @@ def _shift(x: torch.Tensor, days: int) -> torch.Tensor:
     return torch.cat([pad, x[: max(x.shape[0] - days, 0)]], dim=0)
 
 
-def layer_rates(theta: Mapping[str, torch.Tensor], multipliers: torch.Tensor) -> torch.Tensor:
-    """(T, 4) daily rates per layer: beta_L * beta_scale * intervention multiplier (T, 4)."""
+def _by_month(values: torch.Tensor, n_months: int) -> torch.Tensor:
+    """(m,) values per month -> (max(m, n_months),): the last given month's value holds after it."""
+    values = values.reshape(-1)
+    if values.numel() < n_months:
+        values = torch.cat([values, values[-1:].expand(n_months - values.numel())])
+    return values
+
+
+def layer_rates(
+    theta: Mapping[str, torch.Tensor], multipliers: torch.Tensor, month_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(T, 4) daily rates per layer: beta_L * beta_scale * intervention multiplier (T, 4), times
+    ``transmission_change`` of each day's month when `month_index` (T,) is given."""
     betas = torch.stack([theta[f"beta_{layer}"] for layer in LAYERS])
-    return multipliers.to(betas.device) * (betas * theta["beta_scale"]).unsqueeze(0)
+    rates = multipliers.to(betas.device) * (betas * theta["beta_scale"]).unsqueeze(0)
+    if month_index is not None:
+        rates = rates * theta["transmission_change"].index_select(0, month_index).unsqueeze(1)
+    return rates
 
 
 def duration_pmf(kind: str, mean: float, shape: float = 1.0) -> torch.Tensor:

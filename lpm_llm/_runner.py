@@ -368,11 +368,17 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
         def on_step(method: str, index: int, loss: float, seconds: float) -> None:
             log.info("calibration %s step %d: loss %.4f (%.1f s)", method, index, loss, seconds)
             if pbar:
-                if method != current[0]:  # the baseline: a number of simulations, or as long as Adam ran
+                if method != current[0]:
                     current[0] = method
-                    evals = cal.baseline_budget // cal.seeds_per_step if cal.baseline_budget else None
+                    if method == "adam":
+                        evals, note = cal.steps, ""
+                    elif method == "scoring":  # both fits on the evaluation seeds: start, curve, end
+                        evals, note = None, " (the fits on the evaluation seeds)"
+                    else:  # the baseline: a number of simulations, or as long as Adam ran
+                        evals = cal.baseline_budget // cal.seeds_per_step if cal.baseline_budget else None
+                        note = "" if evals else " (as long as adam)"
                     pbar.reset(total=evals)
-                    pbar.set_description(f"calibration: {method}" + ("" if evals else " (as long as adam)"))
+                    pbar.set_description(f"calibration: {method}{note}")
                 pbar.set_postfix(loss=f"{loss:.3f}", seconds=f"{seconds:.0f}")
                 pbar.update(1)
 

@@ -63,8 +63,8 @@ NYC_POPULATION = 8_336_817
 
 _ALIGNMENT = ("alignment_a", "alignment_b")
 FIRST_WAVE_PARAMETERS = (
-    "beta_scale", "transmission_change", "initial_infections_per_100k", "ascertainment", "fatality_scale",
-    *_ALIGNMENT,
+    "beta_scale", "transmission_change", "initial_infections_per_100k", "ascertainment",
+    "ascertainment_by_borough", "fatality_scale", *_ALIGNMENT,
 )
 """Names :func:`first_wave_space` can calibrate."""
 _EPS = 1e-6
@@ -140,6 +140,7 @@ def first_wave_space(
                                                          month 1 (behaviour the schedule leaves out)
     initial_infections_per_100k  (B,)      1 - 5000 log  infections on day 0 per 100,000 residents, by borough
     ascertainment                (M,)      0.01 - 1 log  share of symptomatic onsets reported, per month
+    ascertainment_by_borough     (B,)      0.2 - 5 log   relative ascertainment by borough (geometric mean 1)
     fatality_scale               ()        0.1 - 10 log  multiplier of the infection fatality ratio by age
     alignment_a, alignment_b     ()        0.25 - 4 log, slope and shift of ``logit(p') = a*logit(p) + b``
                                            -4 - 4        for the isolation decision (shared by archetypes)
@@ -164,6 +165,8 @@ def first_wave_space(
     change = params.transmission_change
     change = change if isinstance(change, tuple) else (change,)
     change = list(change[: n_months - 1]) + [change[-1]] * max(0, n_months - 1 - len(change))
+    rel = params.ascertainment_by_borough
+    rel = [float(rel)] * n_boroughs if isinstance(rel, float | int) else list(rel)
     seeds = list(params.initial_infections_per_100k)
     if len(seeds) != n_boroughs:
         raise ValueError(f"initial_infections_per_100k has {len(seeds)} values, expected {n_boroughs}")
@@ -180,6 +183,8 @@ def first_wave_space(
                                                doc="infections on day 0 per 100,000 residents, by borough"),
         "ascertainment": Bounded(0.01, 1.0, clip(asc, 0.01, 1.0), (n_months,), log=True,
                                  doc="share of symptomatic onsets reported as cases, per calendar month"),
+        "ascertainment_by_borough": Bounded(0.2, 5.0, clip(rel, 0.2, 5.0), (n_boroughs,), log=True,
+                                            doc="relative ascertainment by borough (scaled to geometric mean 1)"),
         "fatality_scale": Bounded(0.1, 10.0, clip(params.fatality_scale, 0.1, 10.0), log=True,
                                   doc="multiplier of the infection fatality ratio by age"),
     }
@@ -588,7 +593,9 @@ def calibrate_first_wave(
         alignment: the (a, b) the isolation decision's alignment map starts from (default: identity).
         lr_final: Adam's learning rate at the last step (geometric decay from `lr`; default: constant).
         curve_points: times at which both fits are scored for the loss-against-time curve.
-        on_step: called as ``on_step(method, index, loss, seconds)`` after each step/evaluation.
+        on_step: called as ``on_step(method, index, loss, seconds)`` after each step/evaluation,
+            and as ``on_step("scoring", index, loss, seconds)`` after each scoring on the evaluation
+            seeds (``3 + 2 * curve_points`` of them).
     """
     from lpm_llm.sim import Simulation
 
@@ -618,9 +625,15 @@ def calibrate_first_wave(
                              include=parameters, device=device)
     eval_list = [10_000 + seed + j for j in range(eval_seeds)]
 
+    scored = [0, time.perf_counter()]
+
     def evaluate(values: Mapping[str, torch.Tensor]) -> float:
         with torch.no_grad():
-            return float(objective(values, eval_list))
+            loss = float(objective(values, eval_list))
+        if on_step is not None:  # the scoring is long on a large city: report it like the steps
+            on_step("scoring", scored[0], loss, time.perf_counter() - scored[1])
+        scored[0] += 1
+        return loss
 
     initial = evaluate(space.values())
     fits = {}
@@ -676,7 +689,7 @@ def calibrate_first_wave(
         "eval_seeds": eval_list, "checkpoint_days": checkpoint_days, "device": str(device), "seed": seed,
         "loss": "mean over targets, weeks and boroughs of (log(m/scale + 1/scale) - log(observed + "
                 "1/scale))^2, m: the mean weekly count over the seeds",
-        "llm_requests": sum(f.calls for f in frozen.values()),
+        "decision_steps_asked": sum(f.calls for f in frozen.values()),  # each asks every archetype once
     }
     history = {m: {"loss": f.loss_history_, "wall_time": f.wall_times_, "simulations": f.simulations_,
                    "eval_loss": curves[m], "eval_wall_time": curve_times}

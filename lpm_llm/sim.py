@@ -322,6 +322,7 @@ class Simulation:
         decision_rows: list[tuple] = []
         contexts: list[dict[str, Any]] = []
         asc = theta["ascertainment"].detach()
+        asc_borough = theta["ascertainment_by_borough"].detach().cpu()
         delay = self.params.report_delay
         chunked = grad and self.checkpoint_days is not None
         pending: list[tuple[int, StepInputs]] = []  # days whose step has not run yet
@@ -359,7 +360,7 @@ class Simulation:
                 state = flush(state)
                 t0 = time.perf_counter()
             if self.decisions and t % self.decision_every == 0:
-                reported = self._reported_by_area(onsets_area, asc, month_index, delay, t)
+                reported = self._reported_by_area(onsets_area, asc, asc_borough, month_index, delay, t)
                 context = self._context(t, date, reported)
                 contexts.append(context)
                 for name, source in self.decisions.items():
@@ -371,7 +372,7 @@ class Simulation:
                     ) / c.cell_size.clamp(min=1.0)
             working = self.working
             if self.couplings:
-                reported = self._reported_by_area(onsets_area, asc, month_index, delay, t)
+                reported = self._reported_by_area(onsets_area, asc, asc_borough, month_index, delay, t)
                 epi = {"cases_week": self._per_100k(reported[-7:].sum(0) if reported.numel() else None)}
                 for coupling in self.couplings:
                     mask = coupling.step(t, date, held, epi)
@@ -407,7 +408,13 @@ class Simulation:
 
     # -- per-day helpers ------------------------------------------------------------------------
     def _reported_by_area(
-        self, onsets: list[torch.Tensor], asc: torch.Tensor, month_index: torch.Tensor, delay: int, t: int
+        self,
+        onsets: list[torch.Tensor],
+        asc: torch.Tensor,
+        asc_borough: torch.Tensor,
+        month_index: torch.Tensor,
+        delay: int,
+        t: int,
     ) -> torch.Tensor:
         """(t, B) expected reported cases on days 0..t-1 (onsets delayed, times ascertainment)."""
         b = self.contacts.shape[0]
@@ -415,7 +422,7 @@ class Simulation:
             return torch.zeros(0, b)
         x = torch.stack(onsets).cpu()
         x = torch.cat([torch.zeros(delay, b), x])[:t] if delay else x
-        return x * asc.cpu().index_select(0, month_index[:t].cpu()).unsqueeze(1)
+        return x * (asc.cpu().index_select(0, month_index[:t].cpu()).unsqueeze(1) * asc_borough).clamp(max=1.0)
 
     def _per_100k(self, cases: torch.Tensor | None) -> torch.Tensor:
         b = self.contacts.shape[0]

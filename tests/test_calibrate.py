@@ -132,16 +132,20 @@ def _objective(tiny_nyc, params, weeks, observed=None, decisions=True):
 
 
 def test_gradient_agrees_with_finite_differences_for_every_group(tiny_nyc):
-    """d(expected loss)/d(raw), averaged over 6 seeds, against central differences (h = 0.1 in raw
-    space) with common random numbers, along the all-ones raw direction of each group. The target
-    is simulated at other parameters, so that every group has a clear gradient.
+    """d(expected loss)/d(raw), averaged over 32 seeds, against central differences (h = 0.2 in raw
+    space) with common random numbers, along the all-ones raw direction of each group, the two
+    alignment terms also together. The target is simulated at other parameters, so that every group
+    has a clear gradient. Every group within 25%, with matching sign.
 
-    Seeding gets a 40% tolerance: its gradient comes out at 0.6-0.8 of the finite difference in
-    every configuration we measured, because seeding acts on the first weeks, where a 16,700-agent
-    city has O(1) cases per borough-week and the pathwise gradient of a log loss misses the jumps
-    between small integers (the estimator is unbiased for the counts, not for nonlinear losses).
+    Measured (AD / FD): beta_scale 0.97, seeding 0.95, ascertainment 1.00, fatality 1.11, alignment
+    slope 0.99, shift 1.04, both 1.04; over seeds 32-63 and 64-95 the worst are 0.90 (seeding) and
+    1.18 (slope). 32 seeds, not 6: the finite difference of few-count runs is the noisy side (its
+    spread between seeds is 3-4x the gradient's, so that with 6 seeds its own error is 12-15% for
+    seeding and the alignment terms), and h = 0.2 halves its variance against 0.1. Many seeds also
+    settle which side was biased before the group terms of the estimator (see "Gradients" in
+    lpm_llm.models.epidemic): the gradient, at 0.79 of a 100-seed finite difference for seeding.
     """
-    weeks, seeds, h = 7, range(6), 0.1
+    weeks, seeds, h = 7, range(32), 0.2
     zeros = {"cases": torch.zeros(weeks, 5), "deaths": torch.zeros(weeks, 5)}
     target = EpidemicParams(initial_infections_per_100k=(100.0,) * 5, ascertainment=0.1)
     maker = _objective(tiny_nyc, target, weeks, observed=zeros)
@@ -149,7 +153,7 @@ def test_gradient_agrees_with_finite_differences_for_every_group(tiny_nyc):
         runs = [maker.weekly({}, 50 + s) for s in range(2)]
     observed = {k: (runs[0][k] + runs[1][k]) / 2 / maker.scale for k in zeros}
     params = EpidemicParams(initial_infections_per_100k=(300.0,) * 5, beta_scale=1.5, ascertainment=0.2,
-                            fatality_scale=3.0)
+                            fatality_scale=3.0, ascertainment_by_borough=(2.0, 1.0, 1.0, 1.0, 0.5))
     objective = _objective(tiny_nyc, params, weeks, observed=observed)
     space = first_wave_space(params, n_months=2)
     for s in seeds:
@@ -165,18 +169,24 @@ def test_gradient_agrees_with_finite_differences_for_every_group(tiny_nyc):
     for name in space.names:
         offsets[name] = (i, i + space.raw[name].numel())
         i = offsets[name][1]
-    groups = {"beta_scale": (["beta_scale"], 0.25), "seeding": (["initial_infections_per_100k"], 0.40),
-              "ascertainment": (["ascertainment"], 0.25), "fatality": (["fatality_scale"], 0.25),
-              "alignment slope": (["alignment_a"], 0.25), "alignment shift": (["alignment_b"], 0.25)}
-    for group, (names, tolerance) in groups.items():
+    groups = {"beta_scale": ["beta_scale"], "seeding": ["initial_infections_per_100k"],
+              "transmission change": ["transmission_change"],
+              "ascertainment": ["ascertainment"], "fatality": ["fatality_scale"],
+              "alignment slope": ["alignment_a"], "alignment shift": ["alignment_b"],
+              "alignment": ["alignment_a", "alignment_b"],
+              # relative ascertainment is scaled to a geometric mean of 1: only contrasts act
+              "borough ascertainment": {"ascertainment_by_borough": [1.0, 0.0, 0.0, 0.0, -1.0]}}
+    gradient = torch.cat([space.raw[n].grad.reshape(-1).double() for n in space.names])
+    for group, names in groups.items():
+        pattern = names if isinstance(names, dict) else dict.fromkeys(names, 1.0)
         direction = torch.zeros_like(x0)
-        for n in names:
-            direction[offsets[n][0]:offsets[n][1]] = 1.0
+        for n, v in pattern.items():
+            direction[offsets[n][0]:offsets[n][1]] = torch.as_tensor(v, dtype=direction.dtype)
         fd = (loss_at(x0 + h * direction) - loss_at(x0 - h * direction)) / (2 * h)
-        ad = sum(float(space.raw[n].grad.sum()) for n in names)
+        ad = float(gradient @ direction)
         message = f"{group}: gradient {ad:.4g}, finite difference {fd:.4g}"
         assert np.sign(ad) == np.sign(fd) and abs(fd) > 0.05, message
-        assert abs(ad - fd) <= tolerance * abs(fd), message
+        assert abs(ad - fd) <= 0.25 * abs(fd), message
 
 
 def test_checkpointed_run_gives_the_same_loss_and_gradient(tiny_nyc):
@@ -223,8 +233,14 @@ def test_gradient_descent_recovers_transmission_and_ascertainment(tiny_nyc):
                      seed=0).fit(objective)
     assert cal.best_loss_ < 0.05 * cal.loss_history_[0]
     assert cal.best_params_["beta_scale"] == pytest.approx(1.6, rel=0.10)
-    # measured: 0.198 (-21%); not yet the 10% asked for: beta and ascertainment trade off along a
-    # shallow valley, and Adam with a larger step overshoots beta_scale instead (1.77 at lr 0.2)
+    # measured: beta_scale 1.698 (+6%), ascertainment 0.216 (-14%; 0.198 before the estimator's group
+    # terms); not the 10% asked for. Not the gradient: at the truth and at (1.66, 0.224) it agrees with
+    # central differences of the expected loss within 1-2 standard errors (24 data seeds, 4 per step).
+    # The expected loss is nearly flat along beta up / ascertainment down (in this city deaths pin the
+    # infections only loosely), and where Adam stops on that valley depends on its dynamics: 8 weeks,
+    # data from 24 seeds, 4 fresh seeds per step, 40 steps (lr 0.1 to 0.003) end at (1.755, 0.237)
+    # with Adam's betas (0.9, 0.999), beta_scale just inside 10% (+9.7%; its best step 1.766 is not),
+    # and at (1.62, 0.218) with (0.5, 0.999), ascertainment 13% low: neither holds 10% with a margin.
     assert cal.best_params_["ascertainment"] == pytest.approx([0.25], rel=0.25)
     assert len(cal.wall_times_) == 20 and cal.simulations_[-1] == 40
     assert space.to_dict()["beta_scale"] == pytest.approx(1.0, rel=1e-5)  # the given space is untouched
@@ -281,6 +297,23 @@ def test_transmission_change_multiplies_the_rates_of_later_months_only(tiny_nyc)
         EpidemicParams(transmission_change=-1.0)
 
 
+def test_ascertainment_by_borough_moves_reported_cases_between_boroughs_only(tiny_nyc):
+    pop, _ = tiny_nyc
+    runs = {}
+    for rel in (1.0, (4.0, 1.0, 1.0, 1.0, 1.0)):
+        params = EpidemicParams(initial_infections_per_100k=(300.0,) * 5, ascertainment=0.1,
+                                ascertainment_by_borough=rel)
+        with torch.no_grad():
+            runs[rel] = Simulation(pop, params, days=28, seed=2).run().series
+    even, bronx = runs[1.0], runs[(4.0, 1.0, 1.0, 1.0, 1.0)]
+    assert torch.equal(even["deaths"], bronx["deaths"])  # reporting does not change the epidemic
+    ratio = bronx["reported_cases"].sum((0, 2)) / even["reported_cases"].sum((0, 2))
+    g = 4.0 ** (1 / 5)  # the values are scaled to a geometric mean of 1
+    assert ratio.tolist() == pytest.approx([4.0 / g] + [1 / g] * 4, rel=1e-5)
+    with pytest.raises(ValueError, match="ascertainment_by_borough"):
+        EpidemicParams(ascertainment_by_borough=(1.0, 0.0, 1.0, 1.0, 1.0))
+
+
 # -- the first-wave entry point --------------------------------------------------------------------------
 
 
@@ -293,7 +326,7 @@ def test_calibrate_first_wave_on_bundled_data(tiny_nyc, tmp_path):
         eval_seeds=1, lr=0.1,
     )
     assert report.settings["fit_weeks"] == 4 and report.settings["cutoff"] == "2020-03-29"
-    assert report.settings["llm_requests"] == 5  # decision days 0, 7, 14, 21 and 28: once each
+    assert report.settings["decision_steps_asked"] == 5  # decision days 0, 7, 14, 21 and 28: once each
     assert len(report.history["adam"]["loss"]) == 2 and len(report.history["nelder-mead"]["loss"]) == 3
     assert "transmission_change" not in report.params  # a fit within one calendar month has no month 2
     assert len(report.history["adam"]["eval_loss"]) == 8 == len(report.history["nelder-mead"]["eval_wall_time"])

@@ -257,6 +257,9 @@ class _RecordingBar:
     def close(self) -> None:
         self.closed = True
 
+    def reset(self, total: int | None = None) -> None:
+        self.total, self.n = total, 0
+
 
 def test_progress_covers_setup_llm_queries_and_simulation(experiment_file: Path, tmp_path: Path):
     _RecordingBar.made = []
@@ -268,6 +271,21 @@ def test_progress_covers_setup_llm_queries_and_simulation(experiment_file: Path,
     assert sim.total == sim.n == 15 and sim.closed
     asking = [d for d in sim.descriptions if "asking the LLM" in d]
     assert len(asking) == 3 and "2020-03-08" in asking[1]  # one per decision step
+
+
+def test_calibration_progress_names_each_phase(experiment_file: Path, tmp_path: Path):
+    """Adam (a known number of steps), Nelder-Mead for as long as Adam ran (unknown), then the scoring."""
+    _RecordingBar.made = []
+    overrides = ["calibration.end=2020-03-21", "calibration.forecast_weeks=0", "calibration.steps=2",
+                 "calibration.targets=[cases]"]
+    with respx.mock(assert_all_mocked=True) as mock:
+        mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_logprob_answer)
+        Experiment.from_yaml(experiment_file, overrides, progress=_RecordingBar).calibrate(tmp_path / "c")
+    bar = _RecordingBar.made[-1]
+    phases = [d for d in bar.descriptions if d.startswith("calibration")]
+    assert phases[:2] == ["calibration: adam", "calibration: scoring (the fits on the evaluation seeds)"]
+    assert phases[2:5] == ["calibration: adam", "calibration: nelder-mead (as long as adam)", phases[1]]
+    assert bar.total is None and bar.n == 2 * 8 + 3 and bar.closed  # the curves, both end points, NM at 2 sims
 
 
 def test_cli_calibrates_the_labour_model_with_a_held_out_forecast(experiment_file: Path, tmp_path: Path):
@@ -314,3 +332,13 @@ def test_every_bundled_experiment_validates_and_its_files_resolve(path: Path):
         for decision in cfg.decisions.values():
             PromptSpec.from_yaml(resolve_path(decision.prompt, "prompts"))
         assert cfg.llm.provider == "local", "bundled experiments run on the embedded model"
+
+
+def test_calibrated_parameters_are_checked_by_name(experiment_file: Path):
+    from lpm_llm._config import ConfigError
+    from lpm_llm.experiment import load_config
+
+    cfg, _ = load_config(experiment_file, overrides=["calibration.parameters=[beta_scale, ascertainment]"])
+    assert cfg.calibration.parameters == ["beta_scale", "ascertainment"]
+    with pytest.raises(ConfigError, match="beta_scle.*known: beta_scale, transmission_change"):
+        load_config(experiment_file, overrides=["calibration.parameters=[beta_scle]"])

@@ -80,6 +80,26 @@ def test_log_mse_is_zero_at_the_observations_and_grows_with_the_log_error():
         log_mse({"cases": torch.zeros(2, 2), "deaths": torch.zeros(1, 2)}, obs, scale)
 
 
+def test_log_mse_noise_correction_puts_the_minimum_at_the_observed_mean():
+    """The mean of 2 Poisson draws fitted to an observed mean of 5 on the log scale: the expected plain
+    loss is smallest at a simulated mean of 5.4 (+8%: the noise of the mean lowers its log and the
+    squared error rewards less relative noise), the corrected one at 5.1 (+2%); and at the truth the
+    corrected loss is close to 0 where the plain one is the noise's variance."""
+    g = torch.Generator().manual_seed(0)
+    observed = {"cases": torch.full((50_000, 1), 5.0)}
+    grid = torch.arange(4.0, 7.01, 0.1)
+    plain, corrected = [], []
+    for mean in grid:
+        x = torch.poisson(torch.full((50_000, 2), float(mean)), generator=g)
+        simulated = {"cases": x.mean(1, keepdim=True)}
+        plain.append(float(log_mse(simulated, observed, 1.0)))
+        corrected.append(float(log_mse(simulated, observed, 1.0, variance={"cases": x.var(1, keepdim=True) / 2})))
+    assert float(grid[int(np.argmin(plain))]) >= 5.3
+    assert float(grid[int(np.argmin(corrected))]) == pytest.approx(5.0, abs=0.15)
+    at_truth = int(torch.argmin((grid - 5.0).abs()))
+    assert abs(corrected[at_truth]) < 0.1 * plain[at_truth]
+
+
 def test_observed_and_simulated_weekly_sums():
     obs = observed_weekly(START, 3, ("cases", "deaths"))
     assert obs["cases"].shape == (3, 5)
@@ -209,40 +229,52 @@ def test_checkpointed_run_gives_the_same_loss_and_gradient(tiny_nyc):
 # -- recovery of known parameters ------------------------------------------------------------------------
 
 
-def test_gradient_descent_recovers_transmission_and_ascertainment(tiny_nyc):
-    """Weekly cases and deaths of six weeks simulated at beta_scale=1.6, ascertainment 0.25 (the mean
-    of seeds 0 and 1); Adam from beta_scale=1.0, ascertainment 0.1, fitting the mean of the same two
-    seeds every step (common random numbers: the loss is 0 at the truth), recovers beta_scale within
-    10% at its best step, ascertainment within 25%. Cases alone leave a ridge (beta_scale 1.70 with
-    ascertainment 0.216 fits them to a loss of 0.009); deaths, which do not depend on ascertainment,
-    pin the number of infections. The IFR is scaled by 4 so that this 16,700-agent city has more
-    than O(1) deaths per borough-week.
+def test_gradient_descent_recovers_transmission_seeding_and_ascertainment():
+    """Data simulated at known parameters (beta_scale 1.6, 250 initial infections per 100k, ascertainment
+    0.25; the mean weekly cases and deaths by borough of 128 runs over 12 weeks, nearly their
+    expectation); Adam from beta_scale 1.0, 60 per 100k and ascertainment 0.1, with 2 fresh seeds per
+    step, recovers each within 10%. Measured over fit seeds 0, 1 and 2: beta_scale +2.5, +2.6, +1.1%,
+    seeding -3.7, -5.9, -7.9%, ascertainment (March, April) within 6%.
+
+    What it takes, measured on this problem: a city of 33,000 agents; the mean of 128 runs as data
+    (with 16, the Bronx's data alone were 35% above their expectation); Adam's betas (0.5, 0.9) (see
+    Calibrator); a first learning rate of 0.3 (at 0.1 the decaying rate could not carry the seeding
+    far enough); the noise correction of log_mse; and 12 weeks, through the peak: over the 8 weeks of
+    growth, transmission and seeding trade off along a shallow valley, and the estimator's small
+    bias on seeding (0.9 of the finite difference) moved the fit along it, seeding 7-13% low.
+
+    Not tested, because it does not hold with a margin here: seeding by borough. Fitted to 150, 250,
+    200, 200 and 400 per 100k, it comes back within 10% for the Bronx, Brooklyn and Manhattan but
+    5-19% low for Staten Island and up to 11% low for Queens, whose runs start with 4-8 infected
+    agents. The infection fatality ratio stays at its published values: in the growth phase seeding,
+    ascertainment and fatality can be scaled together without changing cases or deaths.
     """
-    weeks = 6
-    truth = EpidemicParams(initial_infections_per_100k=(200.0,) * 5, beta_scale=1.6, ascertainment=0.25,
+    pop = synthesize_nyc(scale=0.004, seed=0)
+    weeks, scale = 12, pop.n / NYC_POPULATION
+    truth = EpidemicParams(initial_infections_per_100k=(250.0,) * 5, beta_scale=1.6, ascertainment=0.25,
                            fatality_scale=4.0)
+
+    def objective(params, observed):
+        sim = Simulation(pop, params, interventions=nyc_2020(), start_date=START, days=7 * weeks, seed=0)
+        return SimulationObjective(sim, observed, weeks=weeks, scale=scale)
+
     zeros = {"cases": torch.zeros(weeks, 5), "deaths": torch.zeros(weeks, 5)}
-    maker = _objective(tiny_nyc, truth, weeks, observed=zeros, decisions=False)
+    maker = objective(truth, zeros)
     with torch.no_grad():
-        runs = [maker.weekly({}, s) for s in range(2)]
-    observed = {k: (runs[0][k] + runs[1][k]) / 2 / maker.scale for k in zeros}
-    start = truth.model_copy(update={"beta_scale": 1.0, "ascertainment": 0.1})
-    objective = _objective(tiny_nyc, start, weeks, observed=observed, decisions=False)
-    space = first_wave_space(start, n_months=1, alignment=False, include=("beta_scale", "ascertainment"))
-    cal = Calibrator(space, steps=20, lr=0.1, lr_final=0.01, seeds_per_step=2, resample_seeds=False,
-                     seed=0).fit(objective)
-    assert cal.best_loss_ < 0.05 * cal.loss_history_[0]
-    assert cal.best_params_["beta_scale"] == pytest.approx(1.6, rel=0.10)
-    # measured: beta_scale 1.698 (+6%), ascertainment 0.216 (-14%; 0.198 before the estimator's group
-    # terms); not the 10% asked for. Not the gradient: at the truth and at (1.66, 0.224) it agrees with
-    # central differences of the expected loss within 1-2 standard errors (24 data seeds, 4 per step).
-    # The expected loss is nearly flat along beta up / ascertainment down (in this city deaths pin the
-    # infections only loosely), and where Adam stops on that valley depends on its dynamics: 8 weeks,
-    # data from 24 seeds, 4 fresh seeds per step, 40 steps (lr 0.1 to 0.003) end at (1.755, 0.237)
-    # with Adam's betas (0.9, 0.999), beta_scale just inside 10% (+9.7%; its best step 1.766 is not),
-    # and at (1.62, 0.218) with (0.5, 0.999), ascertainment 13% low: neither holds 10% with a margin.
-    assert cal.best_params_["ascertainment"] == pytest.approx([0.25], rel=0.25)
-    assert len(cal.wall_times_) == 20 and cal.simulations_[-1] == 40
+        runs = [maker.weekly({}, 1000 + s) for s in range(128)]
+    observed = {k: torch.stack([r[k] for r in runs]).mean(0) / scale for k in zeros}
+    start = truth.model_copy(
+        update={"beta_scale": 1.0, "ascertainment": 0.1, "initial_infections_per_100k": (60.0,) * 5}
+    )
+    names = ("beta_scale", "initial_infections_per_100k", "ascertainment")
+    space = first_wave_space(start, n_months=2, alignment=False, include=names, seeding_by_borough=False)
+    cal = Calibrator(space, steps=60, lr=0.3, lr_final=0.005, seeds_per_step=2, seed=0).fit(objective(start, observed))
+    fitted = cal.params_
+    assert fitted["beta_scale"] == pytest.approx(1.6, rel=0.10)
+    assert fitted["initial_infections_per_100k"] == pytest.approx(250.0, rel=0.10)
+    assert fitted["ascertainment"] == pytest.approx([0.25, 0.25], rel=0.10)
+    assert np.mean(cal.loss_history_[-10:]) < 0.02 * cal.loss_history_[0]
+    assert len(cal.wall_times_) == 60 and cal.simulations_[-1] == 120
     assert space.to_dict()["beta_scale"] == pytest.approx(1.0, rel=1e-5)  # the given space is untouched
 
 

@@ -354,6 +354,15 @@ def test_params_validation():
         sim.model.tensors({"beta": torch.tensor(1.0)})
     with pytest.raises(ValueError, match=r"susceptibility must have shape \(10,\)"):
         sim.model.tensors({"susceptibility": torch.ones(3)})
+    # a per-borough parameter also takes one value for every borough, and keeps its gradient
+    seeding = torch.tensor(40.0, requires_grad=True)
+    theta = sim.model.tensors({"initial_infections_per_100k": seeding})
+    boroughs = sim.contacts.shape[0]
+    assert theta["initial_infections_per_100k"].tolist() == [40.0] * boroughs
+    theta["initial_infections_per_100k"].sum().backward()
+    assert float(seeding.grad) == boroughs
+    with pytest.raises(ValueError, match=r"initial_infections_per_100k must have shape \(\) or \(\d+,\)"):
+        sim.model.tensors({"initial_infections_per_100k": torch.ones(boroughs + 1)})
     assert set(EpidemicParams.model_fields) >= {
         "beta_household",
         "ifr",

@@ -8,8 +8,8 @@ grad) on a synthetic city of about ``--agents`` agents over ``--days`` days: sec
 (``resource.getrusage``, the whole process, so run one configuration per process).
 ``wave``: :func:`lpm_llm.calibrate.calibrate_first_wave` on the bundled NYC data (constant isolation
 decisions, no LLM): the loss on common evaluation seeds of gradient descent and of Nelder-Mead
-(given as much wall time as Adam took) against fitting time, and the forecast errors against
-persistence.
+(given as much wall time as Adam took) against fitting time, when Adam's fit first scored at or
+below Nelder-Mead's final loss, and the forecast errors against persistence.
 """
 
 from __future__ import annotations
@@ -87,8 +87,14 @@ def bench_wave(scale: float, steps: int, seeds_per_step: int, lr: float, lr_fina
                "eval_loss_vs_time": {m: [(round(t, 1), round(v, 4)) for t, v in zip(h["eval_wall_time"],
                                                                                    h["eval_loss"], strict=True)]
                                      for m, h in report.history.items()},
-               "forecast_cases": {m: {k: v for k, v in f["cases"].items() if k.endswith(("total", "error"))}
-                                  for m, f in report.forecast.items()}}
+               "forecast": {m: {t: {k: v for k, v in f[t].items() if k.endswith(("total", "error"))} for t in f}
+                            for m, f in report.forecast.items()}}
+    # the verdict: when Adam's fit first scored at or below Nelder-Mead's final loss, and the ratio at equal time
+    adam, nm = report.history["adam"], report.history["nelder-mead"]
+    reached = [t for t, v in zip(adam["eval_wall_time"], adam["eval_loss"], strict=True) if v <= nm["eval_loss"][-1]]
+    summary["adam_reaches_nelder_mead_final_loss_at_s"] = round(reached[0], 1) if reached else None
+    summary["nelder_mead_s"] = round(nm["wall_time"][-1], 1)
+    summary["loss_ratio_nelder_mead_to_adam_at_equal_time"] = round(nm["eval_loss"][-1] / adam["eval_loss"][-1], 2)
     return summary
 
 

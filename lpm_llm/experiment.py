@@ -110,7 +110,6 @@ class CalibrationConfig(_Strict):
         None, description="calibrated parameters (lpm_llm.calibrate.first_wave_space names); default: all"
     )
 
-
     @field_validator("parameters")
     @classmethod
     def _known_parameters(cls, v: list[str] | None) -> list[str] | None:

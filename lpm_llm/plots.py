@@ -190,7 +190,7 @@ def plot_loss_curves(history: dict[str, dict[str, list[float]]], path: str | Pat
             ax.plot(h["eval_wall_time"], h["eval_loss"], "o-", color=f"C{i}", label=label)
     ax.set_xlabel("fitting time (s)")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    ax.set_yscale("symlog", linthresh=0.01)  # the noise-corrected loss of a few runs can dip below 0
     ax.set_title(title or "Calibration loss against wall time")
     ax.legend(fontsize=8)
     return _save(fig, path)

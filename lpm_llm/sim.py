@@ -321,8 +321,7 @@ class Simulation:
         onsets_area: list[torch.Tensor] = []  # (B,) detached onsets per day, for the context
         decision_rows: list[tuple] = []
         contexts: list[dict[str, Any]] = []
-        asc = theta["ascertainment"].detach()
-        asc_borough = theta["ascertainment_by_borough"].detach().cpu()
+        reporting = model.reporting_rate(theta, month_index).detach().cpu()  # (T, B)
         delay = self.params.report_delay
         chunked = grad and self.checkpoint_days is not None
         pending: list[tuple[int, StepInputs]] = []  # days whose step has not run yet
@@ -360,7 +359,7 @@ class Simulation:
                 state = flush(state)
                 t0 = time.perf_counter()
             if self.decisions and t % self.decision_every == 0:
-                reported = self._reported_by_area(onsets_area, asc, asc_borough, month_index, delay, t)
+                reported = self._reported_by_area(onsets_area, reporting, delay, t)
                 context = self._context(t, date, reported)
                 contexts.append(context)
                 for name, source in self.decisions.items():
@@ -372,7 +371,7 @@ class Simulation:
                     ) / c.cell_size.clamp(min=1.0)
             working = self.working
             if self.couplings:
-                reported = self._reported_by_area(onsets_area, asc, asc_borough, month_index, delay, t)
+                reported = self._reported_by_area(onsets_area, reporting, delay, t)
                 epi = {"cases_week": self._per_100k(reported[-7:].sum(0) if reported.numel() else None)}
                 for coupling in self.couplings:
                     mask = coupling.step(t, date, held, epi)
@@ -408,21 +407,16 @@ class Simulation:
 
     # -- per-day helpers ------------------------------------------------------------------------
     def _reported_by_area(
-        self,
-        onsets: list[torch.Tensor],
-        asc: torch.Tensor,
-        asc_borough: torch.Tensor,
-        month_index: torch.Tensor,
-        delay: int,
-        t: int,
+        self, onsets: list[torch.Tensor], reporting: torch.Tensor, delay: int, t: int
     ) -> torch.Tensor:
-        """(t, B) expected reported cases on days 0..t-1 (onsets delayed, times ascertainment)."""
+        """(t, B) expected reported cases on days 0..t-1: onsets (B,) per day, delayed, times the
+        (T, B) reporting rate (:meth:`EpidemicModel.reporting_rate`)."""
         b = self.contacts.shape[0]
         if t == 0:
             return torch.zeros(0, b)
         x = torch.stack(onsets).cpu()
         x = torch.cat([torch.zeros(delay, b), x])[:t] if delay else x
-        return x * (asc.cpu().index_select(0, month_index[:t].cpu()).unsqueeze(1) * asc_borough).clamp(max=1.0)
+        return x * reporting[:t]
 
     def _per_100k(self, cases: torch.Tensor | None) -> torch.Tensor:
         b = self.contacts.shape[0]

@@ -310,6 +310,8 @@ def test_time_limit_stops_nelder_mead_and_space_at_replays_the_fit():
     assert len(adam.vector_history_) == 80 and adam.space_at(adam.wall_times_[0]).to_dict() != adam.params_
     with pytest.raises(ValueError, match="time_limit"):
         Calibrator(space, time_limit=0.0).fit(objective)
+    with pytest.raises(ValueError, match=r"betas must be two values in \[0, 1\)"):
+        Calibrator(space, betas=(0.9, 1.0)).fit(objective)
 
 
 def test_transmission_change_multiplies_the_rates_of_later_months_only(tiny_nyc):

@@ -667,19 +667,24 @@ class EpidemicModel:
         return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1) + 1
 
     # -- reporting ------------------------------------------------------------------------------
+    @staticmethod
+    def reporting_rate(theta: Mapping[str, torch.Tensor], month_index: torch.Tensor) -> torch.Tensor:
+        """(T, B) share of symptomatic onsets reported as cases, by day and borough: the month's
+        ``ascertainment`` times the borough's ``ascertainment_by_borough``, at most 1."""
+        monthly = theta["ascertainment"].index_select(0, month_index).unsqueeze(1)
+        return (monthly * theta["ascertainment_by_borough"].unsqueeze(0)).clamp(max=1.0)
+
     def report(
         self, daily: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor], month_index: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Stacked daily outputs (T, B, A) -> the recorded series (``records``), all (T, B, A).
 
-        ``reported_cases[t] = ascertainment[month(t)] * ascertainment_by_borough * new_symptomatic[t -
-        report_delay]`` (at most 1 times the onsets; expected
+        ``reported_cases[t] = reporting_rate[t] * new_symptomatic[t - report_delay]`` (the expected
         value, so that ascertainment gets exact gradients); ``hospitalized[t] =
         new_hospitalized[t - hosp_delay]`` (admissions); days before the delay are 0.
         """
         p = self.params
-        asc = theta["ascertainment"].index_select(0, month_index).view(-1, 1, 1)
-        asc = (asc * theta["ascertainment_by_borough"].view(1, -1, 1)).clamp(max=1.0)  # (T, B, 1)
+        asc = self.reporting_rate(theta, month_index).unsqueeze(-1)  # (T, B, 1)
         prevalence = daily["prevalence"]
         series = {
             "new_infections": daily["new_infections"],

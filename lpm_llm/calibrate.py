@@ -626,7 +626,8 @@ def calibrate_first_wave(
         curve_points: times at which both fits are scored for the loss-against-time curve.
         on_step: called as ``on_step(method, index, loss, seconds)`` after each step/evaluation,
             and as ``on_step("scoring", index, loss, seconds)`` after each scoring on the evaluation
-            seeds (``3 + 2 * curve_points`` of them).
+            seeds (``3 + 2 * curve_points`` of them, one more when Nelder-Mead ran more simulations
+            than Adam).
     """
     from lpm_llm.sim import Simulation
 

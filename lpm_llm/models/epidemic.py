@@ -292,7 +292,7 @@ class EpidemicModel:
         out: dict[str, torch.Tensor] = {}
         for name in TENSOR_PARAMS:
             value = getattr(p, name)
-            if name == "ascertainment_by_borough" and isinstance(value, float | int):
+            if TENSOR_PARAMS[name] == "B" and isinstance(value, float | int):  # one value for every borough
                 value = (float(value),) * b
             if TENSOR_PARAMS[name] == "B" and len(value) != b:
                 raise ValueError(f"{name} has {len(value)} values, the population {b} boroughs")
@@ -568,6 +568,7 @@ class EpidemicModel:
         :meth:`_group_terms` instead. Forward values are those of the plain pressure."""
         c = self.contacts
         live = c.pressure(infectious, w_home * weight, w_out * weight, inputs.rates, inputs.working)
+        # the weights alone are detached: the rates, compliance and isolation keep their gradients
         fixed = c.pressure(
             infectious, w_home * weight.detach(), w_out * weight.detach(), inputs.rates, inputs.working
         )

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from lpm_llm.behavior import broadcast
+from lpm_llm.core.behavior import broadcast
 from lpm_llm.population import smallest_int_dtype
 
 TARGET_S = 0.2

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-from lpm_llm.archetypes import ArchetypeSpec
-from lpm_llm.behavior import ConstantDecision
 from lpm_llm.calibrate import (
     NYC_POPULATION,
     FrozenDecisions,
@@ -32,10 +30,12 @@ from lpm_llm.calibrate import (
     calibrate_first_wave,
     first_wave_space,
 )
-from lpm_llm.interventions import nyc_2020
+from lpm_llm.core.behavior import ConstantDecision
+from lpm_llm.core.interventions import nyc_2020
+from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import EpidemicParams
-from lpm_llm.sim import Simulation
-from lpm_llm.synthesis import synthesize_nyc
+from lpm_llm.population.archetypes import ArchetypeSpec
+from lpm_llm.population.synthesis import synthesize_nyc
 
 START = "2020-03-01"
 PARAMS = EpidemicParams(initial_infections_per_100k=(100.0,) * 5, beta_scale=1.5)
@@ -46,7 +46,7 @@ def _rss_gib() -> float:
 
 
 def bench_step(agents: int, days: int, checkpoint_days: int | None) -> dict:
-    from lpm_llm._forecast import observed_weekly
+    from lpm_llm.calibrate.targets import observed_weekly
 
     pop = synthesize_nyc(scale=agents / NYC_POPULATION, seed=0)
     arch = ArchetypeSpec.from_yaml("nyc_age_sex_borough.yaml").assign(pop)

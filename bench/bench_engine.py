@@ -45,11 +45,11 @@ def run_ours(scenario: str, agents: int, days: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from lpm_llm.behavior import ConstantDecision
-    from lpm_llm.interventions import nyc_2020
+    from lpm_llm.core.behavior import ConstantDecision
+    from lpm_llm.core.interventions import nyc_2020
+    from lpm_llm.core.sim import Simulation
     from lpm_llm.models.epidemic import EpidemicParams
     from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
-    from lpm_llm.sim import Simulation
 
     t0 = time.perf_counter()
     kwargs: dict = {}
@@ -76,7 +76,7 @@ def run_ours(scenario: str, agents: int, days: int, threads: int) -> dict:
             initial_infections_per_100k=(100.0,) * 5,
         )
     else:
-        from lpm_llm.synthesis import synthesize_nyc
+        from lpm_llm.population.synthesis import synthesize_nyc
 
         scale = 1.0 if scenario == "nyc" else agents / NYC_AGENTS
         pop = synthesize_nyc(scale=scale, seed=0)

@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--no-archetypes", action="store_true", help="only time the synthesis")
     args = parser.parse_args()
 
-    from lpm_llm.archetypes import ArchetypeSpec
-    from lpm_llm.synthesis import synthesize_nyc
+    from lpm_llm.population.archetypes import ArchetypeSpec
+    from lpm_llm.population.synthesis import synthesize_nyc
 
     print(f"imports done: peak RSS {peak_rss_mb():.0f} MiB")
 

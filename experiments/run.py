@@ -5,7 +5,7 @@ The same as ``lpm-llm run``; ``python experiments/run.py calibrate EXPERIMENT.ya
 
 import sys
 
-from lpm_llm.cli import main
+from lpm_llm.runner.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -9,16 +9,16 @@ or piece by piece: ``synthesize_nyc`` -> ``ArchetypeSpec.assign`` -> ``LLMDecisi
 ``Simulation(...).run()``.
 """
 
-from lpm_llm.archetypes import Archetypes, ArchetypeSpec
-from lpm_llm.behavior import AlignmentMap, ConstantDecision, DecisionSource, PerArchetype, broadcast
-from lpm_llm.experiment import Experiment, ExperimentConfig, load_config
-from lpm_llm.interventions import InterventionSchedule, nyc_2020
+from lpm_llm.core.behavior import AlignmentMap, ConstantDecision, DecisionSource, PerArchetype, broadcast
+from lpm_llm.core.interventions import InterventionSchedule, nyc_2020
+from lpm_llm.core.sim import Results, Simulation
 from lpm_llm.llm import LLMDecision, LLMSettings, open_client
+from lpm_llm.llm.prompts import PromptSpec
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.population import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
-from lpm_llm.prompts import PromptSpec
-from lpm_llm.sim import Results, Simulation
-from lpm_llm.synthesis import synthesize_nyc
+from lpm_llm.population.archetypes import Archetypes, ArchetypeSpec
+from lpm_llm.population.synthesis import synthesize_nyc
+from lpm_llm.runner.experiment import Experiment, ExperimentConfig, load_config
 
 __version__ = "0.1.0"
 

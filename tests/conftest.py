@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lpm_llm.population import Population
-from lpm_llm.synthesis import synthesize_nyc
+from lpm_llm.population.synthesis import synthesize_nyc
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lpm_llm.archetypes import ATTRIBUTES, Archetypes, ArchetypeSpec, describe
 from lpm_llm.population import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
+from lpm_llm.population.archetypes import ATTRIBUTES, Archetypes, ArchetypeSpec, describe
 
 
 def _labels(pop: Population, attribute: str) -> np.ndarray:

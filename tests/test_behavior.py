@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lpm_llm.behavior import AlignmentMap, ConstantDecision, DecisionSource, broadcast
+from lpm_llm.core.behavior import AlignmentMap, ConstantDecision, DecisionSource, broadcast
 
 N = 200_000
 P = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0, 0.33])

@@ -10,10 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from lpm_llm._bounded import Bounded, ParameterSpace
-from lpm_llm._forecast import forecast_scores, log_mse, observed_weekly, simulated_weekly
-from lpm_llm.archetypes import ArchetypeSpec
-from lpm_llm.behavior import ConstantDecision
 from lpm_llm.calibrate import (
     NYC_POPULATION,
     Calibrator,
@@ -22,10 +18,14 @@ from lpm_llm.calibrate import (
     calibrate_first_wave,
     first_wave_space,
 )
-from lpm_llm.interventions import nyc_2020
+from lpm_llm.calibrate.targets import forecast_scores, log_mse, observed_weekly, simulated_weekly
+from lpm_llm.core.behavior import ConstantDecision
+from lpm_llm.core.interventions import nyc_2020
+from lpm_llm.core.parameters import Bounded, ParameterSpace
+from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import EpidemicParams
-from lpm_llm.sim import Simulation
-from lpm_llm.synthesis import synthesize_nyc
+from lpm_llm.population.archetypes import ArchetypeSpec
+from lpm_llm.population.synthesis import synthesize_nyc
 
 START = "2020-03-01"
 

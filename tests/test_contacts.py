@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lpm_llm.contacts import LAYERS, ContactLayers, default_community_matrix
+from lpm_llm.models.contacts import LAYERS, ContactLayers, default_community_matrix
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from lpm_llm.behavior import ConstantDecision
-from lpm_llm.interventions import InterventionSchedule, SchoolClosure
+from lpm_llm.core.behavior import ConstantDecision
+from lpm_llm.core.interventions import InterventionSchedule, SchoolClosure
+from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import STATES, EpidemicParams, duration_pmf
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
-from lpm_llm.sim import Simulation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,7 +189,7 @@ def test_isolation_reduces_outside_transmission_by_compliance(mixed_pop):
         )
         assert torch.equal(a.series["new_infections"], b.series["new_infections"])
     # community-only with everyone isolating: the force drops by (1 - c) on each side of a contact
-    from lpm_llm.contacts import ContactLayers
+    from lpm_llm.models.contacts import ContactLayers
 
     layers = ContactLayers.from_population(mixed_pop)
     g = torch.Generator().manual_seed(0)
@@ -288,7 +288,7 @@ def test_one_day_gradient_is_unbiased_for_the_expected_count(mixed_pop):
 
 def test_gradients_reach_every_calibrated_parameter(mixed_pop):
     arch = _Arch(mixed_pop)
-    from lpm_llm.behavior import AlignmentMap
+    from lpm_llm.core.behavior import AlignmentMap
 
     theta = {
         "beta_scale": torch.tensor(1.0, requires_grad=True),

@@ -22,9 +22,9 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
+from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
-from lpm_llm.sim import Simulation
 
 N = 1_000_000
 BETA, LATENT, INFECTIOUS = 0.5, 4.0, 7.0

@@ -17,8 +17,8 @@ import pytest
 import respx
 import yaml
 
-from lpm_llm.cli import main
-from lpm_llm.experiment import Experiment, load_config
+from lpm_llm.runner.cli import main
+from lpm_llm.runner.experiment import Experiment, load_config
 
 ENDPOINT = "http://127.0.0.1:9/v1"  # never contacted: respx answers
 REPO = Path(__file__).resolve().parents[1]
@@ -308,7 +308,7 @@ def test_cli_calibrates_the_labour_model_with_a_held_out_forecast(experiment_fil
 
 
 def test_ensemble_summary_is_mean_and_band_over_seeds():
-    from lpm_llm._runner import ensemble_summary
+    from lpm_llm.runner.run import ensemble_summary
 
     rows = [{"scenario": "baseline", "date": pd.Timestamp("2020-03-01"), "area": "NYC", "seed": s,
              "new_infections": float(s), "reported_cases": 10.0 * s, "hospitalized": 0.0, "deaths": 1.0,
@@ -322,9 +322,9 @@ def test_ensemble_summary_is_mean_and_band_over_seeds():
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_bundled_experiment_validates_and_its_files_resolve(path: Path):
-    from lpm_llm._resources import resolve_path
-    from lpm_llm.archetypes import ArchetypeSpec
-    from lpm_llm.prompts import PromptSpec
+    from lpm_llm.llm.prompts import PromptSpec
+    from lpm_llm.population.archetypes import ArchetypeSpec
+    from lpm_llm.resources import resolve_path
 
     base, scenarios = load_config(path)
     for cfg in (base, *scenarios.values()):
@@ -335,8 +335,8 @@ def test_every_bundled_experiment_validates_and_its_files_resolve(path: Path):
 
 
 def test_calibrated_parameters_are_checked_by_name(experiment_file: Path):
-    from lpm_llm._config import ConfigError
-    from lpm_llm.experiment import load_config
+    from lpm_llm.runner.config import ConfigError
+    from lpm_llm.runner.experiment import load_config
 
     cfg, _ = load_config(experiment_file, overrides=["calibration.parameters=[beta_scale, ascertainment]"])
     assert cfg.calibration.parameters == ["beta_scale", "ascertainment"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from lpm_llm.interventions import InterventionSchedule, Masks, SchoolClosure, StayAtHome, nyc_2020
+from lpm_llm.core.interventions import InterventionSchedule, Masks, SchoolClosure, StayAtHome, nyc_2020
 
 
 def test_nyc_2020_dates_and_multipliers():

@@ -11,12 +11,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from lpm_llm.behavior import ConstantDecision, PerArchetype
-from lpm_llm.industry import INDUSTRIES, assign_industry, load_industry_shares, working_age_mask
+from lpm_llm.core.behavior import ConstantDecision, PerArchetype
+from lpm_llm.data.observed import load_unemployment
 from lpm_llm.models import labor as L
 from lpm_llm.models.labor_fit import calibrate_labor
-from lpm_llm.observed import load_unemployment
 from lpm_llm.population import AGE_BANDS, BOROUGHS, SEXES, Population
+from lpm_llm.population.industry import INDUSTRIES, assign_industry, load_industry_shares, working_age_mask
 
 TOTALS = torch.tensor([1418207, 2559903, 1628706, 2253858, 476143], dtype=torch.float32)  # marginals
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import respx
 
-from lpm_llm.behavior import PerArchetype
+from lpm_llm.core.behavior import PerArchetype
 from lpm_llm.llm import (
     AnswerError,
     CacheMissError,
@@ -32,7 +32,7 @@ from lpm_llm.llm import (
     request_key,
 )
 from lpm_llm.llm.parsing import PROBABILITY_SCHEMA
-from lpm_llm.prompts import PromptSpec
+from lpm_llm.llm.prompts import PromptSpec
 
 BASE = "http://127.0.0.1:9/v1"
 URL = BASE + "/chat/completions"

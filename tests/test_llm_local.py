@@ -26,7 +26,7 @@ from lpm_llm.llm import (
     open_client,
 )
 from lpm_llm.llm.local import shared_server
-from lpm_llm.prompts import PromptSpec
+from lpm_llm.llm.prompts import PromptSpec
 
 pytestmark = [
     pytest.mark.local_llm,

@@ -11,9 +11,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from lpm_llm._resources import nyc_data_path
 from lpm_llm.population import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
-from lpm_llm.synthesis import (
+from lpm_llm.population.synthesis import (
     DEFAULT_HOUSEHOLD_SIZE_SHARES,
     HouseholdSettings,
     SchoolSettings,
@@ -26,6 +25,7 @@ from lpm_llm.synthesis import (
     load_marginals,
     synthesize_nyc,
 )
+from lpm_llm.resources import nyc_data_path
 
 SCALE = 0.01
 ADULT = AGE_BANDS.index("18-24")

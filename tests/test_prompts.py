@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lpm_llm._resources import resource_dir
-from lpm_llm.prompts import PromptSpec
+from lpm_llm.llm.prompts import PromptSpec
+from lpm_llm.resources import resource_dir
 
 PROFILE = {"description": "a 35-44 year old woman in Queens", "age_band": "35-44", "sex": "female",
            "borough": "Queens"}

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lpm_llm.behavior import AlignmentMap, ConstantDecision, PerArchetype
-from lpm_llm.interventions import nyc_2020
+from lpm_llm.core.behavior import AlignmentMap, ConstantDecision, PerArchetype
+from lpm_llm.core.interventions import nyc_2020
+from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import STATES, EpidemicParams
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
-from lpm_llm.sim import Simulation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lpm_llm.behavior import PerArchetype
+from lpm_llm.core.behavior import PerArchetype
 from lpm_llm.llm.client import LLMClient
 from lpm_llm.llm.errors import AnswerError, LLMSetupError
 from lpm_llm.llm.parsing import (
@@ -32,9 +32,9 @@ from lpm_llm.llm.parsing import (
     parse_yes_no,
     yes_probability_from_logprobs,
 )
+from lpm_llm.llm.prompts import PromptSpec
 from lpm_llm.llm.protocol import ChatAnswer, ChatRequest
 from lpm_llm.llm.settings import LLMSettings
-from lpm_llm.prompts import PromptSpec
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class _Chain:
 
 
 class LLMDecision:
-    """A :class:`~lpm_llm.behavior.DecisionSource` backed by a language model.
+    """A :class:`~lpm_llm.core.behavior.DecisionSource` backed by a language model.
 
     Args:
         prompt: the decision's prompt (answer kind ``yes_no``; or ``probability`` with

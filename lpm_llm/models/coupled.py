@@ -1,4 +1,4 @@
-"""The labour market coupled to the epidemic (a :class:`lpm_llm.sim.Coupling`).
+"""The labour market coupled to the epidemic (a :class:`lpm_llm.core.sim.Coupling`).
 
 Inside the epidemic's daily loop, on the first day of every month after the start, the labour model
 takes one monthly step: the work decision is asked with the month's context (the epidemic's own
@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lpm_llm.behavior import DecisionSource
+from lpm_llm.core.behavior import DecisionSource
 from lpm_llm.models.labor import (
     RESULTS,
     LaborInputs,
@@ -31,7 +31,7 @@ from lpm_llm.population import Population
 
 
 class LaborCoupling:
-    """Runs :class:`LaborModel` monthly inside :class:`lpm_llm.sim.Simulation`.
+    """Runs :class:`LaborModel` monthly inside :class:`lpm_llm.core.sim.Simulation`.
 
     Args:
         population: agents with ``borough``, ``age_band`` and ``industry`` columns.

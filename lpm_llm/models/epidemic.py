@@ -6,7 +6,7 @@ per-agent symptomatic flag), R removed (recovered, or no longer infectious and a
 dead. Hospital admission is an event recorded at symptom onset (plus ``hosp_delay``), not a state.
 
 Natural history of one infection, drawn per agent:
-- infection on day t (probability ``1 - exp(-force)``; force from :mod:`lpm_llm.contacts` times the
+- infection on day t (probability ``1 - exp(-force)``; force from :mod:`lpm_llm.models.contacts` times the
   age band's susceptibility); the agent enters E;
 - after a latent period it enters I; at that moment it draws whether it is symptomatic
   (``p_symptomatic`` by age), and if symptomatic whether it will be admitted to hospital
@@ -77,7 +77,7 @@ from functools import cached_property
 
 import torch
 
-from lpm_llm.contacts import LAYERS, ContactLayers, Pressure
+from lpm_llm.models.contacts import LAYERS, ContactLayers, Pressure
 from lpm_llm.models.epidemic_params import TENSOR_PARAMS, EpidemicParams
 from lpm_llm.population import AGE_BANDS
 

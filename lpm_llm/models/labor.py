@@ -5,7 +5,7 @@ month m's state is what the survey measured around the 12th of m, and the step t
 covers the 12th of m-1 to the 11th of m. One step, in this order:
 
 1. decision: each archetype's probability of wanting to work (LLM, through the calibrated
-   :class:`~lpm_llm.behavior.AlignmentMap`), drawn per agent with :func:`~lpm_llm.behavior.broadcast`;
+   :class:`~lpm_llm.core.behavior.AlignmentMap`), drawn per agent with :func:`~lpm_llm.core.behavior.broadcast`;
 2. exits: an agent in the labour force who does not want to work leaves it (``exit_rate``);
 3. separations: an employed agent who stays loses the job with probability ``1 - exp(-h)``,
    ``h = h0[borough] * (1 + shock[industry] * intensity[borough])``, where
@@ -51,11 +51,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from lpm_llm._resources import nyc_data_path
-from lpm_llm.behavior import AlignmentMap, DecisionSource, PerArchetype, broadcast
-from lpm_llm.industry import INDUSTRIES, WORKING_AGE_BANDS, working_age_mask
-from lpm_llm.observed import load_covid, load_unemployment
+from lpm_llm.core.behavior import AlignmentMap, DecisionSource, PerArchetype, broadcast
+from lpm_llm.data.observed import load_covid, load_unemployment
 from lpm_llm.population import BOROUGHS, Population
+from lpm_llm.population.industry import INDUSTRIES, WORKING_AGE_BANDS, working_age_mask
+from lpm_llm.resources import nyc_data_path
 
 log = logging.getLogger(__name__)
 
@@ -366,17 +366,17 @@ class LaborModel(nn.Module):
 
         Args:
             population: needs ``borough``, ``age_band`` and ``industry`` (see
-                :func:`lpm_llm.industry.assign_industry`); an ``employed`` column, if present, is
+                :func:`lpm_llm.population.industry.assign_industry`); an ``employed`` column, if present, is
                 preferred when choosing who is employed.
             start: the start month; ``observed`` must have it for every borough.
             generator: randomness for who is chosen, on the population's device.
-            observed: LAUS frame as from :func:`lpm_llm.observed.load_unemployment` (default: bundled).
+            observed: LAUS frame as from :func:`lpm_llm.data.observed.load_unemployment` (default: bundled).
         """
         if population.labels("borough") != BOROUGHS:
             raise ValueError(f"borough codebook must be {BOROUGHS}, got {population.labels('borough')}")
         if "industry" not in population:
             raise KeyError("the labour model needs an 'industry' column; add it with "
-                           "lpm_llm.industry.assign_industry(population, generator)")
+                           "lpm_llm.population.industry.assign_industry(population, generator)")
         month = pd.Timestamp(start).date().replace(day=1)
         obs = load_unemployment() if observed is None else observed
         rows = obs[(obs["date"] == pd.Timestamp(month)) & obs["area"].isin(BOROUGHS)].set_index("area")

@@ -16,7 +16,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lpm_llm.behavior import DecisionSource
+from lpm_llm.core.behavior import DecisionSource
+from lpm_llm.data.observed import load_unemployment
 from lpm_llm.models.labor import (
     LaborInputs,
     LaborModel,
@@ -27,7 +28,6 @@ from lpm_llm.models.labor import (
     observed_labor_inputs,
     simulate_labor,
 )
-from lpm_llm.observed import load_unemployment
 from lpm_llm.population import BOROUGHS, Population
 
 log = logging.getLogger(__name__)

@@ -91,7 +91,7 @@ def write_table(df: pd.DataFrame, out_dir: Path, stem: str, *, parquet: bool = T
 
 def base_manifest(config_path: Path | None, command: list[str] | None = None) -> dict[str, Any]:
     """The parts of the manifest known before the run starts."""
-    from lpm_llm._resources import resource_dir
+    from lpm_llm.resources import resource_dir
 
     data_dir = resource_dir("data") / "nyc"
     return {

@@ -25,10 +25,9 @@ import pandas as pd
 import torch
 import torch.utils.checkpoint
 
-from lpm_llm._resources import nyc_data_path
-from lpm_llm.behavior import AlignmentMap, DecisionSource, PerArchetype, broadcast
-from lpm_llm.contacts import LAYERS, ContactLayers
-from lpm_llm.interventions import InterventionSchedule
+from lpm_llm.core.behavior import AlignmentMap, DecisionSource, PerArchetype, broadcast
+from lpm_llm.core.interventions import InterventionSchedule
+from lpm_llm.models.contacts import LAYERS, ContactLayers
 from lpm_llm.models.epidemic import (
     STATES,
     EpidemicModel,
@@ -39,6 +38,7 @@ from lpm_llm.models.epidemic import (
     layer_rates,
 )
 from lpm_llm.population import Population
+from lpm_llm.resources import nyc_data_path
 
 __all__ = ["Coupling", "Results", "Simulation"]
 
@@ -117,7 +117,7 @@ class Simulation:
        reported cases over the last 7 days, shown as a count for the real borough, and the change
        on the week before), ``policies`` (active policies' text, or "none"), plus what couplings add;
     2. decisions: on decision days each source gives (K,) probabilities; they pass through the
-       alignment map (if any) and are drawn per agent with :func:`lpm_llm.behavior.broadcast`
+       alignment map (if any) and are drawn per agent with :func:`lpm_llm.core.behavior.broadcast`
        (straight-through when gradients are on); decisions hold until the next decision day;
        couplings then step and may set who is working;
     3. interventions: the day's per-layer multipliers scale the transmission rates;
@@ -256,7 +256,7 @@ class Simulation:
         p = self.params
         if p.community_matrix is not None:
             return torch.tensor(p.community_matrix, dtype=torch.float32)
-        from lpm_llm.contacts import default_community_matrix
+        from lpm_llm.models.contacts import default_community_matrix
 
         return default_community_matrix(len(p.susceptibility), p.community_assortativity)
 

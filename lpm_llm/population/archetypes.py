@@ -27,8 +27,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lpm_llm._resources import resolve_path
-from lpm_llm.population import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
+from lpm_llm.population.table import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
+from lpm_llm.resources import resolve_path
 
 __all__ = ["ATTRIBUTES", "ArchetypeSpec", "Archetypes", "describe"]
 

@@ -1,6 +1,6 @@
 """Population: N agents as named 1-D tensor columns with a codebook per categorical column.
 
-Columns (all shape (N,)), as built by :func:`lpm_llm.synthesis.synthesize_nyc`:
+Columns (all shape (N,)), as built by :func:`lpm_llm.population.synthesis.synthesize_nyc`:
 
 =============  =======  ==================================================================
 name           dtype    meaning

@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lpm_llm._resources import nyc_data_path
-from lpm_llm.population import BOROUGHS, Population
+from lpm_llm.population.table import BOROUGHS, Population
+from lpm_llm.resources import nyc_data_path
 
 INDUSTRIES: tuple[str, ...] = (
     "leisure_hospitality",

@@ -1,7 +1,7 @@
 """Observed targets, the calibration loss and forecast scores, shared by :mod:`lpm_llm.calibrate`.
 
 Weeks are 7-day blocks counted from the simulation's start date (week 0 = start .. start + 6), as in
-:func:`lpm_llm.observed.weekly`. Areas are the five boroughs in ``BOROUGHS`` order.
+:func:`lpm_llm.data.observed.weekly`. Areas are the five boroughs in ``BOROUGHS`` order.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm_llm.observed import load_covid, weekly
+from lpm_llm.data.observed import load_covid, weekly
 from lpm_llm.population import BOROUGHS
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
 SERIES_OF: dict[str, str] = {"cases": "reported_cases", "deaths": "deaths", "hospitalized": "hospitalized"}
 """Calibration target -> the simulated series (``Results.series`` key) compared with it."""
 OBSERVED_COLUMN: dict[str, str] = {"cases": "cases", "deaths": "deaths", "hospitalized": "hospitalized"}
-"""Calibration target -> the column of :func:`lpm_llm.observed.load_covid`."""
+"""Calibration target -> the column of :func:`lpm_llm.data.observed.load_covid`."""
 
 
 def _check_targets(targets: Sequence[str]) -> None:

@@ -5,7 +5,7 @@
     cal = Calibrator(space, steps=40, lr=0.05, seeds_per_step=2).fit(objective)
     cal.params_, cal.loss_history_, cal.wall_times_
 
-Parameters live in :class:`~lpm_llm._bounded.ParameterSpace`: each is an ``nn.Parameter`` behind a
+Parameters live in :class:`~lpm_llm.core.parameters.ParameterSpace`: each is an ``nn.Parameter`` behind a
 bounded transform (see :func:`first_wave_space` for the ranges). The LLM's answers are inputs, not
 parameters: :class:`FrozenDecisions` fetches each decision step's probabilities once and reuses them
 in every later simulation, so that calibration makes no LLM request after the first run and the loss
@@ -35,10 +35,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm_llm._bounded import Bounded, ParameterSpace
-from lpm_llm._forecast import SERIES_OF, forecast_scores, log_mse, observed_weekly, simulated_weekly
-from lpm_llm.behavior import DecisionSource
-from lpm_llm.interventions import InterventionSchedule
+from lpm_llm.calibrate.targets import SERIES_OF, forecast_scores, log_mse, observed_weekly, simulated_weekly
+from lpm_llm.core.behavior import DecisionSource
+from lpm_llm.core.interventions import InterventionSchedule
+from lpm_llm.core.parameters import Bounded, ParameterSpace
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.population import BOROUGHS, Population
 
@@ -73,7 +73,7 @@ _EPS = 1e-6
 
 
 class FrozenDecisions:
-    """Wrap a :class:`~lpm_llm.behavior.DecisionSource` so that each decision step is asked once.
+    """Wrap a :class:`~lpm_llm.core.behavior.DecisionSource` so that each decision step is asked once.
 
     The first call for a step (identified by ``context[key]``, the ISO date by default) goes to the
     wrapped source; every later call for that step returns the same probabilities, whatever the rest
@@ -108,7 +108,7 @@ class FrozenDecisions:
 
 
 def _aligned(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The alignment map ``logit(p') = a * logit(p) + b`` (as :class:`~lpm_llm.behavior.AlignmentMap`)
+    """The alignment map ``logit(p') = a * logit(p) + b`` (as :class:`~lpm_llm.core.behavior.AlignmentMap`)
     with (a, b) given as tensors, so that they can come from bounded parameters."""
 
     def align(p: torch.Tensor) -> torch.Tensor:
@@ -233,9 +233,9 @@ class SimulationObjective:
     to the simulation's epidemic tensors (``EpidemicModel.tensors``).
 
     Args:
-        simulation: a :class:`lpm_llm.sim.Simulation` covering at least ``7 * weeks`` days.
+        simulation: a :class:`lpm_llm.core.sim.Simulation` covering at least ``7 * weeks`` days.
         observed: target -> (weeks, B) observed weekly counts of the real city
-            (:func:`lpm_llm._forecast.observed_weekly`).
+            (:func:`lpm_llm.calibrate.targets.observed_weekly`).
         weeks: weeks from the simulation's start that enter the loss.
         scale: agents per resident (simulated counts / scale are compared with observed ones).
         debias: with 2 or more seeds, pass their between-run variance to :func:`log_mse`.
@@ -505,7 +505,7 @@ class CalibrationReport:
             baseline-fitted parameters.
         history: method -> ``loss``, ``wall_time`` (s), ``simulations`` per step/evaluation.
         forecast: method -> target -> scores of the forecast weeks (see
-            :func:`lpm_llm._forecast.forecast_scores`; persistence = last observed week repeated).
+            :func:`lpm_llm.calibrate.targets.forecast_scores`; persistence = last observed week repeated).
         daily: fitted and forecast days by area (boroughs and ``NYC``) and evaluation seed, counts
             scaled to the real city (divided by ``scale``); columns as ``Results.by_area`` plus ``seed``.
         observed_weekly: the weekly observations used (week, date, area, targets); ``split`` is
@@ -532,8 +532,8 @@ class CalibrationReport:
     def plot(self, out_dir: str | Path) -> list[Path]:
         """Observed vs fitted vs forecast weekly cases and deaths per borough (one PNG per target), and
         the loss of both methods against fitting time."""
-        from lpm_llm.observed import load_covid
-        from lpm_llm.plots import plot_epidemic, plot_loss_curves
+        from lpm_llm.data.observed import load_covid
+        from lpm_llm.runner.plots import plot_epidemic, plot_loss_curves
 
         out_dir = Path(out_dir)
         start, stop = self.daily["date"].min(), self.daily["date"].max()
@@ -629,7 +629,7 @@ def calibrate_first_wave(
             seeds (``3 + 2 * curve_points`` of them, one more when Nelder-Mead ran more simulations
             than Adam).
     """
-    from lpm_llm.sim import Simulation
+    from lpm_llm.core.sim import Simulation
 
     start = start if isinstance(start, dt.date) else dt.date.fromisoformat(str(start))
     end = end if isinstance(end, dt.date) else dt.date.fromisoformat(str(end))

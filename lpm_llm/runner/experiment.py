@@ -23,13 +23,13 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lpm_llm._config import ConfigError, deep_merge, load_yaml, parse_set, validate
-from lpm_llm._resources import resolve_path
-from lpm_llm.interventions import InterventionSchedule, Policy, nyc_2020
+from lpm_llm.core.interventions import InterventionSchedule, Policy, nyc_2020
 from lpm_llm.llm.settings import LLMSettings
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.models.labor import LaborParams
-from lpm_llm.synthesis import HouseholdSettings, SchoolSettings, WorkplaceSettings
+from lpm_llm.population.synthesis import HouseholdSettings, SchoolSettings, WorkplaceSettings
+from lpm_llm.resources import resolve_path
+from lpm_llm.runner.config import ConfigError, deep_merge, load_yaml, parse_set, validate
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +254,13 @@ class Experiment:
         return cls(base, scenarios, config_path=resolve_path(path, "experiments"), **kwargs)
 
     def run(self, out_dir: str | Path | None = None) -> ExperimentResult:
-        from lpm_llm._runner import run_experiment
+        from lpm_llm.runner.run import run_experiment
 
         out = Path(out_dir) if out_dir else Path("runs") / f"{self.config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         return run_experiment(self, out)
 
     def calibrate(self, out_dir: str | Path | None = None):
-        from lpm_llm._runner import calibrate_experiment
+        from lpm_llm.runner.run import calibrate_experiment
 
         out = Path(out_dir) if out_dir else Path("runs") / f"{self.config.name}-calib-{time.strftime('%Y%m%d-%H%M%S')}"
         return calibrate_experiment(self, out)

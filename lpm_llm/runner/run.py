@@ -1,4 +1,4 @@
-"""Executes an :class:`~lpm_llm.experiment.Experiment` and writes its run folder.
+"""Executes an :class:`~lpm_llm.runner.experiment.Experiment` and writes its run folder.
 
 Order of a run: resolve config -> population -> archetypes -> LLM client -> for each scenario and
 seed: simulate -> tables -> plots -> manifest. The manifest is written even when a run fails part
@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from lpm_llm import _outputs
-from lpm_llm._resources import resolve_path
-from lpm_llm.archetypes import Archetypes, ArchetypeSpec
 from lpm_llm.population import Population
+from lpm_llm.population.archetypes import Archetypes, ArchetypeSpec
+from lpm_llm.resources import resolve_path
+from lpm_llm.runner import outputs as _outputs
 
 if TYPE_CHECKING:
-    from lpm_llm.experiment import Experiment, ExperimentConfig, ExperimentResult
+    from lpm_llm.runner.experiment import Experiment, ExperimentConfig, ExperimentResult
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _Announced:
 
 def build_population(cfg: ExperimentConfig) -> tuple[Population, float]:
     """The configured population on the configured device, and its scale (agents per real person)."""
-    from lpm_llm.synthesis import synthesize_nyc
+    from lpm_llm.population.synthesis import synthesize_nyc
 
     pc = cfg.population
     if pc.source == "nyc":
@@ -64,7 +64,7 @@ def build_population(cfg: ExperimentConfig) -> tuple[Population, float]:
 def build_decisions(cfg: ExperimentConfig, client: Any, archetypes: Archetypes) -> dict[str, Any]:
     """One LLM-backed DecisionSource per enabled decision."""
     from lpm_llm.llm.decision import LLMDecision
-    from lpm_llm.prompts import PromptSpec
+    from lpm_llm.llm.prompts import PromptSpec
 
     out = {}
     for name, dc in cfg.decisions.items():
@@ -84,9 +84,9 @@ def _months(cfg: ExperimentConfig) -> int:
 def _simulate(cfg: ExperimentConfig, population: Population, archetypes: Archetypes, decisions: dict[str, Any],
               seed: int, scale: float, tick) -> tuple[Any, pd.DataFrame | None]:
     """One run of the configured model: (epidemic Results or None, monthly labour table or None)."""
+    from lpm_llm.core.sim import Simulation
     from lpm_llm.models.coupled import LaborCoupling
     from lpm_llm.models.labor import simulate_labor
-    from lpm_llm.sim import Simulation
 
     with torch.no_grad():
         if cfg.model == "labor":
@@ -119,7 +119,7 @@ def _simulate(cfg: ExperimentConfig, population: Population, archetypes: Archety
 
 def _alignment(cfg: ExperimentConfig) -> dict[str, Any]:
     """Decision name -> AlignmentMap for the epidemic's decisions that configure one."""
-    from lpm_llm.behavior import AlignmentMap
+    from lpm_llm.core.behavior import AlignmentMap
 
     return {name: AlignmentMap(a=dc.alignment[0], b=dc.alignment[1]) for name, dc in cfg.decisions.items()
             if dc.enabled and dc.alignment is not None and name == "isolate"}
@@ -143,7 +143,7 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
         log.info("population: %d agents (scale %g), %.1f bytes/agent", population.n, scale,
                  population.nbytes() / population.n)
         if cfg.model != "epidemic" or any(c.model != "epidemic" for c in exp.scenarios.values()):
-            from lpm_llm.industry import assign_industry
+            from lpm_llm.population.industry import assign_industry
 
             generator = torch.Generator(device=population.device).manual_seed(cfg.population.seed)
             population = assign_industry(population, generator)
@@ -162,8 +162,8 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
 
 
 def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
-    from lpm_llm.experiment import ExperimentResult
     from lpm_llm.llm.client import open_client
+    from lpm_llm.runner.experiment import ExperimentResult
 
     cfg = exp.config
     configs = {"baseline": cfg, **exp.scenarios}
@@ -262,7 +262,7 @@ def _llm_manifest(cfg: ExperimentConfig, client: Any) -> dict[str, Any]:
     as_dict = usage.as_dict() if hasattr(usage, "as_dict") else dict(vars(usage))
     prompts = {}
     for name, dc in cfg.decisions.items():
-        from lpm_llm.prompts import PromptSpec
+        from lpm_llm.llm.prompts import PromptSpec
 
         spec = PromptSpec.from_yaml(resolve_path(dc.prompt, "prompts"))
         prompts[name] = {"file": spec.source.name if hasattr(spec.source, "name") else str(spec.source),
@@ -284,8 +284,8 @@ def _plots(cfg, per_area: pd.DataFrame | None, labor: pd.DataFrame | None, decis
 
     Simulated counts are divided by `scale` so that they read as counts of the real city.
     """
-    from lpm_llm import plots
-    from lpm_llm.observed import load_covid, load_unemployment
+    from lpm_llm.data.observed import load_covid, load_unemployment
+    from lpm_llm.runner import plots
 
     paths = []
     if labor is not None:
@@ -330,7 +330,7 @@ def ensemble_summary(per_area: pd.DataFrame) -> pd.DataFrame:
 
 
 def _decision_plots(decisions: pd.DataFrame, out_dir: Path) -> list[Path]:
-    from lpm_llm import plots
+    from lpm_llm.runner import plots
 
     paths = []
     if len(decisions):
@@ -348,8 +348,8 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     calibration.json, calibration_daily.csv, calibration_observed.csv and the calibration plots.
     """
     from lpm_llm.calibrate import calibrate_first_wave
-    from lpm_llm.experiment import ExperimentResult
     from lpm_llm.llm.client import open_client
+    from lpm_llm.runner.experiment import ExperimentResult
 
     cfg, cal = exp.config, exp.config.calibration
     if cfg.model == "labor":
@@ -408,11 +408,11 @@ def _calibrate_labor(exp: Experiment, out_dir: Path) -> ExperimentResult:
     Writes labor_calibration.json (fitted parameters, loss history, errors against persistence),
     labor_fit.csv (fitted and forecast months) and unemployment_fit.png, with the usual config and manifest.
     """
-    from lpm_llm import plots
-    from lpm_llm.experiment import ExperimentResult
+    from lpm_llm.data.observed import load_unemployment
     from lpm_llm.llm.client import open_client
     from lpm_llm.models.labor_fit import calibrate_labor
-    from lpm_llm.observed import load_unemployment
+    from lpm_llm.runner import plots
+    from lpm_llm.runner.experiment import ExperimentResult
 
     cfg, cal = exp.config, exp.config.calibration
     end = cfg.start_date + dt.timedelta(days=cfg.days - 1)

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lpm_llm.contacts import LAYERS
+from lpm_llm.models.contacts import LAYERS
 
 __all__ = [
     "InterventionSchedule",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lpm_llm._resources import nyc_data_path
 from lpm_llm.population import BOROUGHS
+from lpm_llm.resources import nyc_data_path
 
 COVID_COLUMNS = ("cases", "probable_cases", "hospitalized", "deaths")
 UNEMPLOYMENT_COLUMNS = ("labor_force", "employed", "unemployed", "unemployment_rate")

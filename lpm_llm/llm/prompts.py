@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from langchain_core.prompts import ChatPromptTemplate
 
-from lpm_llm._resources import resolve_path
+from lpm_llm.resources import resolve_path
 
 ANSWER_KINDS: tuple[str, ...] = ("yes_no", "probability", "choice")
 _KEYS = {"name", "description", "answer", "options", "input_variables", "system", "user"}

@@ -48,7 +48,7 @@ def _progress_factory(quiet: bool):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list":
-        from lpm_llm._resources import resource_dir
+        from lpm_llm.resources import resource_dir
 
         for kind in ("experiments", "archetypes", "prompts"):
             names = sorted(p.name for p in resource_dir(kind).glob("*.yaml"))
@@ -61,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
-    from lpm_llm._config import ConfigError
-    from lpm_llm.experiment import Experiment
     from lpm_llm.llm.errors import LLMError
+    from lpm_llm.runner.config import ConfigError
+    from lpm_llm.runner.experiment import Experiment
 
     try:
         exp = Experiment.from_yaml(args.experiment, args.overrides, progress=_progress_factory(args.quiet))

@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lpm_llm._resources import nyc_data_path
-from lpm_llm.population import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
+from lpm_llm.population.table import AGE_BANDS, BOROUGHS, RACES, SEXES, Population
+from lpm_llm.resources import nyc_data_path
 
 __all__ = [
     "HouseholdSettings",

@@ -1,0 +1,2 @@
+"""Bundled New York City data (``nyc/``, sources in its README) and loaders of the observed series
+(:mod:`~lpm_llm.data.observed`)."""

@@ -1,0 +1,69 @@
+"""The regression runs: every bundled experiment on a small city, its LLM a mocked endpoint whose
+answer is a fixed function of the prompt text (so a change in the prompts, the decision context, the
+draws or the dynamics changes the numbers).
+
+``tests/test_regression.py`` compares these runs with the stored baseline in ``tests/regression/``;
+``python tests/regression/update_baseline.py`` rewrites the baseline on purpose (say why in the commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import respx
+
+from lpm_llm.runner.experiment import Experiment
+
+BASELINE = Path(__file__).resolve().parent
+ENDPOINT = "http://127.0.0.1:9/v1"  # never contacted: respx answers
+KEY_ENV = "LPM_REGRESSION_KEY"
+
+#: experiment -> overrides that make it small: a 1:500 city, fewer days, no plots, the mocked LLM.
+CASES: dict[str, list[str]] = {
+    "covid_nyc": ["population.scale=0.002", "days=63"],
+    "covid_nyc_scenarios": ["population.scale=0.002", "days=42", "seeds=[0,1]"],
+    "covid_labor_nyc": ["population.scale=0.002", "days=92"],
+    "labor_nyc": ["population.scale=0.002"],
+}
+
+
+def _answer(request: httpx.Request) -> httpx.Response:
+    """P(yes) in [0.05, 0.95], a fixed function of the whole prompt."""
+    body = json.loads(request.content)
+    text = "\n".join(m["content"] for m in body["messages"])
+    p = 0.05 + 0.9 * int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    top = [{"token": "Yes", "logprob": math.log(p), "bytes": None},
+           {"token": "No", "logprob": math.log(1 - p), "bytes": None}]
+    return httpx.Response(200, json={
+        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "length",
+                     "message": {"role": "assistant", "content": "Yes"},
+                     "logprobs": {"content": [{"token": "Yes", "logprob": math.log(p), "bytes": None,
+                                               "top_logprobs": top}]}}],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51},
+    })
+
+
+def run_case(name: str, out_dir: Path) -> dict[str, pd.DataFrame]:
+    """Run one bundled experiment small; returns its tables: ``metrics``, ``decisions`` (the answers)
+    and, if any, ``labor``."""
+    overrides = [*CASES[name], "outputs.plots=false", "llm.provider=openai", "llm.model=mock",
+                 f"llm.base_url={ENDPOINT}", f"llm.api_key_env={KEY_ENV}", 'llm.cache_mode="off"',
+                 "llm.max_retries=0"]
+    with respx.mock(assert_all_mocked=True) as mock:
+        mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_answer)
+        result = Experiment.from_yaml(f"{name}.yaml", overrides).run(out_dir)
+    decisions = result.decisions[["scenario", "seed", "decision", "date", "archetype", "probability"]]
+    tables = {"metrics": result.metrics, "decisions": decisions}
+    if result.labor is not None:
+        tables["labor"] = result.labor
+    return {k: v.reset_index(drop=True) for k, v in tables.items()}
+
+
+def baseline_path(name: str, table: str) -> Path:
+    return BASELINE / f"{name}.{table}.parquet"

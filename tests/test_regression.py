@@ -1,0 +1,24 @@
+"""Every bundled experiment, run small with a mocked LLM, reproduces the stored baseline exactly.
+
+The baseline (``tests/regression/*.parquet``) changes only on purpose, through
+``python tests/regression/update_baseline.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.regression.cases import CASES, KEY_ENV, baseline_path, run_case
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bundled_experiment_reproduces_the_baseline(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(KEY_ENV, "sk-regression-not-a-secret")
+    tables = run_case(name, tmp_path / name)
+    for table, frame in tables.items():
+        expected = pd.read_parquet(baseline_path(name, table))
+        pd.testing.assert_frame_equal(frame, expected, check_exact=True, check_categorical=False)
+    assert set(tables) == {p.name.split(".")[1] for p in Path(baseline_path(name, "x")).parent.glob(f"{name}.*.parquet")}

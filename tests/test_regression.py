@@ -20,5 +20,8 @@ def test_bundled_experiment_reproduces_the_baseline(name: str, tmp_path: Path, m
     tables = run_case(name, tmp_path / name)
     for table, frame in tables.items():
         expected = pd.read_parquet(baseline_path(name, table))
+        frame.to_parquet(tmp_path / "actual.parquet", index=False)  # the same dtypes as the stored baseline
+        frame = pd.read_parquet(tmp_path / "actual.parquet")
         pd.testing.assert_frame_equal(frame, expected, check_exact=True, check_categorical=False)
-    assert set(tables) == {p.name.split(".")[1] for p in Path(baseline_path(name, "x")).parent.glob(f"{name}.*.parquet")}
+    stored = {p.name.split(".")[1] for p in baseline_path(name, "x").parent.glob(f"{name}.*.parquet")}
+    assert set(tables) == stored

@@ -22,3 +22,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def epidemic_sim(population, params=None, *, tensors=None, initial_infected=None, working=None, **kwargs):
+    """A Simulation of one Epidemic model (the epidemic's own options go to the model)."""
+    from lpm_llm.core.sim import Simulation
+    from lpm_llm.models.epidemic import Epidemic
+
+    model = Epidemic(params, tensors=tensors, initial_infected=initial_infected, working=working)
+    return Simulation(population, [model], **kwargs)

@@ -22,10 +22,10 @@ from lpm_llm.calibrate.targets import forecast_scores, log_mse, observed_weekly,
 from lpm_llm.core.behavior import ConstantDecision
 from lpm_llm.core.interventions import nyc_2020
 from lpm_llm.core.parameters import Bounded, ParameterSpace
-from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.population.archetypes import ArchetypeSpec
 from lpm_llm.population.synthesis import synthesize_nyc
+from tests.conftest import epidemic_sim
 
 START = "2020-03-01"
 
@@ -145,7 +145,7 @@ def test_frozen_decisions_ask_each_step_once():
 def _objective(tiny_nyc, params, weeks, observed=None, decisions=True):
     pop, arch = tiny_nyc
     dec = {"isolate": FrozenDecisions(ConstantDecision(0.3, arch.k))} if decisions else None
-    sim = Simulation(pop, params, archetypes=arch if decisions else None, decisions=dec,
+    sim = epidemic_sim(pop, params, archetypes=arch if decisions else None, decisions=dec,
                      interventions=nyc_2020(), start_date=START, days=7 * weeks, seed=0)
     obs = observed if observed is not None else observed_weekly(START, weeks, ("cases", "deaths"))
     return SimulationObjective(sim, obs, weeks=weeks, scale=pop.n / NYC_POPULATION)
@@ -192,8 +192,8 @@ def test_gradient_agrees_with_finite_differences_for_every_group(tiny_nyc):
     groups = {"beta_scale": ["beta_scale"], "seeding": ["initial_infections_per_100k"],
               "transmission change": ["transmission_change"],
               "ascertainment": ["ascertainment"], "fatality": ["fatality_scale"],
-              "alignment slope": ["alignment_a"], "alignment shift": ["alignment_b"],
-              "alignment": ["alignment_a", "alignment_b"],
+              "alignment slope": ["isolate_alignment_a"], "alignment shift": ["isolate_alignment_b"],
+              "alignment": ["isolate_alignment_a", "isolate_alignment_b"],
               # relative ascertainment is scaled to a geometric mean of 1: only contrasts act
               "borough ascertainment": {"ascertainment_by_borough": [1.0, 0.0, 0.0, 0.0, -1.0]}}
     gradient = torch.cat([space.raw[n].grad.reshape(-1).double() for n in space.names])
@@ -213,11 +213,11 @@ def test_checkpointed_run_gives_the_same_loss_and_gradient(tiny_nyc):
     pop, arch = tiny_nyc
     grads = []
     for chunk in (None, 4):
-        sim = Simulation(pop, EpidemicParams(initial_infections_per_100k=(300.0,) * 5), archetypes=arch,
+        sim = epidemic_sim(pop, EpidemicParams(initial_infections_per_100k=(300.0,) * 5), archetypes=arch,
                          decisions={"isolate": ConstantDecision(0.3, arch.k)}, interventions=nyc_2020(),
                          days=21, seed=5, checkpoint_days=chunk)
         beta = torch.tensor(1.5, requires_grad=True)
-        sim.tensor_overrides = {"beta_scale": beta}
+        sim.model("epidemic").tensor_overrides = {"beta_scale": beta}
         r = sim.run()
         loss = r.series["reported_cases"].sum()
         loss.backward()
@@ -255,7 +255,7 @@ def test_gradient_descent_recovers_transmission_seeding_and_ascertainment():
                            fatality_scale=4.0)
 
     def objective(params, observed):
-        sim = Simulation(pop, params, interventions=nyc_2020(), start_date=START, days=7 * weeks, seed=0)
+        sim = epidemic_sim(pop, params, interventions=nyc_2020(), start_date=START, days=7 * weeks, seed=0)
         return SimulationObjective(sim, observed, weeks=weeks, scale=scale)
 
     zeros = {"cases": torch.zeros(weeks, 5), "deaths": torch.zeros(weeks, 5)}
@@ -319,7 +319,7 @@ def test_transmission_change_multiplies_the_rates_of_later_months_only(tiny_nyc)
     runs = {}
     for change in (1.0, 0.3):
         params = EpidemicParams(initial_infections_per_100k=(300.0,) * 5, transmission_change=change)
-        sim = Simulation(pop, params, start_date="2020-03-20", days=25, seed=3)
+        sim = epidemic_sim(pop, params, start_date="2020-03-20", days=25, seed=3)
         with torch.no_grad():
             runs[change] = sim.run().series["new_infections"].sum((1, 2))
     march = 12  # 2020-03-20 .. 2020-03-31
@@ -338,7 +338,7 @@ def test_ascertainment_by_borough_moves_reported_cases_between_boroughs_only(tin
         params = EpidemicParams(initial_infections_per_100k=(300.0,) * 5, ascertainment=0.1,
                                 ascertainment_by_borough=rel)
         with torch.no_grad():
-            runs[rel] = Simulation(pop, params, days=28, seed=2).run().series
+            runs[rel] = epidemic_sim(pop, params, days=28, seed=2).run().series
     even, bronx = runs[1.0], runs[(4.0, 1.0, 1.0, 1.0, 1.0)]
     assert torch.equal(even["deaths"], bronx["deaths"])  # reporting does not change the epidemic
     ratio = bronx["reported_cases"].sum((0, 2)) / even["reported_cases"].sum((0, 2))

@@ -11,9 +11,9 @@ from pydantic import ValidationError
 
 from lpm_llm.core.behavior import ConstantDecision
 from lpm_llm.core.interventions import InterventionSchedule, SchoolClosure
-from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import STATES, EpidemicParams, duration_pmf
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
+from tests.conftest import epidemic_sim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +50,7 @@ FLAT = dict(  # no age structure: every agent equally susceptible and infectious
 
 def run(pop, params, **kw):
     with torch.no_grad():
-        return Simulation(pop, params, **kw).run()
+        return epidemic_sim(pop, params, **kw).run()
 
 
 # -- analytic ---------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_gradient_mode_has_the_same_forward(mixed_pop):
     arch = _Arch(mixed_pop)
     kw = dict(days=25, seed=3, archetypes=arch, decisions={"isolate": ConstantDecision(0.4, k=arch.k)})
     fast = run(mixed_pop, params, **kw)
-    slow = Simulation(
+    slow = epidemic_sim(
         mixed_pop, params, tensors={"beta_scale": torch.tensor(1.0, requires_grad=True)}, **kw
     ).run()
     assert slow.series["new_infections"].requires_grad
@@ -236,7 +236,7 @@ def test_ascertainment_gradient_is_exact(mixed_pop):
     params = EpidemicParams(initial_infections_per_100k=(300,) * 5)
 
     def loss(asc: torch.Tensor) -> torch.Tensor:
-        sim = Simulation(mixed_pop, params, days=45, seed=9, tensors={"ascertainment": asc})
+        sim = epidemic_sim(mixed_pop, params, days=45, seed=9, tensors={"ascertainment": asc})
         return sim.run().series["reported_cases"].pow(2).sum()
 
     asc = torch.tensor([0.1, 0.3], requires_grad=True)  # March, April
@@ -261,16 +261,16 @@ def test_one_day_gradient_is_unbiased_for_the_expected_count(mixed_pop):
     grads, expected_grads = [], []
     for seed in range(30):
         beta = torch.tensor(0.6, requires_grad=True)
-        sim = Simulation(mixed_pop, params, days=3, seed=seed, tensors={"beta_community": beta})
+        sim = epidemic_sim(mixed_pop, params, days=3, seed=seed, tensors={"beta_community": beta})
         r = sim.run()
         assert float(r.series["new_infections"][1].detach().sum()) == 0.0
         (grad,) = torch.autograd.grad(r.series["new_infections"][2].sum(), beta)
         grads.append(float(grad))
         with torch.no_grad():  # the expectation from the state at the end of day 1
-            state = Simulation(mixed_pop, params, days=2, seed=seed).run().final_state
+            state = epidemic_sim(mixed_pop, params, days=2, seed=seed).run().final_state
         infectious = torch.nonzero(state.disease == 2).squeeze(1)
         susceptible = state.disease == 0
-        layers = sim.contacts
+        layers = sim.model("epidemic").contacts
 
         def expected(b: float, infectious=infectious, susceptible=susceptible, layers=layers) -> float:
             w = torch.ones(infectious.numel(), dtype=torch.float32)
@@ -298,7 +298,7 @@ def test_gradients_reach_every_calibrated_parameter(mixed_pop):
         "ascertainment": torch.tensor([0.1, 0.2], requires_grad=True),
     }
     align = AlignmentMap(k=arch.k)
-    sim = Simulation(
+    sim = epidemic_sim(
         mixed_pop,
         EpidemicParams(death_delay=2),
         days=40,
@@ -317,7 +317,7 @@ def test_gradients_reach_every_calibrated_parameter(mixed_pop):
     # seeding: the score estimator gives d(day-0 infections in b)/d seeds_b = (seeded in b) / seeds_b,
     # whose expectation is the exact (agents in b) / 1e5
     seeds = torch.full((5,), 300.0, requires_grad=True)
-    sim = Simulation(
+    sim = epidemic_sim(
         mixed_pop, EpidemicParams(), days=1, seed=2, tensors={"initial_infections_per_100k": seeds}
     )
     s = sim.run().series
@@ -329,14 +329,14 @@ def test_gradients_reach_every_calibrated_parameter(mixed_pop):
 
 
 def test_gradient_mode_needs_a_gradient_state(mixed_pop):
-    sim = Simulation(mixed_pop, days=2)
+    sim = epidemic_sim(mixed_pop, days=2)
     with torch.no_grad():
-        theta = sim.model.tensors()
-        state = sim.model.initial_state(theta)
-    from lpm_llm.models.epidemic import StepInputs
+        theta = sim.model("epidemic").engine.tensors()
+        state = sim.model("epidemic").engine.initial_state(theta)
+    from lpm_llm.models.epidemic import EpidemicInputs
 
     with pytest.raises(ValueError, match="track_gradients"):
-        sim.model.step(state, 0, StepInputs(rates=torch.ones(4), seed=0), theta)
+        sim.model("epidemic").engine.step(state, 0, EpidemicInputs(rates=torch.ones(4), seed=0), theta)
 
 
 # -- parameters ----------------------------------------------------------------------------------------
@@ -349,20 +349,20 @@ def test_params_validation():
         EpidemicParams(ascertainment=(0.1, 1.5))
     with pytest.raises(ValidationError):
         EpidemicParams(beta_community=-1)
-    sim = Simulation(population(10, 2), days=2)
+    sim = epidemic_sim(population(10, 2), days=2)
     with pytest.raises(KeyError, match="unknown epidemic parameter 'beta'.*beta_household"):
-        sim.model.tensors({"beta": torch.tensor(1.0)})
+        sim.model("epidemic").engine.tensors({"beta": torch.tensor(1.0)})
     with pytest.raises(ValueError, match=r"susceptibility must have shape \(10,\)"):
-        sim.model.tensors({"susceptibility": torch.ones(3)})
+        sim.model("epidemic").engine.tensors({"susceptibility": torch.ones(3)})
     # a per-borough parameter also takes one value for every borough, and keeps its gradient
     seeding = torch.tensor(40.0, requires_grad=True)
-    theta = sim.model.tensors({"initial_infections_per_100k": seeding})
-    boroughs = sim.contacts.shape[0]
+    theta = sim.model("epidemic").engine.tensors({"initial_infections_per_100k": seeding})
+    boroughs = sim.model("epidemic").contacts.shape[0]
     assert theta["initial_infections_per_100k"].tolist() == [40.0] * boroughs
     theta["initial_infections_per_100k"].sum().backward()
     assert float(seeding.grad) == boroughs
     with pytest.raises(ValueError, match=r"initial_infections_per_100k must have shape \(\) or \(\d+,\)"):
-        sim.model.tensors({"initial_infections_per_100k": torch.ones(boroughs + 1)})
+        sim.model("epidemic").engine.tensors({"initial_infections_per_100k": torch.ones(boroughs + 1)})
     assert set(EpidemicParams.model_fields) >= {
         "beta_household",
         "ifr",

@@ -22,9 +22,9 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
+from tests.conftest import epidemic_sim
 
 N = 1_000_000
 BETA, LATENT, INFECTIOUS = 0.5, 4.0, 7.0
@@ -74,7 +74,7 @@ def test_well_mixed_matches_seir():
         runs = []
         with torch.no_grad():
             for seed in range(3):
-                s = Simulation(pop, params, days=DAYS, seed=seed).run().series
+                s = epidemic_sim(pop, params, days=DAYS, seed=seed).run().series
                 runs.append(torch.stack([s[k].sum((1, 2)) for k in ("S", "E", "I", "R", "M")], 1).double())
         agent = torch.stack(runs).mean(0).numpy()  # (T, 5)
     finally:

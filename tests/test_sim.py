@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pandas as pd
 import pytest
 import torch
 
 from lpm_llm.core.behavior import AlignmentMap, ConstantDecision, PerArchetype
 from lpm_llm.core.interventions import nyc_2020
+from lpm_llm.core.model import DecisionUse
 from lpm_llm.core.sim import Simulation
-from lpm_llm.models.epidemic import STATES, EpidemicParams
+from lpm_llm.models.epidemic import STATES, Epidemic, EpidemicParams
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
+from tests.conftest import epidemic_sim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ PARAMS = EpidemicParams(initial_infections_per_100k=(500,) * 5, beta_scale=1.5)
 def test_results_layout_and_by_area(pop):
     arch = Arch(pop)
     with torch.no_grad():
-        r = Simulation(
+        r = epidemic_sim(
             pop,
             PARAMS,
             days=30,
@@ -101,7 +101,7 @@ def test_reported_cases_are_delayed_onsets_times_monthly_ascertainment(pop):
         initial_infections_per_100k=(500,) * 5, ascertainment=(0.1, 0.4), report_delay=3, hosp_delay=5
     )
     with torch.no_grad():
-        r = Simulation(pop, params, days=45, seed=2, start_date="2020-03-10").run()
+        r = epidemic_sim(pop, params, days=45, seed=2, start_date="2020-03-10").run()
     s = r.series
     onsets, reported = s["new_symptomatic"], s["reported_cases"]
     assert float(reported[:3].sum()) == 0
@@ -115,7 +115,7 @@ def test_decisions_every_k_days_with_context(pop):
     arch = Arch(pop)
     src = Recorder(0.5, arch.k)
     days = []
-    sim = Simulation(
+    sim = epidemic_sim(
         pop,
         PARAMS,
         days=22,
@@ -141,7 +141,7 @@ def test_decisions_every_k_days_with_context(pop):
     week = reported[7:14]
     for k in (0, 17, 44):
         b = k // 10
-        persons = float(sim._persons_per_agent[b])
+        persons = float(sim.persons_per_agent[b])
         assert ctx["cases_week"][k] == f"{round(float(week[:, b].sum()) * persons):,}"
     # decisions hold between steps; the isolating fraction changes only on decision days
     iso = r.series["isolating"].sum((1, 2))
@@ -157,7 +157,7 @@ def test_alignment_map_changes_the_drawn_probability(pop):
     arch = Arch(pop)
     align = AlignmentMap(k=None, a=1.0, b=2.0)
     with torch.no_grad():
-        r = Simulation(
+        r = epidemic_sim(
             pop,
             PARAMS,
             days=2,
@@ -173,19 +173,43 @@ def test_alignment_map_changes_the_drawn_probability(pop):
 
 
 class FakeLabour:
-    """A coupling: everyone stops working from day 5, and it adds a context variable."""
+    """A model coupled by data: everyone stops working from day 5; it adds a context variable."""
 
-    decisions = ("work",)
+    name = "fake_labour"
+    decisions = (DecisionUse("work", every_days=7),)
+    observes = ()
+    publishes = ("working",)
+    reads = ("cases_week",)
+    state = ()
+    results = ()
 
     def __init__(self, n: int):
         self.n, self.seen = n, []
 
-    def context(self, day: int, date: dt.date):
+    def parameters(self):
+        return {}
+
+    def set_parameters(self, values):
+        pass
+
+    def setup(self, sim):
+        pass
+
+    def init(self, sim):
+        pass
+
+    def observe(self, day):
+        return {}
+
+    def context(self, decision, day, date):
         return {"unemployment_rate": PerArchetype(["4.0"] * 50)}
 
-    def step(self, day, date, decisions, epidemic):
-        self.seen.append((day, set(decisions), epidemic["cases_week"].shape))
-        return torch.full((self.n,), day < 5, dtype=torch.bool)
+    def step(self, day, date, inputs):
+        self.seen.append((day, set(inputs.decisions), inputs.data["cases_week"].shape))
+        return {"working": torch.full((self.n,), day < 5, dtype=torch.bool)}
+
+    def finish(self):
+        return {}
 
 
 def test_coupling_sets_working_and_context(pop):
@@ -197,14 +221,13 @@ def test_coupling_sets_working_and_context(pop):
     with torch.no_grad():
         r = Simulation(
             pop,
-            params,
+            [Epidemic(params), labour],
             days=20,
             seed=1,
             archetypes=arch,
-            couplings=[labour],
             decisions={"isolate": ConstantDecision(0.0, k=50), "work": src},
         ).run()
-    assert labour.seen[0] == (0, {"isolate", "work"}, (5,))
+    assert labour.seen[0] == (0, {"work"}, (5,))
     assert src.contexts[0]["unemployment_rate"][0] == "4.0"
     new = r.series["new_infections"].sum((1, 2))
     assert float(new[1:5].sum()) > 0  # workplaces transmit while people work
@@ -214,29 +237,29 @@ def test_coupling_sets_working_and_context(pop):
 def test_errors(pop):
     arch = Arch(pop)
     with pytest.raises(KeyError, match="unknown decision 'mask'.*isolate"):
-        Simulation(pop, archetypes=arch, decisions={"mask": ConstantDecision(0.5, k=50)})
+        epidemic_sim(pop, archetypes=arch, decisions={"mask": ConstantDecision(0.5, k=50)})
     with pytest.raises(ValueError, match="need archetypes"):
-        Simulation(pop, decisions={"isolate": ConstantDecision(0.5, k=50)})
+        epidemic_sim(pop, decisions={"isolate": ConstantDecision(0.5, k=50)})
     with pytest.raises(ValueError, match="either seed or generator"):
-        Simulation(pop, seed=1, generator=torch.Generator())
+        epidemic_sim(pop, seed=1, generator=torch.Generator())
     with pytest.raises(KeyError, match="alignment for 'work'"):
-        Simulation(
+        epidemic_sim(
             pop,
             archetypes=arch,
             decisions={"isolate": ConstantDecision(0.5, k=50)},
             alignment={"work": AlignmentMap()},
         )
     with pytest.raises(ValueError, match=r"expected \(50,\)"), torch.no_grad():
-        Simulation(pop, archetypes=arch, decisions={"isolate": ConstantDecision(0.5, k=3)}, days=2).run()
+        epidemic_sim(pop, archetypes=arch, decisions={"isolate": ConstantDecision(0.5, k=3)}, days=2).run()
     with pytest.raises(ValueError, match="initial_infected must be"):
-        Simulation(pop, initial_infected=torch.zeros(3, dtype=torch.bool))
+        epidemic_sim(pop, initial_infected=torch.zeros(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="days must be"):
-        Simulation(pop, days=0)
+        epidemic_sim(pop, days=0)
     with pytest.raises(Exception, match="beta_comunity"):
-        Simulation(pop, {"beta_comunity": 0.1})
+        epidemic_sim(pop, {"beta_comunity": 0.1})
     # a generator gives a reproducible base seed
-    a = Simulation(pop, generator=torch.Generator().manual_seed(5)).seed
-    assert a == Simulation(pop, generator=torch.Generator().manual_seed(5)).seed
+    a = epidemic_sim(pop, generator=torch.Generator().manual_seed(5)).seed
+    assert a == epidemic_sim(pop, generator=torch.Generator().manual_seed(5)).seed
 
 
 def test_small_nyc_runs_with_all_layers(small_nyc):
@@ -244,8 +267,8 @@ def test_small_nyc_runs_with_all_layers(small_nyc):
     pop = small_nyc
     params = EpidemicParams(initial_infections_per_100k=(200,) * 5)
     with torch.no_grad():
-        free = Simulation(pop, params, days=60, seed=1).run()
-        paused = Simulation(pop, params, days=60, seed=1, interventions=nyc_2020()).run()
+        free = epidemic_sim(pop, params, days=60, seed=1).run()
+        paused = epidemic_sim(pop, params, days=60, seed=1, interventions=nyc_2020()).run()
     a = float(free.series["new_infections"].sum())
     b = float(paused.series["new_infections"].sum())
     assert a > 0.05 * pop.n and b < 0.7 * a

@@ -39,7 +39,9 @@ from lpm_llm.calibrate.targets import SERIES_OF, forecast_scores, log_mse, obser
 from lpm_llm.core.behavior import DecisionSource
 from lpm_llm.core.interventions import InterventionSchedule
 from lpm_llm.core.parameters import Bounded, ParameterSpace
-from lpm_llm.models.epidemic import EpidemicParams
+from lpm_llm.core.sim import months_between
+from lpm_llm.models.epidemic import Epidemic, EpidemicParams
+from lpm_llm.models.epidemic_params import calibrated_specs
 from lpm_llm.population import BOROUGHS, Population
 
 __all__ = [
@@ -61,7 +63,7 @@ log = logging.getLogger(__name__)
 NYC_POPULATION = 8_336_817
 """Residents of New York City in the bundled marginals (ACS 2019); ``scale = agents / NYC_POPULATION``."""
 
-_ALIGNMENT = ("alignment_a", "alignment_b")
+_ALIGNMENT = ("isolate_alignment_a", "isolate_alignment_b")
 FIRST_WAVE_PARAMETERS = (
     "beta_scale", "transmission_change", "initial_infections_per_100k", "ascertainment",
     "ascertainment_by_borough", "fatality_scale", *_ALIGNMENT,
@@ -107,16 +109,6 @@ class FrozenDecisions:
         return self.answers[step]
 
 
-def _aligned(a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The alignment map ``logit(p') = a * logit(p) + b`` (as :class:`~lpm_llm.core.behavior.AlignmentMap`)
-    with (a, b) given as tensors, so that they can come from bounded parameters."""
-
-    def align(p: torch.Tensor) -> torch.Tensor:
-        p = p.clamp(_EPS, 1 - _EPS)
-        return torch.sigmoid(a * torch.logit(p) + b)
-
-    return align
-
 
 # -- parameters ---------------------------------------------------------------------------------------
 
@@ -144,7 +136,7 @@ def first_wave_space(
     ascertainment                (M,)      0.01 - 1 log  share of symptomatic onsets reported, per month
     ascertainment_by_borough     (B,)      0.2 - 5 log   relative ascertainment by borough (geometric mean 1)
     fatality_scale               ()        0.1 - 10 log  multiplier of the infection fatality ratio by age
-    alignment_a, alignment_b     ()        0.25 - 4 log, slope and shift of ``logit(p') = a*logit(p) + b``
+    isolate_alignment_a, _b      ()        0.25 - 4 log, slope and shift of ``logit(p') = a*logit(p) + b``
                                            -4 - 4        for the isolation decision (shared by archetypes)
     ===========================  ========  ============  =====================================================
 
@@ -165,47 +157,13 @@ def first_wave_space(
             the whole city (starting from the mean of `params`' values): in a small city a borough
             starts with a handful of infected agents, too few to pin its own seeding.
     """
-    asc = params.ascertainment if isinstance(params.ascertainment, tuple) else (params.ascertainment,)
-    asc = list(asc[:n_months]) + [asc[-1]] * max(0, n_months - len(asc))
-    change = params.transmission_change
-    change = change if isinstance(change, tuple) else (change,)
-    change = list(change[: n_months - 1]) + [change[-1]] * max(0, n_months - 1 - len(change))
-    rel = params.ascertainment_by_borough
-    rel = [float(rel)] * n_boroughs if isinstance(rel, float | int) else list(rel)
-    seeds = list(params.initial_infections_per_100k)
-    if len(seeds) != n_boroughs:
-        raise ValueError(f"initial_infections_per_100k has {len(seeds)} values, expected {n_boroughs}")
-
-    def clip(x, lo, hi):
-        return np.clip(np.asarray(x, dtype=float), lo, hi).tolist()
-
-    specs = {
-        "beta_scale": Bounded(0.2, 5.0, clip(params.beta_scale, 0.2, 5.0), log=True,
-                              doc="multiplier of every layer's transmission rate (layer ratios fixed)"),
-        "transmission_change": Bounded(0.1, 10.0, clip(change, 0.1, 10.0), (n_months - 1,), log=True,
-                                       doc="multiplier of transmission in months 2..M relative to month 1"),
-        "initial_infections_per_100k": (
-            Bounded(1.0, 5000.0, clip(seeds, 1.0, 5000.0), (n_boroughs,), log=True,
-                    doc="infections on day 0 per 100,000 residents, by borough")
-            if seeding_by_borough else
-            Bounded(1.0, 5000.0, clip(float(np.mean(seeds)), 1.0, 5000.0), log=True,
-                    doc="infections on day 0 per 100,000 residents, the same in every borough")
-        ),
-        "ascertainment": Bounded(0.01, 1.0, clip(asc, 0.01, 1.0), (n_months,), log=True,
-                                 doc="share of symptomatic onsets reported as cases, per calendar month"),
-        "ascertainment_by_borough": Bounded(0.2, 5.0, clip(rel, 0.2, 5.0), (n_boroughs,), log=True,
-                                            doc="relative ascertainment by borough (scaled to geometric mean 1)"),
-        "fatality_scale": Bounded(0.1, 10.0, clip(params.fatality_scale, 0.1, 10.0), log=True,
-                                  doc="multiplier of the infection fatality ratio by age"),
-    }
-    if n_months < 2:
-        del specs["transmission_change"]
+    specs = calibrated_specs(params, n_months, n_boroughs, seeding_by_borough=seeding_by_borough)
     if alignment is not False:
         a, b = (1.0, 0.0) if alignment is True else alignment
-        specs["alignment_a"] = Bounded(0.25, 4.0, clip(a, 0.25, 4.0), log=True,
-                                       doc="slope of the isolation alignment map")
-        specs["alignment_b"] = Bounded(-4.0, 4.0, clip(b, -4.0, 4.0),
-                                       doc="shift (logit) of the isolation alignment map")
+        specs["isolate_alignment_a"] = Bounded(0.25, 4.0, float(np.clip(a, 0.25, 4.0)), log=True,
+                                               doc="slope of the isolation alignment map")
+        specs["isolate_alignment_b"] = Bounded(-4.0, 4.0, float(np.clip(b, -4.0, 4.0)),
+                                               doc="shift (logit) of the isolation alignment map")
     if include is not None:
         unknown = sorted(set(include) - set(specs))
         if unknown:
@@ -228,9 +186,9 @@ class SimulationObjective:
     seeding by 5-15%.
 
     The simulation is built once (contacts and all); each call sets its seed and its parameter
-    tensors and runs it (with gradients if enabled). ``values`` from :func:`first_wave_space`:
-    ``alignment_a``/``alignment_b`` go to the isolation decision's alignment map, every other name
-    to the simulation's epidemic tensors (``EpidemicModel.tensors``).
+    tensors and runs it (with gradients if enabled). ``values`` (from :func:`first_wave_space`, or
+    any space of the simulation's declared parameters) go to the models and alignment maps that
+    declare them (:meth:`~lpm_llm.core.sim.Simulation.set_parameters`).
 
     Args:
         simulation: a :class:`lpm_llm.core.sim.Simulation` covering at least ``7 * weeks`` days.
@@ -257,18 +215,9 @@ class SimulationObjective:
         self.simulations = 0
 
     def run(self, values: Mapping[str, torch.Tensor], seed: int):
-        """Run the simulation at `values` with `seed`; returns its ``Results``."""
+        """Run the simulation at `values` (:meth:`Simulation.set_parameters`) with `seed`; returns its ``Results``."""
         sim = self.simulation
-        values = dict(values)
-        a, b = values.pop("alignment_a", None), values.pop("alignment_b", None)
-        if (a is None) != (b is None):
-            raise KeyError("give both alignment_a and alignment_b, or neither")
-        if a is not None:
-            if "isolate" not in sim.decisions:
-                raise KeyError("alignment_a/alignment_b need an 'isolate' decision in the simulation; "
-                               f"decisions: {', '.join(sim.decisions) or 'none'}")
-            sim.alignment = {**sim.alignment, "isolate": _aligned(a, b)}
-        sim.tensor_overrides = values
+        sim.set_parameters(values)
         sim.seed = int(seed)
         self.simulations += 1
         return sim.run()
@@ -564,10 +513,6 @@ def _weeks_through(start: dt.date, end: dt.date) -> int:
     return ((end - start).days + 1) // 7
 
 
-def _months(start: dt.date, days: int) -> int:
-    last = start + dt.timedelta(days=days - 1)
-    return (last.year - start.year) * 12 + last.month - start.month + 1
-
 
 def calibrate_first_wave(
     population: Population,
@@ -638,7 +583,7 @@ def calibrate_first_wave(
         raise ValueError(f"the fitted window {start} .. {end} holds {weeks} complete week(s); need 2 or more")
     if forecast_weeks < 0:
         raise ValueError(f"forecast_weeks must be >= 0, got {forecast_weeks}")
-    scale = float(scale) if scale is not None else population.n / NYC_POPULATION
+    scale = float(scale) if scale is not None else population.scale or population.n / NYC_POPULATION
     targets = tuple(targets)
     total_weeks = weeks + forecast_weeks
     obs_all = observed_weekly(start, total_weeks, targets, observed=observed, device=device)
@@ -647,12 +592,12 @@ def calibrate_first_wave(
 
     def simulation(days: int) -> Any:
         kwargs = {"checkpoint_days": checkpoint_days} if checkpoint_days else {}
-        return Simulation(population, params, archetypes=archetypes, decisions=frozen or None,
+        return Simulation(population, [Epidemic(params)], archetypes=archetypes, decisions=frozen or None,
                           interventions=interventions, start_date=start, days=days, seed=seed,
                           device=device, **kwargs)
 
     objective = SimulationObjective(simulation(7 * weeks), obs_fit, weeks=weeks, scale=scale)
-    space = first_wave_space(params, _months(start, 7 * weeks),
+    space = first_wave_space(params, months_between(start, start + dt.timedelta(days=7 * weeks - 1)) + 1,
                              alignment=("isolate" in frozen) and (tuple(alignment) if alignment else True),
                              include=parameters, device=device)
     eval_list = [10_000 + seed + j for j in range(eval_seeds)]

@@ -80,8 +80,34 @@ class AlignmentMap(nn.Module):
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         """(K,) probabilities -> (K,) mapped probabilities."""
-        p = p.clamp(_EPS, 1 - _EPS)
-        return torch.sigmoid(self.a * torch.logit(p) + self.b)
+        return align(p, self.a, self.b)
+
+
+def align(p: torch.Tensor, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """The alignment map ``logit(p') = a * logit(p) + b`` with (a, b) given as values (for example
+    tensors from bounded calibrated parameters); :class:`AlignmentMap` holds them as parameters."""
+    p = p.clamp(_EPS, 1 - _EPS)
+    return torch.sigmoid(a * torch.logit(p) + b)
+
+
+def majority_area(index: torch.Tensor, area: torch.Tensor, k: int, n_areas: int) -> list[int]:
+    """(K,) the area (borough) where most members of each archetype live (0 for an empty archetype)."""
+    cells = torch.bincount(index.long() * n_areas + area.long().to(index.device), minlength=k * n_areas)
+    return cells.view(k, n_areas).argmax(dim=1).tolist()
+
+
+def change_text(week: float, before: float) -> str:
+    """Text for the change of weekly cases on the week before (as the prompts show it)."""
+    if before <= 0:
+        return "no cases the week before" if week > 0 else "no change"
+    return trend_text(100.0 * (week - before) / before)
+
+
+def trend_text(percent: float) -> str:
+    """Text for a percent change on the week before."""
+    if abs(percent) < 5:
+        return "about the same as the week before"
+    return f"{'up' if percent > 0 else 'down'} {abs(round(percent))}% on the week before"
 
 
 def broadcast(

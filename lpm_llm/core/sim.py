@@ -1,13 +1,17 @@
-"""The simulation loop: one population, the epidemic model, decisions, interventions; and its Results.
+"""The simulation: one population, a list of models, their decisions, the policy calendar; and its Results.
 
 Example::
 
-    sim = Simulation(population, EpidemicParams(), archetypes=arch,
+    sim = Simulation(population, [Epidemic(EpidemicParams())], archetypes=arch,
                      decisions={"isolate": LLMDecision(...)}, interventions=nyc_2020(),
                      start_date="2020-03-01", days=120, seed=1)
     with torch.no_grad():          # the fast path; leave gradients on to calibrate
         results = sim.run()
     results.by_area()              # one row per day and borough, plus "NYC"
+
+Models (:class:`~lpm_llm.core.model.Model`) are modules: the simulation owns the calendar, the
+decision steps, the interventions, recording and the order of a day; a model owns its state and
+dynamics. Coupling is data: what one model publishes, another reads.
 """
 
 from __future__ import annotations
@@ -18,56 +22,27 @@ import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.utils.checkpoint
 
-from lpm_llm.core.behavior import AlignmentMap, DecisionSource, PerArchetype, broadcast
+from lpm_llm.core.behavior import AlignmentMap, DecisionSource, align, broadcast, majority_area
 from lpm_llm.core.interventions import InterventionSchedule
-from lpm_llm.models.contacts import LAYERS, ContactLayers
-from lpm_llm.models.epidemic import (
-    STATES,
-    EpidemicModel,
-    EpidemicParams,
-    EpidemicState,
-    StepInputs,
-    day_generator,
-    layer_rates,
-)
+from lpm_llm.core.model import DecisionUse, Model, StepInputs, decision_day
+from lpm_llm.core.parameters import Bounded
+from lpm_llm.core.rng import day_generator
 from lpm_llm.population import Population
-from lpm_llm.resources import nyc_data_path
 
-__all__ = ["Coupling", "Results", "Simulation"]
+__all__ = ["Results", "Simulation", "months_between"]
 
 log = logging.getLogger(__name__)
 
-_COUNT_COLUMNS = ("new_infections", "new_symptomatic", "reported_cases", "hospitalized", "deaths", *STATES)
 
-
-@runtime_checkable
-class Coupling(Protocol):
-    """A model coupled to the epidemic (for example the labour market). Provisional interface.
-
-    ``decisions`` names the decision sources it consumes; ``context`` adds variables to the
-    decision context (e.g. ``unemployment_rate``); ``step`` runs once per day after the decisions
-    and may return an (N,) bool ``working`` mask (agents with workplace contacts that day) or None.
-    ``epidemic`` holds ``cases_week`` (B,) reported cases per 100,000 in the last 7 days by borough.
-    """
-
-    decisions: tuple[str, ...]
-
-    def context(self, day: int, date: dt.date) -> Mapping[str, Any]: ...
-
-    def step(
-        self,
-        day: int,
-        date: dt.date,
-        decisions: Mapping[str, torch.Tensor],
-        epidemic: Mapping[str, torch.Tensor],
-    ) -> torch.Tensor | None: ...
+def months_between(start: dt.date, date: dt.date) -> int:
+    """Calendar months from `start`'s month to `date`'s (0 in the same month)."""
+    return (date.year - start.year) * 12 + date.month - start.month
 
 
 @dataclass
@@ -76,102 +51,100 @@ class Results:
 
     Attributes:
         daily: long DataFrame, one row per day x area (borough) x age band: ``date``
-            (datetime64), ``area``, ``age_band``, ``population`` (agents in the cell), the counts
-            ``new_infections, new_symptomatic, reported_cases, hospitalized, deaths`` (events that day),
-            ``S, E, I, R, M`` (agents at the end of the day), ``isolating`` (fraction of the cell).
-        series: name -> (T, B, A) float32 tensors of the same quantities; they keep the autograd
-            graph when parameters require grad.
+            (datetime64), ``area``, ``age_band``, ``population`` (agents in the cell), and every
+            (days, areas, age bands) series of the models (for the epidemic: the counts
+            ``new_infections, new_symptomatic, reported_cases, hospitalized, deaths``, the states
+            ``S, E, I, R, M`` at the end of the day, and ``isolating``, the fraction of the cell).
+        series: name -> tensors of every model's result series; they keep the autograd graph when
+            parameters require grad.
         decisions: DataFrame ``step, date, decision, archetype, probability, aligned`` (probability
             from the source, and after the alignment map).
         timings: seconds spent per phase (``decisions``, ``step``, ``record``, ``total``).
-        final_state: the epidemic state after the last day.
+        final_state: the state of the first model after the last day (``states`` has every model's).
         contexts: the decision context given at each decision step.
+        tables: model name -> its own result table (for example the labour model's monthly table).
+        states: model name -> its state after the last day.
     """
 
     daily: pd.DataFrame
     series: dict[str, torch.Tensor]
     decisions: pd.DataFrame
     timings: dict[str, float]
-    final_state: EpidemicState
+    final_state: Any
     contexts: list[dict[str, Any]] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    states: dict[str, Any] = field(default_factory=dict)
 
     def by_area(self) -> pd.DataFrame:
         """Age bands summed; one row per day x area, plus area ``NYC`` (all areas)."""
-        d = self.daily.assign(_iso=self.daily["isolating"] * self.daily["population"])
-        cols = ["population", *_COUNT_COLUMNS, "_iso"]
+        d = self.daily
+        counts = [c for c in d.columns if c not in ("date", "area", "age_band", "population", "isolating")]
+        if "isolating" in d:
+            d = d.assign(_iso=d["isolating"] * d["population"])
+        cols = ["population", *counts, *(["_iso"] if "_iso" in d else [])]
         per_area = d.groupby(["date", "area"], sort=False, observed=True)[cols].sum().reset_index()
         city = d.groupby("date", sort=False)[cols].sum().reset_index().assign(area="NYC")
         out = pd.concat([per_area, city], ignore_index=True)
-        out["isolating"] = out["_iso"] / out["population"].clip(lower=1)
+        if "_iso" in out:
+            out["isolating"] = out["_iso"] / out["population"].clip(lower=1)
+            out = out.drop(columns="_iso")
         out["area"] = out["area"].astype(str)
-        return out.drop(columns="_iso").sort_values(["date", "area"], kind="stable").reset_index(drop=True)
+        return out.sort_values(["date", "area"], kind="stable").reset_index(drop=True)
 
 
 class Simulation:
-    """A daily simulation of one population.
+    """A daily simulation of one population by a list of models.
 
     Each day t (date ``start_date + t``), in this order:
 
-    1. context: if t is a decision day (``t % decision_every == 0``), build the context ``step``,
-       ``date`` (ISO), ``cases_week`` and ``cases_trend`` (per archetype: its majority borough's
-       reported cases over the last 7 days, shown as a count for the real borough, and the change
-       on the week before), ``policies`` (active policies' text, or "none"), plus what couplings add;
-    2. decisions: on decision days each source gives (K,) probabilities; they pass through the
-       alignment map (if any) and are drawn per agent with :func:`lpm_llm.core.behavior.broadcast`
-       (straight-through when gradients are on); decisions hold until the next decision day;
-       couplings then step and may set who is working;
-    3. interventions: the day's per-layer multipliers scale the transmission rates;
-    4. transmission and 5. progression: :meth:`EpidemicModel.step`;
-    6. recording: the day's counts by borough and age band; reported cases and admissions with
-       their delays are assembled at the end (:meth:`EpidemicModel.report`).
+    1. observe: every model that observes what another reads gives its start-of-day data (from
+       the days before; for the epidemic the reported cases of the last 7 days per area);
+    2. decisions: for each decision due today (its :class:`~lpm_llm.core.model.DecisionUse`
+       cadence), the context is built (``step``, ``date`` (ISO), ``policies`` (active policies'
+       text, or "none"), then what every model contributes, the consuming model's last), the
+       source gives (K,) probabilities, the alignment map (if any) is applied, and they are drawn
+       per agent with :func:`~lpm_llm.core.behavior.broadcast` (straight-through when gradients are
+       on; decision ``name`` draws from ``day_generator(seed ^ crc32(name), t)``), or handed to
+       the model as probabilities; decisions hold until the decision's next day;
+    3. step: the models step in an order where a model that publishes something in its step comes
+       before those that read it (else the given order), each with the held decisions, the data
+       observed and published so far today and the day's intervention multipliers;
+    4. recording: each model records its own series; :meth:`run` collects them at the end.
 
     Args:
-        population: columns ``borough``, ``age_band``, ``household`` (and ``school``,
-            ``workplace`` if present).
-        params: epidemic parameters (None: the defaults).
+        population: the agents (areas from the ``borough`` codebook, age bands from ``age_band``).
+        models: the models, each with a unique ``name`` (default: one ``Epidemic()``).
         archetypes: has ``.index`` (N,) and ``.k``; needed when `decisions` are given.
-        decisions: decision name -> source; the epidemic uses ``"isolate"``; couplings declare theirs.
-        decision_every: days between decision steps.
+        decisions: decision name -> source; every decision must be consumed by a model.
+        decision_every: days between the steps of the decisions taken every n days: one value for
+            all, or decision name -> days (default: the models' declarations).
         interventions: policy schedule (None: none).
         start_date: ISO date of day 0.
         days: number of days T.
-        seed: base seed of every draw (day t uses ``day_generator(seed, t)``); or
+        seed: base seed of every draw; or
         generator: a torch.Generator from which the base seed is drawn (not both).
         device: where the state lives (None: the population's device).
-        alignment: an AlignmentMap applied to every decision, or decision name -> map.
-        tensors: epidemic parameters given as tensors (see ``TENSOR_PARAMS``), e.g. with requires_grad.
-        initial_infected: (N,) bool agents infected on day 0, replacing the per-borough seeding.
-        working: (N,) bool fixed mask of agents working (None: every agent with a workplace).
-        couplings: coupled models (see :class:`Coupling`).
-        persons_per_agent: (B,) residents represented by one agent, for the case counts shown in
-            prompts (None: real NYC borough populations / agents, when the boroughs are NYC's; else 1).
+        alignment: an AlignmentMap applied to every decision, or decision name -> map (or function).
         on_day: called as ``on_day(t, days)`` after each day (progress bars live in the runner).
-        checkpoint_days: with gradients on, run the epidemic steps in chunks of up to this many days
-            under ``torch.utils.checkpoint`` (activations recomputed in the backward pass, so memory
-            holds one chunk's plus the state at chunk boundaries); chunks also end before decision
-            days. None: keep every activation.
+        checkpoint_days: with gradients on, models that support it run their steps in chunks of up
+            to this many days under ``torch.utils.checkpoint``. None: keep every activation.
     """
 
     def __init__(
         self,
         population: Population,
-        params: EpidemicParams | Mapping[str, Any] | None = None,
+        models: Sequence[Model] | None = None,
         *,
         archetypes: Any = None,
         decisions: Mapping[str, DecisionSource] | None = None,
-        decision_every: int = 7,
+        decision_every: int | Mapping[str, int] | None = None,
         interventions: InterventionSchedule | None = None,
         start_date: str | dt.date = "2020-03-01",
         days: int = 100,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
-        alignment: AlignmentMap | Mapping[str, AlignmentMap] | None = None,
-        tensors: Mapping[str, torch.Tensor] | None = None,
-        initial_infected: torch.Tensor | None = None,
-        working: torch.Tensor | None = None,
-        couplings: Sequence[Coupling] = (),
-        persons_per_agent: Sequence[float] | None = None,
+        alignment: AlignmentMap | Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
         on_day: Callable[[int, int], None] | None = None,
         checkpoint_days: int | None = None,
     ):
@@ -182,309 +155,256 @@ class Simulation:
         self.seed = 0 if seed is None else int(seed)
         if days < 1:
             raise ValueError(f"days must be >= 1, got {days}")
-        if decision_every < 1:
-            raise ValueError(f"decision_every must be >= 1, got {decision_every}")
-        self.params = (
-            params if isinstance(params, EpidemicParams) else EpidemicParams.model_validate(params or {})
-        )
-        self.device = torch.device(device) if device is not None else population.device
+        if checkpoint_days is not None and checkpoint_days < 1:
+            raise ValueError(f"checkpoint_days must be >= 1 or None, got {checkpoint_days}")
+        if models is None:
+            from lpm_llm.models.epidemic import Epidemic
+
+            models = [Epidemic()]
+        self.models: list[Model] = list(models)
+        if not self.models:
+            raise ValueError("a Simulation needs at least one model")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
         self.population = population
+        self.device = torch.device(device) if device is not None else population.device
         self.days = int(days)
-        self.decision_every = int(decision_every)
         self.start_date = (
             start_date if isinstance(start_date, dt.date) else dt.date.fromisoformat(str(start_date))
         )
         self.dates = [self.start_date + dt.timedelta(days=t) for t in range(self.days)]
+        self.month_index = [months_between(self.start_date, d) for d in self.dates]
         self.interventions = interventions or InterventionSchedule()
-        self.couplings = tuple(couplings)
         self.on_day = on_day
-        if checkpoint_days is not None and checkpoint_days < 1:
-            raise ValueError(f"checkpoint_days must be >= 1 or None, got {checkpoint_days}")
         self.checkpoint_days = checkpoint_days
-        self.tensor_overrides = dict(tensors or {})
 
-        self.contacts = ContactLayers.from_population(
-            population,
-            community_matrix=self._community_matrix(),
-            cross_borough_share=self.params.cross_borough_share,
-            device=self.device,
-        )
-        self.model = EpidemicModel(self.params, self.contacts, population["age_band"], population["borough"])
-        self.areas = (
-            population.labels("borough")
-            if "borough" in population.codebooks
-            else tuple(str(i) for i in range(self.contacts.shape[0]))
-        )
-        self.age_bands = (
-            population.labels("age_band")
-            if "age_band" in population.codebooks
-            else tuple(str(i) for i in range(self.contacts.shape[1]))
-        )
-
+        self.areas = population.labels("borough") if "borough" in population.codebooks else ("all",)
+        self.age_bands = population.labels("age_band") if "age_band" in population.codebooks else ("all",)
+        self.persons_per_agent = population.persons_per_agent()
+        self.uses = self._decision_uses(decisions, decision_every)
         self.decisions = dict(decisions or {})
-        known = set(EpidemicModel.decisions).union(*(c.decisions for c in self.couplings))
-        for name in self.decisions:
-            if name not in known:
-                raise KeyError(f"unknown decision {name!r}; known: {', '.join(sorted(known))}")
         if self.decisions and archetypes is None:
             raise ValueError("decisions need archetypes (an object with .index (N,) and .k)")
         self.archetypes = archetypes
         if isinstance(alignment, AlignmentMap):
             alignment = dict.fromkeys(self.decisions, alignment)
-        self.alignment = dict(alignment or {})
+        self.alignment: dict[str, Callable[[torch.Tensor], torch.Tensor]] = dict(alignment or {})
         for name in self.alignment:
             if name not in self.decisions:
                 raise KeyError(
                     f"alignment for {name!r} but no such decision; decisions: {', '.join(self.decisions)}"
                 )
+        self.index: torch.Tensor | None = None
+        self.home: list[int] = []
         if archetypes is not None:
-            self._index = archetypes.index.to(self.device)
-            if self._index.shape != (population.n,):
+            self.index = archetypes.index.to(self.device)
+            if self.index.shape != (population.n,):
                 raise ValueError(
-                    f"archetypes.index must have shape ({population.n},), got {tuple(self._index.shape)}"
+                    f"archetypes.index must have shape ({population.n},), got {tuple(self.index.shape)}"
                 )
-            self._home = self._majority_area(self._index, int(archetypes.k))
-
-        self.initial_infected = None
-        if initial_infected is not None:
-            self.initial_infected = self._mask(initial_infected, "initial_infected")
-        self.working = None if working is None else self._mask(working, "working")
-        self._persons_per_agent = self._resolve_persons_per_agent(persons_per_agent)
+            if "borough" in population:
+                self.home = majority_area(self.index, population["borough"], int(archetypes.k), len(self.areas))
+        self.order = self._step_order()
+        self.data: dict[str, Any] = {}
+        self._observers = [m for m in self.models if set(m.observes) & self._read_by_others(m)]
+        for model in self.models:
+            model.setup(self)
 
     # -- set-up helpers -------------------------------------------------------------------------
-    def _community_matrix(self) -> torch.Tensor | None:
-        p = self.params
-        if p.community_matrix is not None:
-            return torch.tensor(p.community_matrix, dtype=torch.float32)
-        from lpm_llm.models.contacts import default_community_matrix
+    def _decision_uses(
+        self, decisions: Mapping[str, DecisionSource] | None, every: int | Mapping[str, int] | None
+    ) -> dict[str, tuple[DecisionUse, list[Model]]]:
+        """decision name -> (its use, as declared by the first model that consumes it; the consumers)."""
+        declared: dict[str, tuple[DecisionUse, list[Model]]] = {}
+        for model in self.models:
+            for use in model.decisions:
+                if use.name in declared:
+                    declared[use.name][1].append(model)
+                else:
+                    declared[use.name] = (use, [model])
+        for name, (use, consumers) in declared.items():
+            if use.required and name not in (decisions or {}):
+                raise ValueError(f"model {consumers[0].name!r} needs the {name!r} decision")
+        for name in decisions or {}:
+            if name not in declared:
+                consumed = ", ".join(sorted(declared)) or "none"
+                raise KeyError(f"unknown decision {name!r}; the models consume: {consumed}")
+        if every is not None:
+            per = every if isinstance(every, Mapping) else {n: every for n, (u, _) in declared.items()
+                                                            if u.cadence == "days"}
+            for name, days in per.items():
+                if name not in declared:
+                    raise KeyError(f"decision_every for {name!r}, which no model consumes")
+                if days < 1:
+                    raise ValueError(f"decision_every must be >= 1, got {days} for {name!r}")
+                use, consumers = declared[name]
+                declared[name] = (DecisionUse(name, int(days), use.cadence, use.as_draws), consumers)
+        return {n: declared[n] for n in decisions or {}}
 
-        return default_community_matrix(len(p.susceptibility), p.community_assortativity)
+    def _read_by_others(self, model: Model) -> set[str]:
+        return set().union(*(set(m.reads) for m in self.models if m is not model))
 
-    def _mask(self, mask: torch.Tensor, name: str) -> torch.Tensor:
-        mask = torch.as_tensor(mask).to(self.device)
-        if mask.dtype != torch.bool or mask.shape != (self.population.n,):
-            raise ValueError(
-                f"{name} must be an ({self.population.n},) bool tensor, got {mask.dtype} {tuple(mask.shape)}"
-            )
-        return mask
+    def _step_order(self) -> list[Model]:
+        """Publishers before their readers (stable: otherwise the given order)."""
+        left, order = list(self.models), []
+        while left:
+            for m in left:
+                if not any(set(o.publishes) & set(m.reads) for o in left if o is not m):
+                    break
+            else:
+                m = left[0]  # a cycle: the given order decides
+            order.append(m)
+            left.remove(m)
+        return order
 
-    def _majority_area(self, index: torch.Tensor, k: int) -> list[int]:
-        """(K,) the borough where most members of each archetype live (computed once, bincount)."""
-        b = self.contacts.shape[0]
-        borough = self.model.borough.to(torch.int64)
-        cells = torch.bincount(index.to(torch.int64) * b + borough, minlength=k * b).view(k, b)
-        return cells.argmax(dim=1).tolist()
+    def model(self, name: str) -> Model:
+        """The model called `name`."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(f"no model {name!r}; models: {', '.join(m.name for m in self.models)}")
 
-    def _resolve_persons_per_agent(self, given: Sequence[float] | None) -> torch.Tensor:
-        agents = self.contacts.cell_size.sum(1).double().cpu()
-        if given is not None:
-            out = torch.as_tensor(given, dtype=torch.float64)
-            if out.shape != agents.shape:
-                raise ValueError(
-                    f"persons_per_agent needs one value per borough ({agents.numel()}), got {out.numel()}"
-                )
-            return out
-        marginals = pd.read_csv(nyc_data_path("population_marginals.csv"))
-        totals = marginals[marginals["dimension"] == "total"].set_index("borough")["population"]
-        if not set(self.areas) <= set(totals.index):
-            return torch.ones_like(agents)
-        real = torch.tensor([float(totals[a]) for a in self.areas], dtype=torch.float64)
-        return real / agents.clamp(min=1.0)
+    # -- parameters -----------------------------------------------------------------------------
+    def parameters(self) -> dict[str, Bounded]:
+        """Every calibratable parameter: the models' declarations and ``<decision>_alignment_a`` /
+        ``_b`` for each decision (slope 0.25-4 log, shift -4-4; starting at the identity)."""
+        out: dict[str, Bounded] = {}
+        for model in self.models:
+            for name, spec in model.parameters().items():
+                if name in out:
+                    raise ValueError(f"parameter {name!r} is declared by two models")
+                out[name] = spec
+        for name in self.decisions:
+            out[f"{name}_alignment_a"] = Bounded(0.25, 4.0, 1.0, log=True, doc=f"slope of the {name} alignment map")
+            out[f"{name}_alignment_b"] = Bounded(-4.0, 4.0, 0.0, doc=f"shift (logit) of the {name} alignment map")
+        return out
+
+    def set_parameters(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Give calibrated values (as from a ParameterSpace) to the models and alignment maps that
+        declare them; an unknown name is an error."""
+        values = dict(values)
+        for name in self.decisions:
+            a, b = values.pop(f"{name}_alignment_a", None), values.pop(f"{name}_alignment_b", None)
+            if (a is None) != (b is None):
+                raise KeyError(f"give both {name}_alignment_a and {name}_alignment_b, or neither")
+            if a is not None:
+                self.alignment[name] = lambda p, a=a, b=b: align(p, a, b)
+        for model in self.models:
+            mine = {k: values.pop(k) for k in list(values) if k in model.parameters()}
+            if mine:
+                model.set_parameters(mine)
+        if values:
+            raise KeyError(f"unknown parameter(s) {sorted(values)}; known: {', '.join(self.parameters())}")
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> Results:
         """Run all days; see the class docstring for the order of a day."""
         t_start = time.perf_counter()
+        for model in self.models:
+            model.init(self)
         timings = dict.fromkeys(("decisions", "step", "record"), 0.0)
-        grad = torch.is_grad_enabled()
-        model, c = self.model, self.contacts
-        b, a = c.shape
-        months = [(d.year - self.start_date.year) * 12 + d.month - self.start_date.month for d in self.dates]
-        month_index = torch.tensor(months, dtype=torch.int64, device=self.device)
-        theta = model.tensors(self.tensor_overrides, n_months=months[-1] + 1)
-        multipliers = torch.tensor(
-            [[self.interventions.multipliers(d)[layer] for layer in LAYERS] for d in self.dates],
-            dtype=torch.float32,
-            device=self.device,
-        )
-        rates = layer_rates(theta, multipliers, month_index)  # (T, 4)
-        imports = (
-            self.initial_infected.to(torch.float32)
-            if self.initial_infected is not None
-            else model.import_probability(theta)
-        )
-        state = model.initial_state(theta, self.seed, track_gradients=grad)
         held: dict[str, torch.Tensor] = {}
-        isolating_cell = torch.zeros(b, a, device=self.device)
-        daily: list[dict[str, torch.Tensor]] = []
-        isolating_days: list[torch.Tensor] = []
-        onsets_area: list[torch.Tensor] = []  # (B,) detached onsets per day, for the context
-        decision_rows: list[tuple] = []
+        rows: list[tuple] = []
         contexts: list[dict[str, Any]] = []
-        reporting = model.reporting_rate(theta, month_index).detach().cpu()  # (T, B)
-        delay = self.params.report_delay
-        chunked = grad and self.checkpoint_days is not None
-        pending: list[tuple[int, StepInputs]] = []  # days whose step has not run yet
-
-        def advance(state: EpidemicState, days: list[tuple[int, StepInputs]]):
-            outs = []
-            for t, inputs in days:
-                state, out = model.step(state, t, inputs, theta)
-                outs.append(out)
-            return state, outs
-
-        def flush(state: EpidemicState) -> EpidemicState:
-            # 3-5. interventions, transmission, progression of the pending days; 6. recording
-            t1 = time.perf_counter()
-            days = list(pending)
-            pending.clear()
-            if chunked:
-                state, outs = torch.utils.checkpoint.checkpoint(advance, state, days, use_reentrant=False)
-            else:
-                state, outs = advance(state, days)
-            t2 = time.perf_counter()
-            for (t, _), out in zip(days, outs, strict=True):
-                daily.append(out)
-                onsets_area.append(out["new_symptomatic"].detach().sum(1))
-                if self.on_day is not None:
-                    self.on_day(t, self.days)
-            timings["step"] += t2 - t1
-            timings["record"] += time.perf_counter() - t2
-            return state
-
         for t, date in enumerate(self.dates):
-            # 1-2. context and decisions (they read the cases of every day before)
             t0 = time.perf_counter()
-            if pending and (self.couplings or (self.decisions and t % self.decision_every == 0)):
-                state = flush(state)
-                t0 = time.perf_counter()
-            if self.decisions and t % self.decision_every == 0:
-                reported = self._reported_by_area(onsets_area, reporting, delay, t)
-                context = self._context(t, date, reported)
+            data: dict[str, Any] = {}
+            self.data = data  # what the models published today (models read it in their contexts)
+            for model in self._observers:  # 1. observe
+                data.update(model.observe(t))
+            due = [name for name, (use, _) in self.uses.items() if decision_day(use, t, date)]
+            for name in due:  # 2. decisions
+                context = self._context(name, t, date)
                 contexts.append(context)
-                for name, source in self.decisions.items():
-                    held[name] = self._decide(name, source, context, t, date, decision_rows)
-                if "isolate" in held:
-                    iso = held["isolate"]
-                    isolating_cell = torch.zeros(b * a, device=self.device).index_add(0, c.cell, iso).view(
-                        b, a
-                    ) / c.cell_size.clamp(min=1.0)
-            working = self.working
-            if self.couplings:
-                reported = self._reported_by_area(onsets_area, reporting, delay, t)
-                epi = {"cases_week": self._per_100k(reported[-7:].sum(0) if reported.numel() else None)}
-                for coupling in self.couplings:
-                    mask = coupling.step(t, date, held, epi)
-                    if mask is not None:
-                        mask = self._mask(mask, f"working from {type(coupling).__name__}")
-                        working = mask if working is None else working & mask
-            timings["decisions"] += time.perf_counter() - t0
-            inputs = StepInputs(
-                rates=rates[t],
-                seed=self.seed,
-                isolating=held.get("isolate"),
-                working=working,
-                imports=imports if t == 0 else None,
-            )
-            pending.append((t, inputs))
-            isolating_days.append(isolating_cell)
-            if not chunked or len(pending) >= self.checkpoint_days:
-                state = flush(state)
-        if pending:
-            state = flush(state)
+                held[name] = self._decide(name, context, t, date, rows)
+            t1 = time.perf_counter()
+            timings["decisions"] += t1 - t0
+            multipliers = self.interventions.multipliers(date)
+            for model in self.order:  # 3. step
+                mine = {u.name for u in model.decisions}
+                inputs = StepInputs(
+                    decisions={k: v for k, v in held.items() if k in mine},
+                    decided=frozenset(n for n in due if n in mine),
+                    data=data,
+                    multipliers=multipliers,
+                )
+                data.update(model.step(t, date, inputs) or {})
+            timings["step"] += time.perf_counter() - t1
+            if self.on_day is not None:
+                self.on_day(t, self.days)
 
-        t3 = time.perf_counter()
-        stacked = {k: torch.stack([d[k] for d in daily]) for k in daily[0]}
-        series = model.report(stacked, theta, month_index)
-        series["isolating"] = torch.stack(isolating_days)
+        t2 = time.perf_counter()
+        series: dict[str, torch.Tensor] = {}
+        tables: dict[str, pd.DataFrame] = {}
+        states: dict[str, Any] = {}
+        for model in self.models:  # 4. recording
+            out = model.finish()
+            clash = set(out) & set(series)
+            if clash:
+                raise ValueError(f"series {sorted(clash)} recorded by two models")
+            series.update(out)
+            if hasattr(model, "table"):
+                tables[model.name] = model.table()
+            states[model.name] = getattr(model, "final_state", None)
         frame = self._frame(series)
-        timings["record"] += time.perf_counter() - t3
+        timings["record"] += time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t_start
-        decisions = pd.DataFrame(
-            decision_rows, columns=["step", "date", "decision", "archetype", "probability", "aligned"]
-        )
-        return Results(frame, series, decisions, timings, state, contexts)
+        decisions = pd.DataFrame(rows, columns=["step", "date", "decision", "archetype", "probability", "aligned"])
+        first = states[self.models[0].name]
+        return Results(frame, series, decisions, timings, first, contexts, tables, states)
 
     # -- per-day helpers ------------------------------------------------------------------------
-    def _reported_by_area(
-        self, onsets: list[torch.Tensor], reporting: torch.Tensor, delay: int, t: int
-    ) -> torch.Tensor:
-        """(t, B) expected reported cases on days 0..t-1: onsets (B,) per day, delayed, times the
-        (T, B) reporting rate (:meth:`EpidemicModel.reporting_rate`)."""
-        b = self.contacts.shape[0]
-        if t == 0:
-            return torch.zeros(0, b)
-        x = torch.stack(onsets).cpu()
-        x = torch.cat([torch.zeros(delay, b), x])[:t] if delay else x
-        return x * reporting[:t]
-
-    def _per_100k(self, cases: torch.Tensor | None) -> torch.Tensor:
-        b = self.contacts.shape[0]
-        if cases is None:
-            return torch.zeros(b)
-        agents = self.contacts.cell_size.sum(1).cpu().clamp(min=1.0)
-        return (cases / agents * 1e5).to(torch.float32)
-
-    def _context(self, t: int, date: dt.date, reported: torch.Tensor) -> dict[str, Any]:
-        week = reported[-7:].sum(0) if reported.numel() else torch.zeros(self.contacts.shape[0])
-        before = reported[-14:-7].sum(0) if reported.shape[0] > 7 else torch.zeros_like(week)
-        counts = (week.double() * self._persons_per_agent).tolist()
-        change = [_trend(float(w), float(p)) for w, p in zip(week.tolist(), before.tolist(), strict=True)]
+    def _context(self, name: str, t: int, date: dt.date) -> dict[str, Any]:
+        """The decision's context: common variables, what every model contributes, the consumer's last."""
         policies = self.interventions.active(date)
         context: dict[str, Any] = {
             "step": t,
             "date": date.isoformat(),
-            "cases_week": PerArchetype(f"{round(counts[h]):,}" for h in self._home),
-            "cases_trend": PerArchetype(change[h] for h in self._home),
             "policies": "; ".join(policies) if policies else "none",
         }
-        for coupling in self.couplings:
-            extra = dict(coupling.context(t, date))
+        consumers = self.uses[name][1]
+        for model in self.models:
+            if model in consumers:
+                continue
+            extra = dict(model.context(name, t, date))
             clash = set(extra) & set(context)
             if clash:
-                raise ValueError(f"{type(coupling).__name__}.context redefines {sorted(clash)}")
+                raise ValueError(f"model {model.name!r} redefines context variable(s) {sorted(clash)}")
             context.update(extra)
+        for model in consumers:
+            context.update(model.context(name, t, date))
         return context
 
-    def _decide(
-        self, name: str, source: DecisionSource, context: Mapping[str, Any], t: int, date: dt.date, rows: list
-    ) -> torch.Tensor:
-        probs = torch.as_tensor(source.probabilities(context), dtype=torch.float32).to(self.device)
+    def _decide(self, name: str, context: Mapping[str, Any], t: int, date: dt.date, rows: list) -> torch.Tensor:
+        probs = torch.as_tensor(self.decisions[name].probabilities(context), dtype=torch.float32).to(self.device)
         k = int(self.archetypes.k)
         if probs.shape != (k,):
             raise ValueError(f"decision source {name!r} returned shape {tuple(probs.shape)}, expected ({k},)")
         if not bool(((probs >= 0) & (probs <= 1)).all()):
             raise ValueError(f"decision source {name!r} returned probabilities outside [0, 1]")
         aligned = self.alignment[name](probs) if name in self.alignment else probs
-        gen = day_generator(self.seed ^ zlib.crc32(name.encode()), t, self.device)
-        drawn = broadcast(aligned, self._index, generator=gen, straight_through=torch.is_grad_enabled())
         p_list, a_list = probs.detach().cpu().tolist(), aligned.detach().cpu().tolist()
         rows.extend((t, date, name, i, p_list[i], a_list[i]) for i in range(k))
-        return drawn
+        if not self.uses[name][0].as_draws:
+            return aligned
+        gen = day_generator(self.seed ^ zlib.crc32(name.encode()), t, self.device)
+        return broadcast(aligned, self.index, generator=gen, straight_through=torch.is_grad_enabled())
 
     def _frame(self, series: Mapping[str, torch.Tensor]) -> pd.DataFrame:
-        b, a = self.contacts.shape
-        t = self.days
+        """The (days, areas, age bands) series as one long table."""
+        b, a, t = len(self.areas), len(self.age_bands), self.days
+        cells = [k for k, v in series.items() if tuple(v.shape) == (t, b, a)]
+        area = self.population["borough"].long().cpu() if "borough" in self.population else torch.zeros(
+            self.population.n, dtype=torch.long)
+        band = self.population["age_band"].long().cpu() if "age_band" in self.population else torch.zeros_like(area)
+        size = torch.bincount(area * a + band, minlength=b * a).to(torch.float32)
         data: dict[str, Any] = {
             "date": np.repeat(np.array(self.dates, dtype="datetime64[ns]"), b * a),
-            "area": pd.Categorical.from_codes(
-                np.tile(np.repeat(np.arange(b), a), t), categories=list(self.areas)
-            ),
-            "age_band": pd.Categorical.from_codes(
-                np.tile(np.arange(a), t * b), categories=list(self.age_bands)
-            ),
-            "population": np.tile(self.contacts.cell_size.reshape(-1).cpu().numpy(), t),
+            "area": pd.Categorical.from_codes(np.tile(np.repeat(np.arange(b), a), t), categories=list(self.areas)),
+            "age_band": pd.Categorical.from_codes(np.tile(np.arange(a), t * b), categories=list(self.age_bands)),
+            "population": np.tile(size.numpy(), t),
         }
-        for name in (*_COUNT_COLUMNS, "isolating"):
+        for name in cells:
             data[name] = series[name].detach().reshape(-1).cpu().numpy()
         return pd.DataFrame(data)
-
-
-def _trend(week: float, before: float) -> str:
-    """Text for the change of weekly cases on the week before."""
-    if before <= 0:
-        return "no cases the week before" if week > 0 else "no change"
-    percent = 100.0 * (week - before) / before
-    if abs(percent) < 5:
-        return "about the same as the week before"
-    return f"{'up' if percent > 0 else 'down'} {abs(round(percent))}% on the week before"

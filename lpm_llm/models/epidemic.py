@@ -74,20 +74,26 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
+from lpm_llm.core.behavior import PerArchetype, change_text
+from lpm_llm.core.model import DecisionUse
+from lpm_llm.core.parameters import Bounded
+from lpm_llm.core.rng import day_generator
 from lpm_llm.models.contacts import LAYERS, ContactLayers, Pressure
-from lpm_llm.models.epidemic_params import TENSOR_PARAMS, EpidemicParams
+from lpm_llm.models.epidemic_params import TENSOR_PARAMS, EpidemicParams, calibrated_specs
 from lpm_llm.population import AGE_BANDS
 
 __all__ = [
     "STATES",
+    "Epidemic",
     "EpidemicModel",
     "EpidemicParams",
     "EpidemicState",
-    "StepInputs",
-    "day_generator",
+    "EpidemicInputs",
     "duration_pmf",
     "layer_rates",
 ]
@@ -149,7 +155,7 @@ class EpidemicState:
 
 
 @dataclass
-class StepInputs:
+class EpidemicInputs:
     """What the outside world gives one daily step.
 
     Attributes:
@@ -166,15 +172,6 @@ class StepInputs:
     isolating: torch.Tensor | None = None
     working: torch.Tensor | None = None
     imports: torch.Tensor | None = None
-
-
-def day_generator(seed: int, t: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of day t: a pure function of (seed, t) (splitmix64 of the pair)."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(t) + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    z ^= z >> 31
-    return torch.Generator(device=device).manual_seed(z & 0x7FFFFFFFFFFFFFFF)
 
 
 def _duration_cdf(kind: str, mean: float, shape: float) -> torch.Tensor:
@@ -368,7 +365,7 @@ class EpidemicModel:
 
     # -- the daily step -------------------------------------------------------------------------
     def step(
-        self, state: EpidemicState, t: int, inputs: StepInputs, theta: Mapping[str, torch.Tensor]
+        self, state: EpidemicState, t: int, inputs: EpidemicInputs, theta: Mapping[str, torch.Tensor]
     ) -> tuple[EpidemicState, dict[str, torch.Tensor]]:
         """One day: transmission from the agents infectious at the start of the day, then progression
         of the agents whose transition falls on day t.
@@ -561,7 +558,7 @@ class EpidemicModel:
         infectious: torch.Tensor,
         w_home: torch.Tensor,
         w_out: torch.Tensor,
-        inputs: StepInputs,
+        inputs: EpidemicInputs,
     ) -> Pressure:
         """The pressure with the infectious agents' path weights `weight` (n_I,): live (tangent) in the
         community and in large groups, detached in small groups, where they enter through
@@ -587,7 +584,7 @@ class EpidemicModel:
         infectious: torch.Tensor,
         w_home: torch.Tensor,
         outside_factor: torch.Tensor | None,
-        inputs: StepInputs,
+        inputs: EpidemicInputs,
         susceptibility: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add to the path weights of today's infections `new_inf` the terms of their small groups.
@@ -731,3 +728,186 @@ def duration_pmf(kind: str, mean: float, shape: float = 1.0) -> torch.Tensor:
     """(K,) float64 probability of a duration of 1..K whole days, as the model draws it."""
     cdf = _duration_cdf(kind, mean, shape)
     return torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype))
+
+
+class Epidemic:
+    """The SEIRM epidemic as a :class:`~lpm_llm.core.model.Model` of a
+    :class:`~lpm_llm.core.sim.Simulation` (the dynamics are :class:`EpidemicModel`'s).
+
+    Consumes the ``isolate`` decision (per-agent draws, weekly by default): an isolating agent's
+    outside contacts are scaled by ``1 - isolation_compliance``. Reads ``working`` (agents with
+    workplace contacts today) if a model publishes it. Observes ``cases_week``: (areas,) expected
+    reported cases of the last 7 days per 100,000 agents. Contributes ``cases_week`` (the
+    archetype's majority borough's reported cases of the last 7 days, shown as a count for the real
+    borough) and ``cases_trend`` (the change on the week before) to the isolation prompt.
+
+    Args:
+        params: epidemic parameters (None: the defaults).
+        tensors: parameters given as tensors (see ``TENSOR_PARAMS``), e.g. with requires_grad.
+        initial_infected: (N,) bool agents infected on day 0, replacing the per-borough seeding.
+        working: (N,) bool fixed mask of agents working (None: every agent with a workplace).
+    """
+
+    name = "epidemic"
+    decisions = (DecisionUse("isolate", every_days=7),)
+    observes = ("cases_week",)
+    publishes = ()
+    reads = ("working",)
+    state = ("disease", "next_day", "flags", "threshold")
+    results = (
+        "new_infections", "new_symptomatic", "reported_cases", "hospitalized", "deaths", *STATES, "isolating",
+    )
+
+    def __init__(
+        self,
+        params: EpidemicParams | Mapping[str, Any] | None = None,
+        *,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        initial_infected: torch.Tensor | None = None,
+        working: torch.Tensor | None = None,
+    ):
+        self.params = params if isinstance(params, EpidemicParams) else EpidemicParams.model_validate(params or {})
+        self.tensor_overrides = dict(tensors or {})
+        self._initial_infected = initial_infected
+        self._working = working
+        self.sim: Any = None
+        self.final_state: EpidemicState | None = None
+
+    # -- declarations -----------------------------------------------------------------------------
+    def parameters(self, *, seeding_by_borough: bool = True) -> dict[str, Bounded]:
+        """The calibrated parameters (:func:`~lpm_llm.models.epidemic_params.calibrated_specs`)."""
+        n_months = self.sim.month_index[-1] + 1 if self.sim is not None else 1
+        n_areas = len(self.sim.areas) if self.sim is not None else len(self.params.initial_infections_per_100k)
+        return calibrated_specs(self.params, n_months, n_areas, seeding_by_borough=seeding_by_borough)
+
+    def set_parameters(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Calibrated values replace the parameters of the same name for the next runs."""
+        self.tensor_overrides = dict(values)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def setup(self, sim: Any) -> None:
+        from lpm_llm.models.contacts import default_community_matrix
+
+        self.sim = sim
+        p = self.params
+        matrix = (torch.tensor(p.community_matrix, dtype=torch.float32) if p.community_matrix is not None
+                  else default_community_matrix(len(p.susceptibility), p.community_assortativity))
+        population = sim.population
+        self.contacts = ContactLayers.from_population(
+            population, community_matrix=matrix, cross_borough_share=p.cross_borough_share, device=sim.device
+        )
+        self.engine = EpidemicModel(p, self.contacts, population["age_band"], population["borough"])
+        self.initial_infected = None if self._initial_infected is None else self._mask(
+            self._initial_infected, "initial_infected")
+        self.working = None if self._working is None else self._mask(self._working, "working")
+        self.month_index = torch.tensor(sim.month_index, dtype=torch.int64, device=sim.device)
+
+    def _mask(self, mask: torch.Tensor, name: str) -> torch.Tensor:
+        n = self.sim.population.n
+        mask = torch.as_tensor(mask).to(self.sim.device)
+        if mask.dtype != torch.bool or mask.shape != (n,):
+            raise ValueError(f"{name} must be an ({n},) bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+        return mask
+
+    def init(self, sim: Any) -> None:
+        """Fresh state for a run: parameters as tensors, daily rates, the day-0 state."""
+        engine, c = self.engine, self.contacts
+        self.grad = torch.is_grad_enabled()
+        self.theta = engine.tensors(self.tensor_overrides, n_months=int(self.month_index[-1]) + 1)
+        multipliers = torch.tensor(
+            [[sim.interventions.multipliers(d)[layer] for layer in LAYERS] for d in sim.dates],
+            dtype=torch.float32, device=sim.device,
+        )
+        self.rates = layer_rates(self.theta, multipliers, self.month_index)  # (T, 4)
+        self.imports = (self.initial_infected.to(torch.float32) if self.initial_infected is not None
+                        else engine.import_probability(self.theta))
+        self.state_ = engine.initial_state(self.theta, sim.seed, track_gradients=self.grad)
+        self.reporting = engine.reporting_rate(self.theta, self.month_index).detach().cpu()  # (T, B)
+        self.isolating: torch.Tensor | None = None
+        self.isolating_cell = torch.zeros(c.shape, device=sim.device)
+        self.daily: list[dict[str, torch.Tensor]] = []
+        self.isolating_days: list[torch.Tensor] = []
+        self.onsets: list[torch.Tensor] = []  # (B,) detached onsets per day, for contexts
+        self.pending: list[tuple[int, EpidemicInputs]] = []  # days whose step has not run yet
+        self.chunked = self.grad and sim.checkpoint_days is not None
+
+    # -- the day ----------------------------------------------------------------------------------
+    def _advance(self, state: EpidemicState, days: list[tuple[int, EpidemicInputs]]):
+        outs = []
+        for t, inputs in days:
+            state, out = self.engine.step(state, t, inputs, self.theta)
+            outs.append(out)
+        return state, outs
+
+    def _flush(self) -> None:
+        """Run the pending days (in one checkpointed chunk with gradients and ``checkpoint_days``)."""
+        if not self.pending:
+            return
+        days, self.pending = self.pending, []
+        if self.chunked:
+            self.state_, outs = torch.utils.checkpoint.checkpoint(
+                self._advance, self.state_, days, use_reentrant=False)
+        else:
+            self.state_, outs = self._advance(self.state_, days)
+        for out in outs:
+            self.daily.append(out)
+            self.onsets.append(out["new_symptomatic"].detach().sum(1))
+
+    def _reported(self, t: int) -> torch.Tensor:
+        """(t, B) expected reported cases on days 0..t-1: onsets (B,) per day, delayed, times the
+        (T, B) reporting rate (:meth:`EpidemicModel.reporting_rate`)."""
+        self._flush()
+        b, delay = self.contacts.shape[0], self.params.report_delay
+        if t == 0:
+            return torch.zeros(0, b)
+        x = torch.stack(self.onsets).cpu()
+        x = torch.cat([torch.zeros(delay, b), x])[:t] if delay else x
+        return x * self.reporting[:t]
+
+    def observe(self, day: int) -> dict[str, Any]:
+        reported = self._reported(day)
+        agents = self.contacts.cell_size.sum(1).cpu().clamp(min=1.0)
+        week = reported[-7:].sum(0) if reported.numel() else torch.zeros_like(agents)
+        return {"cases_week": (week / agents * 1e5).to(torch.float32)}
+
+    def context(self, decision: str, day: int, date: Any) -> dict[str, Any]:
+        if decision != "isolate":
+            return {}
+        reported = self._reported(day)
+        week = reported[-7:].sum(0) if reported.numel() else torch.zeros(self.contacts.shape[0])
+        before = reported[-14:-7].sum(0) if reported.shape[0] > 7 else torch.zeros_like(week)
+        counts = (week.double() * self.sim.persons_per_agent).tolist()
+        change = [change_text(float(w), float(p)) for w, p in zip(week.tolist(), before.tolist(), strict=True)]
+        home = self.sim.home
+        return {
+            "cases_week": PerArchetype(f"{round(counts[h]):,}" for h in home),
+            "cases_trend": PerArchetype(change[h] for h in home),
+        }
+
+    def step(self, day: int, date: Any, inputs: Any) -> dict[str, Any]:
+        c = self.contacts
+        if "isolate" in inputs.decided:
+            self.isolating = inputs.decisions["isolate"]
+            b, a = c.shape
+            self.isolating_cell = torch.zeros(b * a, device=self.sim.device).index_add(
+                0, c.cell, self.isolating).view(b, a) / c.cell_size.clamp(min=1.0)
+        working = self.working
+        if "working" in inputs.data:
+            mask = self._mask(inputs.data["working"], "working")
+            working = mask if working is None else working & mask
+        self.pending.append((day, EpidemicInputs(
+            rates=self.rates[day], seed=self.sim.seed, isolating=self.isolating, working=working,
+            imports=self.imports if day == 0 else None,
+        )))
+        self.isolating_days.append(self.isolating_cell)
+        if not self.chunked or len(self.pending) >= self.sim.checkpoint_days:
+            self._flush()
+        return {}
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        self._flush()
+        stacked = {k: torch.stack([d[k] for d in self.daily]) for k in self.daily[0]}
+        series = self.engine.report(stacked, self.theta, self.month_index)
+        series["isolating"] = torch.stack(self.isolating_days)
+        self.final_state = self.state_
+        return series

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lpm_llm.core.parameters import Bounded
 from lpm_llm.population import AGE_BANDS
 
 __all__ = ["TENSOR_PARAMS", "EpidemicParams"]
@@ -281,3 +283,46 @@ TENSOR_PARAMS: dict[str, str] = {
     "ascertainment": "M",
     "ascertainment_by_borough": "B",
 }
+
+
+def calibrated_specs(
+    params: EpidemicParams, n_months: int, n_boroughs: int, *, seeding_by_borough: bool = True
+) -> dict[str, Bounded]:
+    """The epidemic's calibrated parameters (see :func:`lpm_llm.calibrate.first_wave_space` for the
+    table of names, shapes, ranges and meanings), initialised from `params` clipped into range."""
+    asc = params.ascertainment if isinstance(params.ascertainment, tuple) else (params.ascertainment,)
+    asc = list(asc[:n_months]) + [asc[-1]] * max(0, n_months - len(asc))
+    change = params.transmission_change
+    change = change if isinstance(change, tuple) else (change,)
+    change = list(change[: n_months - 1]) + [change[-1]] * max(0, n_months - 1 - len(change))
+    rel = params.ascertainment_by_borough
+    rel = [float(rel)] * n_boroughs if isinstance(rel, float | int) else list(rel)
+    seeds = list(params.initial_infections_per_100k)
+    if len(seeds) != n_boroughs:
+        raise ValueError(f"initial_infections_per_100k has {len(seeds)} values, expected {n_boroughs}")
+
+    def clip(x, lo, hi):
+        return np.clip(np.asarray(x, dtype=float), lo, hi).tolist()
+
+    specs = {
+        "beta_scale": Bounded(0.2, 5.0, clip(params.beta_scale, 0.2, 5.0), log=True,
+                              doc="multiplier of every layer's transmission rate (layer ratios fixed)"),
+        "transmission_change": Bounded(0.1, 10.0, clip(change, 0.1, 10.0), (n_months - 1,), log=True,
+                                       doc="multiplier of transmission in months 2..M relative to month 1"),
+        "initial_infections_per_100k": (
+            Bounded(1.0, 5000.0, clip(seeds, 1.0, 5000.0), (n_boroughs,), log=True,
+                    doc="infections on day 0 per 100,000 residents, by borough")
+            if seeding_by_borough else
+            Bounded(1.0, 5000.0, clip(float(np.mean(seeds)), 1.0, 5000.0), log=True,
+                    doc="infections on day 0 per 100,000 residents, the same in every borough")
+        ),
+        "ascertainment": Bounded(0.01, 1.0, clip(asc, 0.01, 1.0), (n_months,), log=True,
+                                 doc="share of symptomatic onsets reported as cases, per calendar month"),
+        "ascertainment_by_borough": Bounded(0.2, 5.0, clip(rel, 0.2, 5.0), (n_boroughs,), log=True,
+                                            doc="relative ascertainment by borough (scaled to geometric mean 1)"),
+        "fatality_scale": Bounded(0.1, 10.0, clip(params.fatality_scale, 0.1, 10.0), log=True,
+                                  doc="multiplier of the infection fatality ratio by age"),
+    }
+    if n_months < 2:
+        del specs["transmission_change"]
+    return specs

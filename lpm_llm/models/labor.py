@@ -48,13 +48,14 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from torch import nn
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lpm_llm.core.behavior import AlignmentMap, DecisionSource, PerArchetype, broadcast
+from lpm_llm.core.behavior import DecisionSource, PerArchetype, broadcast, majority_area, trend_text
+from lpm_llm.core.model import DecisionUse
+from lpm_llm.core.parameters import Bounded
 from lpm_llm.data.observed import load_covid, load_unemployment
 from lpm_llm.population import BOROUGHS, Population
-from lpm_llm.population.industry import INDUSTRIES, WORKING_AGE_BANDS, working_age_mask
+from lpm_llm.population.industry import INDUSTRIES, WORKING_AGE_BANDS, assign_industry, working_age_mask
 from lpm_llm.resources import nyc_data_path
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,14 @@ class LaborParams(BaseModel):
                                     "weekly cases per 100,000 residents, in the separation shock")
     shock: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SHOCK), description="industry -> "
                                     "relative rise of the separation hazard at full restriction (unitless)")
-    alignment_a: float = Field(1.0, gt=0.0, le=10.0, description="slope of logit(p') = a logit(p) + b")
-    alignment_b: float = Field(0.0, ge=-10.0, le=10.0, description="offset of the alignment map")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ({"alignment_a", "alignment_b"} & set(data)):
+            raise ValueError("labor.alignment_a / alignment_b moved to the work decision: "
+                             "decisions: {work: {prompt: work.yaml, alignment: [a, b]}}")
+        return data
 
     @field_validator("shock")
     @classmethod
@@ -251,19 +258,6 @@ class LaborParams(BaseModel):
         if bad:
             raise ValueError(f"shock sizes must lie in [{lo}, {hi}], got {bad}")
         return {**DEFAULT_SHOCK, **v}
-
-
-class _Bounded(nn.Module):
-    """``lo + (hi - lo) * sigmoid(raw)``: an unconstrained parameter mapped into (lo, hi)."""
-
-    def __init__(self, value: torch.Tensor, lo: float, hi: float):
-        super().__init__()
-        self.lo, self.hi = lo, hi
-        frac = ((value - lo) / (hi - lo)).clamp(1e-4, 1 - 1e-4)
-        self.raw = nn.Parameter(torch.logit(frac).to(torch.float32))
-
-    def forward(self) -> torch.Tensor:
-        return self.lo + (self.hi - self.lo) * torch.sigmoid(self.raw)
 
 
 # -- state -----------------------------------------------------------------------------------------
@@ -322,37 +316,40 @@ def _bernoulli(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # -- model -----------------------------------------------------------------------------------------
-class LaborModel(nn.Module):
+def labor_specs(params: LaborParams) -> dict[str, Bounded]:
+    """The labour model's calibrated parameters, initialised from `params` (ranges: ``_BOUNDS``)."""
+    specs = {name: Bounded(*_BOUNDS[name], getattr(params, name), doc=LaborParams.model_fields[name].description or "")
+             for name in _SCALARS}
+    specs["shock"] = Bounded(*_BOUNDS["shock"], [params.shock[g] for g in INDUSTRIES], (len(INDUSTRIES),),
+                             doc="relative rise of the separation hazard at full restriction, by industry "
+                                 f"({', '.join(INDUSTRIES)})")
+    return specs
+
+
+class LaborModel:
     """Monthly labour-market dynamics of working-age agents; see the module docstring for the step.
 
-    Reads columns ``borough``, ``age_band``, ``industry`` (and ``employed`` if present); writes
-    ``labor_status`` (int8, :data:`STATUS_LABELS`) and ``employed`` (bool); records :data:`RESULTS`
-    by borough per month.
+    Args:
+        params: the parameters.
+        tensors: name -> tensor values replacing those of `params` (calibration: differentiable).
     """
 
-    reads: tuple[str, ...] = ("borough", "age_band", "industry", "employed")
-    writes: tuple[str, ...] = ("labor_status", "employed")
-    results: tuple[str, ...] = RESULTS
-
-    def __init__(self, params: LaborParams | None = None):
-        super().__init__()
+    def __init__(self, params: LaborParams | None = None, tensors: Mapping[str, torch.Tensor] | None = None):
         p = params or LaborParams()
-        for name in _SCALARS:
-            setattr(self, name, _Bounded(torch.tensor(getattr(p, name)), *_BOUNDS[name]))
-        self.shock = _Bounded(torch.tensor([p.shock[g] for g in INDUSTRIES]), *_BOUNDS["shock"])
-        self.alignment = AlignmentMap(a=p.alignment_a, b=p.alignment_b)
+        self.values: dict[str, torch.Tensor] = {name: torch.tensor(getattr(p, name)) for name in _SCALARS}
+        self.values["shock"] = torch.tensor([p.shock[g] for g in INDUSTRIES])
+        for name, value in (tensors or {}).items():
+            if name not in self.values:
+                raise KeyError(f"unknown labour parameter {name!r}; known: {', '.join(self.values)}")
+            self.values[name] = value
         self._warned = False
 
     @property
     def params(self) -> LaborParams:
-        """Current values of the parameters (detached), clipped into their declared bounds."""
-        scalars = {name: float(getattr(self, name)().detach()) for name in _SCALARS}
-        shock = self.shock().detach().cpu().tolist()
-        return LaborParams(
-            **scalars, shock=dict(zip(INDUSTRIES, shock, strict=True)),
-            alignment_a=min(float(self.alignment.a.detach()), 10.0),
-            alignment_b=max(-10.0, min(float(self.alignment.b.detach()), 10.0)),
-        )
+        """Current values of the parameters (detached)."""
+        scalars = {name: float(self.values[name].detach()) for name in _SCALARS}
+        shock = self.values["shock"].detach().cpu().tolist()
+        return LaborParams(**scalars, shock=dict(zip(INDUSTRIES, shock, strict=True)))
 
     # -- initial state ---------------------------------------------------------------------------
     def init_state(
@@ -428,7 +425,7 @@ class LaborModel(nn.Module):
 
         e, u = state.employed, state.unemployed
         o = 1.0 - e - u
-        f, x = self.job_finding(), self.exit_rate()
+        f, x = self.values["job_finding"], self.values["exit_rate"]
         e_quit, u_quit = total(e * (1 - p)) * x, total(u * (1 - p)) * x
         entry0 = (e_quit + u_quit) / total(o * p).clamp(min=1e-6)
         rate0 = total(u) / total(e + u).clamp(min=1.0)
@@ -455,7 +452,8 @@ class LaborModel(nn.Module):
         Args:
             state: the state of the previous month.
             inputs: policies and cases over the step, for the month ``inputs.month``.
-            work_probability: (K,) archetype probabilities of wanting to work (before alignment).
+            work_probability: (K,) archetype probabilities of wanting to work (after the decision's
+                alignment map).
             archetype_index: (N,) archetype of each agent.
             generator: randomness, on the population's device.
 
@@ -464,7 +462,7 @@ class LaborModel(nn.Module):
         """
         if work_probability.dim() != 1:
             raise ValueError(f"work_probability must have shape (K,), got {tuple(work_probability.shape)}")
-        aligned = self.alignment(work_probability.to(state.employed.device, torch.float32))
+        aligned = work_probability.to(state.employed.device, torch.float32)
         index = archetype_index.long()[state.agents]
         baseline = state.baseline or self._equilibrium(state, aligned[index])
         want = broadcast(aligned, index, generator=generator, straight_through=torch.is_grad_enabled())
@@ -473,16 +471,16 @@ class LaborModel(nn.Module):
         o = 1.0 - e - u
         b = state.borough
         restriction = inputs.policy.restriction
-        intensity = restriction + self.case_sensitivity() * inputs.cases_week.to(e.device) / 100.0  # (areas,)
-        hazard = baseline.hazard0[b] * (1.0 + self.shock()[state.industry] * intensity[b])
+        intensity = restriction + self.values["case_sensitivity"] * inputs.cases_week.to(e.device) / 100.0  # (areas,)
+        hazard = baseline.hazard0[b] * (1.0 + self.values["shock"].to(e.device)[state.industry] * intensity[b])
         rate = (state.by_borough()["unemployment_rate"] / 100.0).clamp(min=_MIN_RATE)
-        slowdown = (baseline.rate0.clamp(min=_MIN_RATE) / rate) ** self.matching_elasticity()
-        slowdown = slowdown * (1.0 - self.hiring_freeze() * restriction)
-        find = (self.job_finding() * slowdown).clamp(0.0, 1.0)  # (areas,)
+        slowdown = (baseline.rate0.clamp(min=_MIN_RATE) / rate) ** self.values["matching_elasticity"]
+        slowdown = slowdown * (1.0 - self.values["hiring_freeze"] * restriction)
+        find = (self.values["job_finding"] * slowdown).clamp(0.0, 1.0)  # (areas,)
         hired = ((1.0 - baseline.rate0) * slowdown).clamp(0.0, 1.0)  # (areas,) entrants starting employed
 
         draws = torch.rand((5, e.shape[0]), generator=generator, device=e.device)
-        quits = _bernoulli(self.exit_rate().expand_as(e), draws[0]) * (1.0 - want)
+        quits = _bernoulli(self.values["exit_rate"].expand_as(e), draws[0]) * (1.0 - want)
         losses = _bernoulli(-torch.expm1(-hazard), draws[1])
         finds = _bernoulli(find[b], draws[2]) * want
         entries = _bernoulli(baseline.entry0[b], draws[3]) * want
@@ -513,19 +511,6 @@ class LaborModel(nn.Module):
 
 
 # -- prompt context --------------------------------------------------------------------------------
-def majority_borough(archetype_index: torch.Tensor, borough: torch.Tensor, k: int) -> torch.Tensor:
-    """(K,) int64: the borough where most members of each archetype live (0 for an empty archetype)."""
-    areas = len(BOROUGHS)
-    cells = torch.bincount(archetype_index.long() * areas + borough.long(), minlength=k * areas)
-    return cells.view(k, areas).argmax(dim=1).cpu()
-
-
-def _trend_text(percent: float) -> str:
-    if abs(percent) < 5:
-        return "about the same as the week before"
-    return f"{'up' if percent > 0 else 'down'} {abs(round(percent))}% on the week before"
-
-
 def work_context(
     inputs: LaborInputs,
     unemployment_rate: torch.Tensor | Sequence[float],
@@ -549,7 +534,7 @@ def work_context(
     if rate.shape != (len(BOROUGHS),):
         raise ValueError(f"unemployment_rate must have shape ({len(BOROUGHS)},) in {BOROUGHS} order, "
                          f"got {tuple(rate.shape)}")
-    home = majority_borough(archetypes.index, borough, archetypes.k).tolist()
+    home = majority_area(archetypes.index, borough, archetypes.k, len(BOROUGHS))
     pops = borough_population()
     counts = [float(inputs.cases_week[i]) * pops[b][0] / 1e5 for i, b in enumerate(BOROUGHS)]
     trends = inputs.cases_trend.detach().cpu().tolist()
@@ -561,20 +546,158 @@ def work_context(
         "income_support": income_support(first + (last - first) / 2),
         "unemployment_rate": PerArchetype(f"{float(rate[h]):.1f}" for h in home),
         "cases_week": PerArchetype(f"{round(counts[h]):,}" for h in home),
-        "cases_trend": PerArchetype(_trend_text(trends[h]) for h in home),
+        "cases_trend": PerArchetype(trend_text(trends[h]) for h in home),
     }
 
 
-# -- standalone runner -----------------------------------------------------------------------------
+# -- the model in a simulation ------------------------------------------------------------------------
+class Labor:
+    """The labour market as a :class:`~lpm_llm.core.model.Model` of a :class:`~lpm_llm.core.sim.Simulation`.
+
+    Steps on the first day of every month after day 0 (the ``work`` decision's cadence): the work
+    decision's aligned (K,) probabilities in, separations, hiring, exits and entries drawn with the
+    model's own generator (seeded ``seed + 7919``, independent of the epidemic's). Publishes
+    ``working`` (agents employed) every day; reads ``cases_week`` (reported cases of the last 7 days
+    per 100,000 by borough) when another model publishes it, else uses the bundled observed cases
+    (:func:`observed_labor_inputs`).
+
+    Args:
+        params: labour parameters.
+        context_rates: unemployment rate shown in the work prompt: the simulated one of last month,
+            or the observed one (up to ``observed_until``, simulated after); observed rates keep the
+            prompts, hence the answers, the same across calibration iterations.
+        observed: LAUS frame for the start state and observed rates (default: bundled).
+        observed_until: last month whose observed rate may be shown (a forecast sees no later one).
+        inputs: one :class:`LaborInputs` per monthly step (default: from the calendar and the cases).
+        persons_per_agent: scale of the counts in :meth:`table` (default: 1 / population scale).
+    """
+
+    name = "labor"
+    decisions = (DecisionUse("work", cadence="monthly", as_draws=False, required=True),)
+    observes = ()
+    publishes = ("working",)
+    reads = ("cases_week",)
+    state = ("labor_status", "employed")
+    results = tuple(f"labor_{r}" for r in RESULTS)
+
+    def __init__(
+        self,
+        params: LaborParams | None = None,
+        *,
+        context_rates: Literal["simulated", "observed"] = "simulated",
+        observed: pd.DataFrame | None = None,
+        observed_until: date | str | None = None,
+        inputs: Sequence[LaborInputs] | None = None,
+        persons_per_agent: float | None = None,
+    ):
+        if context_rates not in ("simulated", "observed"):
+            raise ValueError(f"context_rates must be 'simulated' or 'observed', got {context_rates!r}")
+        self.params = params or LaborParams()
+        self.tensor_overrides: dict[str, torch.Tensor] = {}
+        self.context_rates = context_rates
+        self.observed = observed
+        self.observed_until = pd.Timestamp(observed_until) if observed_until is not None else pd.Timestamp.max
+        self._inputs = list(inputs) if inputs is not None else None
+        self._persons_per_agent = persons_per_agent
+        self.final_state: LaborState | None = None
+
+    def parameters(self) -> dict[str, Bounded]:
+        return labor_specs(self.params)
+
+    @staticmethod
+    def prepare_population(population: Population, seed: int) -> Population:
+        """The population with the ``industry`` column this model reads (drawn with `seed`)."""
+        generator = torch.Generator(device=population.device).manual_seed(seed)
+        return assign_industry(population, generator)
+
+    def set_parameters(self, values: Mapping[str, torch.Tensor]) -> None:
+        self.tensor_overrides = dict(values)
+
+    def setup(self, sim: Any) -> None:
+        population = sim.population
+        if population.labels("borough") != BOROUGHS:
+            raise ValueError(f"borough codebook must be {BOROUGHS}, got {population.labels('borough')}")
+        if "industry" not in population:
+            raise KeyError("the labour model needs an 'industry' column; add it with "
+                           "lpm_llm.population.industry.assign_industry(population, generator)")
+        if sim.archetypes is None:
+            raise ValueError("the labour model needs archetypes (its work decision is asked per archetype)")
+        self.sim = sim
+        self.obs = load_unemployment() if self.observed is None else self.observed
+        self.obs_rate = _rate_table(self.obs)
+        self.months = month_range(sim.start_date, sim.month_index[-1] + 1)
+        self.coupled = any("cases_week" in m.observes for m in sim.models if m is not self)
+        if self._inputs is not None and len(self._inputs) != len(self.months) - 1:
+            raise ValueError(f"inputs has {len(self._inputs)} months; {len(self.months)} months need "
+                             f"{len(self.months) - 1} (one per step)")
+        if self._inputs is None and not self.coupled:
+            self._inputs = observed_labor_inputs(self.months[1:], device=sim.device)
+        scale = population.scale
+        self.persons_per_agent = (self._persons_per_agent if self._persons_per_agent is not None
+                                  else 1.0 / scale if scale else 1.0)
+
+    def init(self, sim: Any) -> None:
+        self.model = LaborModel(self.params, self.tensor_overrides)
+        self.generator = torch.Generator(device=sim.device).manual_seed(sim.seed + 7919)
+        self.state_ = self.model.init_state(sim.population, self.months[0], self.generator, observed=self.obs)
+        self.records = [self.state_.by_borough()]
+        self.dates = [self.months[0]]
+        self.cases: list[torch.Tensor] = []  # (B,) cases of the last 7 days per 100k, one per day (coupled)
+        self.working = LaborModel.working(self.state_)
+        self.step_inputs: LaborInputs | None = None
+
+    def observe(self, day: int) -> dict[str, Any]:
+        return {}
+
+    def context(self, decision: str, day: int, date: date) -> dict[str, Any]:
+        if decision != "work":
+            return {}
+        if self.coupled:
+            week = self.sim.data["cases_week"].detach().cpu().to(torch.float32)
+            before = self.cases[-7] if len(self.cases) >= 7 else torch.zeros_like(week)
+            trend = torch.where(before > 0, 100.0 * (week - before) / before.clamp(min=1e-9), torch.zeros_like(week))
+            self.step_inputs = LaborInputs(month=date, policy=policy_for_period(*labor_period(date)),
+                                           cases_week=week, cases_trend=trend)
+        else:
+            self.step_inputs = self._inputs[len(self.dates) - 1]
+        last = pd.Timestamp(self.dates[-1])
+        if self.context_rates == "observed" and last <= self.observed_until and last in self.obs_rate.index:
+            rate = torch.tensor(self.obs_rate.loc[last, list(BOROUGHS)].to_numpy(dtype=float), dtype=torch.float32)
+        else:
+            rate = self.records[-1]["unemployment_rate"].detach()
+        return work_context(self.step_inputs, rate, self.sim.archetypes, self.sim.population["borough"])
+
+    def step(self, day: int, date: date, inputs: Any) -> dict[str, Any]:
+        if self.coupled:
+            self.cases.append(inputs.data["cases_week"].detach().cpu().to(torch.float32))
+        if "work" in inputs.decided:
+            p = inputs.decisions["work"]
+            self.state_, out = self.model.step(self.state_, self.step_inputs, p, self.sim.index, self.generator)
+            self.records.append(out)
+            self.dates.append(date.replace(day=1))
+            self.working = LaborModel.working(self.state_)
+        return {"working": self.working}
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        self.final_state = self.state_
+        self.series = {name: torch.stack([r[name] for r in self.records]) for name in RESULTS}
+        return {f"labor_{name}": x for name, x in self.series.items()}
+
+    def table(self) -> pd.DataFrame:
+        """``date, area, labor_force, employed, unemployed, unemployment_rate`` (%) by month and
+        borough, counts in persons."""
+        return _monthly_frame(self.series, self.dates, self.persons_per_agent)
+
+
 @dataclass
 class LaborResult:
-    """A labour-only run.
+    """A labour-only run (:func:`simulate_labor`).
 
     Attributes:
         monthly: DataFrame ``date, area, labor_force, employed, unemployed, unemployment_rate`` (%),
             counts in persons (agents x ``persons_per_agent``), one row per month and borough.
         series: name -> (T, areas) tensors of :data:`RESULTS` (agent counts), with grad if enabled.
-        work_probability: (T-1, K) LLM probabilities of wanting to work, before alignment.
+        work_probability: (T-1, K) probabilities of wanting to work, before alignment.
         contexts: the T-1 contexts given to the decision source.
         final_state: the state of the last month.
     """
@@ -595,75 +718,40 @@ def month_range(start: date | str, months: int) -> list[date]:
 
 def simulate_labor(
     population: Population,
-    params: LaborParams | LaborModel,
+    params: LaborParams | None,
     work_decision: DecisionSource,
     archetypes: Any,
     months: int,
     start: date | str,
-    generator: torch.Generator,
     *,
-    inputs: Sequence[LaborInputs] | None = None,
-    observed: pd.DataFrame | None = None,
-    context_rates: Literal["simulated", "observed"] = "simulated",
-    observed_until: date | str | None = None,
-    persons_per_agent: float = 1.0,
+    seed: int = 0,
+    alignment: Any = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    **labor: Any,
 ) -> LaborResult:
-    """Run the labour model alone for ``months`` months from ``start`` (the start month included).
+    """Run the labour model alone for ``months`` months from ``start``'s month (included): a
+    :class:`~lpm_llm.core.sim.Simulation` of one :class:`Labor` model from the first of that month.
 
-    Args:
-        population: agents with ``borough``, ``age_band``, ``industry``.
-        params: parameters, or a :class:`LaborModel` whose nn.Parameters should receive gradients.
-        work_decision: gives (K,) probabilities of wanting to work; called once per step with
-            :func:`work_context`.
-        archetypes: ``.index`` (N,) int and ``.k``.
-        generator: the run's randomness, on the population's device.
-        inputs: one :class:`LaborInputs` per step (``months - 1``); default the calendar and the
-            bundled case counts (:func:`observed_labor_inputs`).
-        observed: LAUS frame for the start state and observed context rates (default: bundled).
-        context_rates: unemployment rate shown in the prompt: the simulated one of last month, or
-            the observed one (up to ``observed_until``, simulated after); observed rates keep the
-            prompts, hence the LLM answers, the same across calibration iterations.
-        persons_per_agent: scale of the counts in ``monthly`` (1 / population scale).
+    `alignment` is the work decision's alignment map (None: the answers as they are); `tensors`
+    replace parameters (for example differentiable values from a ParameterSpace); `labor` goes
+    to :class:`Labor` (``context_rates``, ``observed``, ``observed_until``, ``inputs``,
+    ``persons_per_agent``).
     """
-    if context_rates not in ("simulated", "observed"):
-        raise ValueError(f"context_rates must be 'simulated' or 'observed', got {context_rates!r}")
-    model = params if isinstance(params, LaborModel) else LaborModel(params)
-    index = archetypes.index.to(population.device)
-    if index.shape != (population.n,):
-        raise ValueError(f"archetypes.index has shape {tuple(index.shape)}, expected ({population.n},)")
-    dates = month_range(start, months)
-    steps = list(inputs) if inputs is not None else observed_labor_inputs(dates[1:], device=population.device)
-    if len(steps) != months - 1:
-        raise ValueError(f"inputs has {len(steps)} months; {months} months need {months - 1} (one per step)")
-    obs = load_unemployment() if observed is None else observed
-    limit = pd.Timestamp(observed_until) if observed_until is not None else pd.Timestamp.max
-    obs_rate = _rate_table(obs)
+    from lpm_llm.core.sim import Simulation
 
-    state = model.init_state(population, dates[0], generator, observed=obs)
-    records = [state.by_borough()]
-    probabilities, contexts = [], []
-    for t, step_inputs in enumerate(steps, start=1):
-        last = pd.Timestamp(dates[t - 1])
-        if context_rates == "observed" and last <= limit and last in obs_rate.index:
-            rate = torch.tensor(obs_rate.loc[last, list(BOROUGHS)].to_numpy(dtype=float), dtype=torch.float32)
-        else:
-            rate = records[-1]["unemployment_rate"].detach()
-        context = work_context(step_inputs, rate, archetypes, population["borough"])
-        p = torch.as_tensor(work_decision.probabilities(context), dtype=torch.float32)
-        if p.shape != (archetypes.k,):
-            raise ValueError(f"work decision returned shape {tuple(p.shape)}, expected ({archetypes.k},)")
-        state, out = model.step(state, step_inputs, p, index, generator)
-        records.append(out)
-        probabilities.append(p.detach().cpu())
-        contexts.append(context)
-    series = {name: torch.stack([r[name] for r in records]) for name in RESULTS}
-    return LaborResult(
-        monthly=_monthly_frame(series, dates, persons_per_agent),
-        series=series,
-        work_probability=torch.stack(probabilities) if probabilities else torch.zeros(0, archetypes.k),
-        contexts=contexts,
-        final_state=state,
-    )
+    dates = month_range(start, months)
+    days = (dates[-1] - dates[0]).days + 1
+    model = Labor(params, **labor)
+    model.set_parameters(tensors or {})
+    sim = Simulation(population, [model], archetypes=archetypes, decisions={"work": work_decision},
+                     alignment={"work": alignment} if alignment is not None else None,
+                     start_date=dates[0], days=days, seed=seed)
+    results = sim.run()
+    model = sim.model("labor")
+    frame = results.decisions
+    probabilities = torch.tensor(frame["probability"].to_numpy(), dtype=torch.float32).view(-1, archetypes.k)
+    return LaborResult(monthly=model.table(), series=model.series, work_probability=probabilities,
+                       contexts=results.contexts, final_state=model.final_state)
 
 
 def _monthly_frame(series: Mapping[str, torch.Tensor], dates: Sequence[date], scale: float) -> pd.DataFrame:

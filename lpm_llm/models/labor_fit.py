@@ -8,7 +8,7 @@ scores them against a persistence forecast.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -17,35 +17,21 @@ import pandas as pd
 import torch
 
 from lpm_llm.core.behavior import DecisionSource
+from lpm_llm.core.parameters import Bounded
 from lpm_llm.data.observed import load_unemployment
 from lpm_llm.models.labor import (
+    INDUSTRIES,
+    Labor,
     LaborInputs,
-    LaborModel,
     LaborParams,
-    LaborResult,
     _rate_table,
+    labor_specs,
     month_range,
     observed_labor_inputs,
-    simulate_labor,
 )
 from lpm_llm.population import BOROUGHS, Population
 
 log = logging.getLogger(__name__)
-
-
-# -- calibration -----------------------------------------------------------------------------------
-class _Memo:
-    """Asks the wrapped decision source once per distinct context (contexts repeat across iterations)."""
-
-    def __init__(self, source: DecisionSource):
-        self.source = source
-        self.answers: dict[str, torch.Tensor] = {}
-
-    def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
-        key = repr(sorted(context.items()))
-        if key not in self.answers:
-            self.answers[key] = torch.as_tensor(self.source.probabilities(context), dtype=torch.float32)
-        return self.answers[key]
 
 
 @dataclass
@@ -54,7 +40,8 @@ class LaborFit:
 
     Attributes:
         params_: fitted parameters.
-        model_: the fitted model.
+        alignment_: the fitted (a, b) of the work decision's alignment map.
+        calibrator_: the :class:`~lpm_llm.calibrate.Calibrator` that fitted them.
         loss_history_: training loss per iteration (mean squared error of the rate, pp^2).
         fitted_: ``date, area, observed, simulated`` over the training months (simulated: seed mean).
         forecast_: ``date, area, observed, simulated, persistence`` over the held-out months.
@@ -62,7 +49,8 @@ class LaborFit:
     """
 
     params_: LaborParams
-    model_: LaborModel
+    alignment_: tuple[float, float]
+    calibrator_: Any
     loss_history_: list[float]
     fitted_: pd.DataFrame
     forecast_: pd.DataFrame
@@ -87,8 +75,12 @@ def calibrate_labor(
     observed: pd.DataFrame | None = None,
     inputs: Sequence[LaborInputs] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    alignment: tuple[float, float] | None = None,
 ) -> LaborFit:
-    """Fit the non-LLM parameters (rates, shocks, alignment map) to the monthly unemployment rate.
+    """Fit the non-LLM parameters (rates, shocks, the work decision's alignment map, starting from
+    `alignment` or the identity) to the monthly unemployment rate, with the one calibration loop
+    (:class:`~lpm_llm.calibrate.Calibrator`, Adam) through a :class:`~lpm_llm.core.sim.Simulation`
+    of the :class:`~lpm_llm.models.labor.Labor` model.
 
     The loss is the mean squared error (percentage points) of the simulated rate by borough over the
     months after ``start`` up to ``end`` minus ``holdout`` months, averaged over ``seeds`` (the same
@@ -115,33 +107,59 @@ def calibrate_labor(
         raise ValueError(f"inputs has {len(steps)} months; {start} to {end} needs {len(dates) - 1}")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
-    decision = _Memo(work_decision)
-    model = LaborModel(params).to(population.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    from lpm_llm.calibrate.fit import Calibrator, FrozenDecisions
+    from lpm_llm.core.parameters import ParameterSpace
+    from lpm_llm.core.sim import Simulation
+
+    params = params or LaborParams()
+    decision = FrozenDecisions(work_decision)  # prompts show observed rates: one answer per month
     last_train = dates[n_train - 1]
 
-    def run(seed: int, months: int) -> LaborResult:
-        generator = torch.Generator(device=population.device).manual_seed(seed)
-        return simulate_labor(population, model, decision, archetypes, months, dates[0], generator,
-                              inputs=steps[: months - 1], observed=obs, context_rates="observed",
-                              observed_until=last_train)
+    def simulation(months: int) -> Simulation:
+        labor = Labor(params, inputs=steps[: months - 1], observed=obs, context_rates="observed",
+                      observed_until=last_train)
+        days = (dates[months - 1] - dates[0]).days + 1
+        return Simulation(population, [labor], archetypes=archetypes, decisions={"work": decision},
+                          start_date=dates[0], days=days)
 
-    history: list[float] = []
-    for i in range(iterations):
-        optimizer.zero_grad()
-        errors = [((run(s, n_train).series["unemployment_rate"][1:] - target[1:n_train]) ** 2).mean() for s in seeds]
-        loss = torch.stack(errors).mean()
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
-        log.info("labour calibration step %d/%d: loss %.4f (pp^2)", i + 1, iterations, history[-1])
+    train_sim, full_sim = simulation(n_train), simulation(len(dates))
+    specs = {**labor_specs(params), **{k: v for k, v in train_sim.parameters().items() if k.startswith("work_")}}
+    if alignment is not None:
+        a, b = alignment
+        specs["work_alignment_a"] = Bounded(0.25, 4.0, min(max(a, 0.25), 4.0), log=True,
+                                            doc="slope of the work alignment map")
+        specs["work_alignment_b"] = Bounded(-4.0, 4.0, min(max(b, -4.0), 4.0),
+                                            doc="shift (logit) of the work alignment map")
+    space = ParameterSpace(specs, device=population.device)
+
+    def rates(sim: Simulation, values: Any, seed: int) -> torch.Tensor:
+        sim.set_parameters(values)
+        sim.seed = seed
+        return sim.run().series["labor_unemployment_rate"]
+
+    def objective(values: Any, seeds: Sequence[int]) -> torch.Tensor:
+        errors = [((rates(train_sim, values, s)[1:] - target[1:n_train]) ** 2).mean() for s in seeds]
+        return torch.stack(errors).mean()
+
+    def report(method: str, i: int, loss: float, seconds: float) -> None:
+        log.info("labour calibration step %d/%d: loss %.4f (pp^2)", i + 1, iterations, loss)
         if on_step is not None:
-            on_step(i, history[-1])
+            on_step(i, loss)
 
+    calibrator = Calibrator(space, method="adam", steps=iterations, lr=lr, seeds_per_step=len(seeds),
+                            seed=seeds[0], betas=(0.9, 0.999), resample_seeds=False, on_step=report).fit(objective)
+    history = list(calibrator.loss_history_)
+    values = calibrator.space_.values()
     with torch.no_grad():
-        simulated = torch.stack([run(s, len(dates)).series["unemployment_rate"] for s in seeds]).mean(dim=0).cpu()
+        simulated = torch.stack([rates(full_sim, values, s) for s in seeds]).mean(dim=0).cpu()
     target = target.cpu()
     persistence = target[n_train - 1].expand(holdout, -1)
+    fitted = {k: v.detach() for k, v in values.items()}
+    shock = fitted.pop("shock").cpu().tolist()
+    align_ab = (float(fitted.pop("work_alignment_a", torch.tensor(1.0))),
+                float(fitted.pop("work_alignment_b", torch.tensor(0.0))))
+    fitted_params = LaborParams(**{k: float(v) for k, v in fitted.items()},
+                                shock=dict(zip(INDUSTRIES, shock, strict=True)))
 
     def frame(rows: slice, **columns: torch.Tensor) -> pd.DataFrame:
         idx = pd.MultiIndex.from_product([pd.to_datetime(dates[rows]), BOROUGHS], names=["date", "area"])
@@ -151,8 +169,9 @@ def calibrate_labor(
     train = slice(1, n_train)
     test = slice(n_train, len(dates))
     fit = LaborFit(
-        params_=model.params,
-        model_=model,
+        params_=fitted_params,
+        alignment_=align_ab,
+        calibrator_=calibrator,
         loss_history_=history,
         fitted_=frame(train, observed=target[train], simulated=simulated[train]),
         forecast_=frame(test, observed=target[test], simulated=simulated[test], persistence=persistence),

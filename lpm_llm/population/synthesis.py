@@ -688,4 +688,4 @@ def synthesize_nyc(
     tensors = {name: torch.from_numpy(arr[order]).to(device) for name, arr in columns.items()}
     books = {"borough": BOROUGHS, "age_band": AGE_BANDS, "sex": SEXES, "race": RACES}
     log.info("synthesized %d agents (scale %g, seed %d) from %s", borough.shape[0], scale, seed, m.source)
-    return Population(tensors, books)
+    return Population(tensors, books, scale=scale, residents=[float(x) for x in m.total])

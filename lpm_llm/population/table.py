@@ -40,6 +40,7 @@ RACES: tuple[str, ...] = (
 GROUP_COLUMNS: tuple[str, ...] = ("household", "school", "workplace")
 
 _META_KEY = b"lpm_llm.codebooks"
+_SCALE_KEY = b"lpm_llm.scale"
 
 
 def smallest_int_dtype(max_value: int, min_value: int = 0) -> torch.dtype:
@@ -57,9 +58,21 @@ class Population:
     Args:
         columns: name -> 1-D tensor, all of the same length N.
         codebooks: categorical column name -> labels, so that ``labels[code]`` names a code.
+        scale: agents per real person (0.01 for a 1:100 city), or None if the agents stand for
+            themselves; set once where the population is made (``synthesize_nyc``) and kept by
+            every copy and by parquet files.
+        residents: real residents per area (one per label of the ``borough`` codebook), or None;
+            with them :meth:`persons_per_agent` is exact per area.
     """
 
-    def __init__(self, columns: Mapping[str, torch.Tensor], codebooks: Mapping[str, Iterable[str]] | None = None):
+    def __init__(
+        self,
+        columns: Mapping[str, torch.Tensor],
+        codebooks: Mapping[str, Iterable[str]] | None = None,
+        *,
+        scale: float | None = None,
+        residents: Iterable[float] | None = None,
+    ):
         if not columns:
             raise ValueError("a Population needs at least one column")
         lengths = {name: int(t.shape[0]) for name, t in columns.items()}
@@ -73,6 +86,25 @@ class Population:
         for name in self.codebooks:
             if name not in self.columns:
                 raise ValueError(f"codebook for {name!r} but no such column; columns: {sorted(self.columns)}")
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale (agents per real person) must be > 0, got {scale}")
+        self.scale: float | None = None if scale is None else float(scale)
+        self.residents: tuple[float, ...] | None = None if residents is None else tuple(map(float, residents))
+        if self.residents is not None and len(self.residents) != len(self.codebooks.get("borough", ())):
+            raise ValueError(f"residents has {len(self.residents)} values; the borough codebook "
+                             f"{self.codebooks.get('borough', ())} needs one per area")
+
+    def persons_per_agent(self) -> torch.Tensor:
+        """(areas,) float64 real residents represented by one agent, per area of the ``borough``
+        codebook: residents / agents when ``residents`` is known, else ``1 / scale``, else 1."""
+        areas = len(self.codebooks.get("borough", ())) or 1
+        if self.residents is not None:
+            agents = torch.bincount(self["borough"].long().cpu(), minlength=areas).double()
+            return torch.tensor(self.residents, dtype=torch.float64) / agents.clamp(min=1.0)
+        return torch.full((areas,), 1.0 if self.scale is None else 1.0 / self.scale, dtype=torch.float64)
+
+    def _meta(self) -> dict:
+        return {"scale": self.scale, "residents": self.residents}
 
     # -- access ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -113,11 +145,11 @@ class Population:
     # -- transforms -----------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> Population:
         """A copy with every column on `device` (the same object's columns are not moved)."""
-        return Population({k: v.to(device) for k, v in self.columns.items()}, self.codebooks)
+        return Population({k: v.to(device) for k, v in self.columns.items()}, self.codebooks, **self._meta())
 
     def with_columns(self, **columns: torch.Tensor) -> Population:
         """A new Population sharing existing columns plus (or replacing) the given ones."""
-        return Population({**self.columns, **columns}, self.codebooks)
+        return Population({**self.columns, **columns}, self.codebooks, **self._meta())
 
     # -- dataframes and parquet -----------------------------------------------------------------
     def to_dataframe(self, decode: bool = False) -> pd.DataFrame:
@@ -184,6 +216,7 @@ class Population:
         table = pa.Table.from_pandas(self.to_dataframe(decode=False), preserve_index=False)
         meta = dict(table.schema.metadata or {})
         meta[_META_KEY] = json.dumps({k: list(v) for k, v in self.codebooks.items()}).encode()
+        meta[_SCALE_KEY] = json.dumps(self._meta()).encode()
         pq.write_table(table.replace_schema_metadata(meta), str(path))
 
     @classmethod
@@ -204,4 +237,5 @@ class Population:
             arr = table.column(name).to_numpy()
             # a copy: arrow's buffers are read-only and torch needs writable memory
             columns[name] = torch.from_numpy(np.array(arr, copy=True)).to(device)
-        return cls(columns, books)
+        scale = json.loads(meta[_SCALE_KEY]) if _SCALE_KEY in meta else {}
+        return cls(columns, books, **scale)

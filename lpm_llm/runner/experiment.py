@@ -126,9 +126,28 @@ class CalibrationConfig(_Strict):
 class ExperimentConfig(_Strict):
     """Everything a run needs; see experiments/covid_nyc.yaml for an annotated example."""
 
+    @field_validator("model")
+    @classmethod
+    def _known_models(cls, v: str) -> str:
+        from lpm_llm.models import model_names
+
+        names = v.split("+")
+        unknown = [n for n in names if n not in model_names()]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(f"unknown or repeated model(s) in {v!r}; registered: {', '.join(model_names())}")
+        return v
+
+    @property
+    def model_names(self) -> list[str]:
+        """The models of ``model``, in order."""
+        return self.model.split("+")
+
     name: str
     description: str = ""
-    model: Literal["epidemic", "labor", "epidemic+labor"] = "epidemic"
+    model: str = Field("epidemic", description="the models, joined by '+' (e.g. epidemic+labor); names from "
+                       "lpm_llm.models.model_names()")
+    model_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="settings of registered models other than epidemic and labor, by name")
     population: PopulationConfig = Field(default_factory=PopulationConfig)
     archetypes: str = "nyc_age_sex_borough.yaml"
     llm: LLMSettings = Field(default_factory=LLMSettings)
@@ -148,13 +167,6 @@ class ExperimentConfig(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
 
-    @field_validator("decisions")
-    @classmethod
-    def _known_decisions(cls, v: dict[str, DecisionConfig]) -> dict[str, DecisionConfig]:
-        unknown = sorted(set(v) - {"isolate", "work"})
-        if unknown:
-            raise ValueError(f"unknown decision(s) {unknown}; known: isolate (epidemic), work (labor)")
-        return v
 
     @field_validator("device")
     @classmethod
@@ -167,9 +179,17 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _scenario_names(self) -> ExperimentConfig:
-        if self.model != "epidemic" and "work" not in self.decisions:
-            raise ValueError(f"model {self.model!r} needs a monthly work decision: "
-                             "decisions: {work: {prompt: work.yaml}}")
+        from lpm_llm.models import make_model
+
+        uses = {u.name: (name, u) for name in self.model_names for u in make_model(name, self).decisions}
+        unknown = sorted(set(self.decisions) - set(uses))
+        if unknown:
+            raise ValueError(f"unknown decision(s) {unknown}; the models {self.model!r} consume: "
+                             + ", ".join(f"{d} ({m})" for d, (m, _) in uses.items()))
+        for d, (m, use) in uses.items():
+            if use.required and (d not in self.decisions or not self.decisions[d].enabled):
+                raise ValueError(f"model {m!r} needs the {use.cadence} {d} decision: "
+                                 f"decisions: {{{d}: {{prompt: {d}.yaml}}}}")
         if "baseline" in self.scenarios:
             raise ValueError("scenario name 'baseline' is reserved for the unmodified config")
         return self

@@ -46,19 +46,23 @@ class _Announced:
         return self.source.records
 
 
-def build_population(cfg: ExperimentConfig) -> tuple[Population, float]:
-    """The configured population on the configured device, and its scale (agents per real person)."""
+def build_population(cfg: ExperimentConfig) -> Population:
+    """The configured population on the configured device; its ``scale`` (agents per real person)
+    is set where it is made (a parquet file without one takes ``population.scale``)."""
     from lpm_llm.population.synthesis import synthesize_nyc
 
     pc = cfg.population
     if pc.source == "nyc":
         pop = synthesize_nyc(pc.scale, pc.seed, households=pc.households, schools=pc.schools,
                              workplaces=pc.workplaces, device=cfg.device)
-        return pop, pc.scale
+        return pop
     path = Path(pc.source).expanduser()
     if path.suffix != ".parquet":
         raise FileNotFoundError(f"population.source must be 'nyc' or a .parquet file, got {pc.source!r}")
-    return Population.from_parquet(path, device=cfg.device), pc.scale
+    pop = Population.from_parquet(path, device=cfg.device)
+    if pop.scale is None:
+        pop.scale = pc.scale
+    return pop
 
 
 def build_decisions(cfg: ExperimentConfig, client: Any, archetypes: Archetypes) -> dict[str, Any]:
@@ -75,54 +79,37 @@ def build_decisions(cfg: ExperimentConfig, client: Any, archetypes: Archetypes) 
     return out
 
 
-def _months(cfg: ExperimentConfig) -> int:
-    """Month starts covered by the horizon, the start month included."""
-    end = cfg.start_date + dt.timedelta(days=cfg.days - 1)
-    return (end.year - cfg.start_date.year) * 12 + end.month - cfg.start_date.month + 1
+def build_models(cfg: ExperimentConfig) -> list[Any]:
+    """The configured models, in the order of ``model`` (e.g. ``epidemic+labor``), from the registry
+    (:func:`lpm_llm.models.register_model`)."""
+    from lpm_llm.models import make_model
+
+    return [make_model(name, cfg) for name in cfg.model_names]
 
 
 def _simulate(cfg: ExperimentConfig, population: Population, archetypes: Archetypes, decisions: dict[str, Any],
-              seed: int, scale: float, tick) -> tuple[Any, pd.DataFrame | None]:
-    """One run of the configured model: (epidemic Results or None, monthly labour table or None)."""
+              seed: int, tick) -> Any:
+    """One run of the configured models; returns its Results."""
+    from lpm_llm.core.behavior import AlignmentMap
     from lpm_llm.core.sim import Simulation
-    from lpm_llm.models.coupled import LaborCoupling
-    from lpm_llm.models.labor import simulate_labor
 
     with torch.no_grad():
-        if cfg.model == "labor":
-            generator = torch.Generator(device=population.device).manual_seed(seed)
-            result = simulate_labor(population, cfg.labor, decisions["work"], archetypes, _months(cfg),
-                                    cfg.start_date, generator, persons_per_agent=1.0 / scale)
-            tick(cfg.days)
-            return None, result.monthly
-        couplings = []
-        if cfg.model == "epidemic+labor":
-            couplings.append(LaborCoupling(population, cfg.labor, decisions["work"], archetypes, cfg.start_date,
-                                           seed=seed, persons_per_agent=1.0 / scale))
         sim = Simulation(
-            population, cfg.epidemic,
+            population, build_models(cfg),
             archetypes=archetypes,
-            decisions={k: v for k, v in decisions.items() if k == "isolate"},
-            decision_every=cfg.decisions["isolate"].every_days if "isolate" in cfg.decisions else 7,
+            decisions=decisions,
+            decision_every={name: dc.every_days for name, dc in cfg.decisions.items() if dc.enabled
+                            and name in decisions and dc.every_days is not None},
             interventions=cfg.interventions.schedule(),
             start_date=cfg.start_date,
             days=cfg.days,
             seed=seed,
             device=cfg.device,
-            couplings=couplings,
-            alignment=_alignment(cfg),
+            alignment={name: AlignmentMap(a=dc.alignment[0], b=dc.alignment[1]) for name, dc in cfg.decisions.items()
+                       if dc.enabled and dc.alignment is not None and name in decisions},
             on_day=lambda *_: tick(1),
         )
-        results = sim.run()
-        return results, (couplings[0].monthly if couplings else None)
-
-
-def _alignment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Decision name -> AlignmentMap for the epidemic's decisions that configure one."""
-    from lpm_llm.core.behavior import AlignmentMap
-
-    return {name: AlignmentMap(a=dc.alignment[0], b=dc.alignment[1]) for name, dc in cfg.decisions.items()
-            if dc.enabled and dc.alignment is not None and name == "isolate"}
+        return sim.run()
 
 
 def _decisions_frame(decisions: Mapping[str, Any], scenario: str, seed: int) -> pd.DataFrame:
@@ -134,19 +121,18 @@ def _decisions_frame(decisions: Mapping[str, Any], scenario: str, seed: int) -> 
 
 
 def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, Any]
-             ) -> tuple[Population, float, Archetypes]:
+             ) -> tuple[Population, float, Archetypes]:  # scale: population.scale
     """Population (with industries when a labour model runs) and archetypes, timed and recorded."""
     cfg = exp.config
     setup = exp.progress(total=3, desc="setup: population") if exp.progress else None
     with timer.phase("population"):
-        population, scale = build_population(cfg)
+        population = build_population(cfg)
+        scale = population.scale
         log.info("population: %d agents (scale %g), %.1f bytes/agent", population.n, scale,
                  population.nbytes() / population.n)
-        if cfg.model != "epidemic" or any(c.model != "epidemic" for c in exp.scenarios.values()):
-            from lpm_llm.population.industry import assign_industry
-
-            generator = torch.Generator(device=population.device).manual_seed(cfg.population.seed)
-            population = assign_industry(population, generator)
+        for model in {type(m): m for c in (cfg, *exp.scenarios.values()) for m in build_models(c)}.values():
+            if hasattr(model, "prepare_population"):  # columns a model needs (the labour model: industry)
+                population = model.prepare_population(population, cfg.population.seed)
     if setup:
         setup.set_description("setup: archetypes")
         setup.update(1)
@@ -182,15 +168,15 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
             if pbar:
                 decisions = {k: _Announced(v, pbar, desc, archetypes.k) for k, v in decisions.items()}
             with timer.phase("simulation"):
-                results, monthly = _simulate(c, population, archetypes, decisions, seed, scale,
-                                             pbar.update if pbar else (lambda n: None))
+                results = _simulate(c, population, archetypes, decisions, seed,
+                                    pbar.update if pbar else (lambda n: None))
             if pbar:
                 pbar.close()
-            if results is not None:
+            if len(results.daily.columns) > 4:  # models with daily series by area and age band
                 metrics.append(results.daily.assign(scenario=name, seed=seed))
                 areas.append(results.by_area().assign(scenario=name, seed=seed))
-            if monthly is not None:
-                labor.append(monthly.assign(scenario=name, seed=seed))
+            if "labor" in results.tables:
+                labor.append(results.tables["labor"].assign(scenario=name, seed=seed))
             decisions_tables.append(_decisions_frame(decisions, name, seed))
         with timer.phase("outputs"):
             labor_df = pd.concat(labor, ignore_index=True) if labor else None
@@ -352,10 +338,11 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     from lpm_llm.runner.experiment import ExperimentResult
 
     cfg, cal = exp.config, exp.config.calibration
-    if cfg.model == "labor":
+    if cfg.model_names == ["labor"]:  # the targets follow the model: monthly unemployment
         return _calibrate_labor(exp, out_dir)
-    if cfg.model != "epidemic":
-        raise ValueError(f"lpm-llm calibrate fits one model at a time: 'epidemic' or 'labor', not {cfg.model!r}")
+    if cfg.model_names != ["epidemic"]:
+        raise ValueError(f"lpm-llm calibrate has targets for 'epidemic' (cases, deaths) or 'labor' "
+                         f"(unemployment), not yet for {cfg.model!r}")
     with _run_folder(exp, out_dir, command_kind="calibrate") as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
@@ -433,11 +420,13 @@ def _calibrate_labor(exp: Experiment, out_dir: Path) -> ExperimentResult:
         with timer.phase("calibration"):
             fit = calibrate_labor(population, archetypes, work, start=cfg.start_date, end=end, holdout=3,
                                   params=cfg.labor, seeds=[cfg.seeds[0] + i for i in range(cal.seeds_per_step)],
-                                  iterations=cal.steps, lr=cal.lr, on_step=on_step)
+                                  iterations=cal.steps, lr=cal.lr, on_step=on_step,
+                                  alignment=cfg.decisions["work"].alignment)
         if pbar:
             pbar.close()
         with timer.phase("outputs"):
-            summary = {"params": fit.params_.model_dump(mode="json"), "loss_history": fit.loss_history_,
+            summary = {"params": fit.params_.model_dump(mode="json"), "work_alignment": list(fit.alignment_),
+                       "loss_history": fit.loss_history_,
                        "train_mae_pp": fit.train_mae_, "holdout_mae_pp": fit.holdout_mae_,
                        "persistence_mae_pp": fit.persistence_mae_, "holdout_months": 3}
             _outputs.write_manifest(out_dir / "labor_calibration.json", summary)

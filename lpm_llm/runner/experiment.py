@@ -182,14 +182,14 @@ class ExperimentConfig(_Strict):
         from lpm_llm.models import make_model
 
         uses = {u.name: (name, u) for name in self.model_names for u in make_model(name, self).decisions}
+        for d, (m, use) in uses.items():
+            if use.required and (d not in self.decisions or not self.decisions[d].enabled):
+                raise ValueError(f"model {m!r} needs a {use.cadence} {d} decision: "
+                                 f"decisions: {{{d}: {{prompt: {d}.yaml}}}}")
         unknown = sorted(set(self.decisions) - set(uses))
         if unknown:
             raise ValueError(f"unknown decision(s) {unknown}; the models {self.model!r} consume: "
                              + ", ".join(f"{d} ({m})" for d, (m, _) in uses.items()))
-        for d, (m, use) in uses.items():
-            if use.required and (d not in self.decisions or not self.decisions[d].enabled):
-                raise ValueError(f"model {m!r} needs the {use.cadence} {d} decision: "
-                                 f"decisions: {{{d}: {{prompt: {d}.yaml}}}}")
         if "baseline" in self.scenarios:
             raise ValueError("scenario name 'baseline' is reserved for the unmodified config")
         return self

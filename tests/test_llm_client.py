@@ -28,6 +28,7 @@ from lpm_llm.llm import (
     LLMRequestError,
     LLMSettings,
     LLMSetupError,
+    PromptError,
     open_client,
     request_key,
 )
@@ -165,7 +166,7 @@ def test_per_archetype_context_reaches_each_prompt(router, make):
         decision.probabilities({**CONTEXT, "cases_week": PerArchetype([1, 2])})
     with pytest.raises(ValueError, match="context key 'borough' clashes"):
         decision.probabilities({**CONTEXT, "borough": "Queens"})
-    with pytest.raises(KeyError, match="cases_trend"):
+    with pytest.raises(PromptError, match=r"isolation.yaml needs variable\(s\) \['cases_trend'\].*remove the var"):
         decision.probabilities({k: v for k, v in CONTEXT.items() if k != "cases_trend"})
 
 

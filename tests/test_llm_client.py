@@ -576,6 +576,12 @@ def test_empty_choices_are_reasked_then_follow_the_policy(router, make, mode):
     reasks = [body(c.request) for c in route.calls if body(c.request)["seed"] >= 1000]
     assert all(not any(m["role"] == "assistant" for m in b["messages"]) for b in reasks)
     assert decision.client.usage.fallbacks == 1
+    # empty answers are cached like any other: a rerun asks nothing and repeats the outcome
+    sent = route.call_count
+    again = make(k=2, probability_mode=mode, n_samples=1, max_reasks=2, on_failure="fallback",
+                 fallback_probability=0.3)
+    assert again.probabilities(CONTEXT).tolist() == pytest.approx([expected, 0.3])
+    assert route.call_count == sent and again.client.usage.cache_hits == 5
 
     strict = make(k=2, probability_mode=mode, n_samples=1, max_reasks=1)
     with pytest.raises(AnswerError) as err:
@@ -624,3 +630,15 @@ def test_cache_dir_that_is_a_file_or_cannot_be_created_is_a_setup_error(tmp_path
     for bad, match in ((a_file, "is a file, not a folder"), ("/proc/self/lpm-cache", "cannot open the answer cache")):
         with pytest.raises(LLMSetupError, match=match):
             open_client(LLMSettings(provider="openai", model="m", base_url=BASE, cache_dir=str(bad)))
+
+
+def test_a_completion_of_the_wrong_shape_is_an_endpoint_error(router, make):
+    """Choices whose logprobs lack their alternatives: the SDK does not validate, neither a traceback nor a number."""
+    odd = {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+           "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Yes"},
+                        "logprobs": {"content": [{"token": "Yes", "logprob": -0.1}]}}]}
+    route = router.post(URL).mock(return_value=httpx.Response(200, json=odd, headers=FAST))
+    decision = make(k=1, probability_mode="logprobs", max_retries=1)
+    with pytest.raises(LLMRequestError, match="not a chat completion .*unexpected shape"):
+        decision.probabilities(CONTEXT)
+    assert route.call_count == 2

@@ -162,19 +162,22 @@ def _answer(response) -> ChatAnswer:
     if not isinstance(choices, list):
         shown = response.model_dump(exclude_none=True) if hasattr(response, "model_dump") else response
         raise _NotACompletion(f"JSON without a choices list: {_short(json.dumps(shown, default=str), 120)}")
-    usage = getattr(response, "usage", None)
-    tokens = {"prompt_tokens": int(usage.prompt_tokens or 0) if usage else 0,
-              "completion_tokens": int(usage.completion_tokens or 0) if usage else 0}
-    if not choices or choices[0].message is None:
-        return ChatAnswer(text="", finish_reason=choices[0].finish_reason if choices else None, empty=True,
-                          **tokens)
-    choice = choices[0]
-    message = choice.message
-    text = message.content if message.content is not None else (getattr(message, "refusal", None) or "")
-    tops = None
-    if choice.logprobs is not None and choice.logprobs.content:
-        tops = tuple((t.token, float(t.logprob)) for t in choice.logprobs.content[0].top_logprobs)
-    return ChatAnswer(text=text, top_logprobs=tops, finish_reason=choice.finish_reason, **tokens)
+    try:  # the SDK does not validate a body: fields may be missing or of the wrong type
+        usage = getattr(response, "usage", None)
+        tokens = {"prompt_tokens": int(usage.prompt_tokens or 0) if usage else 0,
+                  "completion_tokens": int(usage.completion_tokens or 0) if usage else 0}
+        if not choices or choices[0].message is None:
+            return ChatAnswer(text="", finish_reason=choices[0].finish_reason if choices else None, empty=True,
+                              **tokens)
+        choice = choices[0]
+        message = choice.message
+        text = message.content if message.content is not None else (getattr(message, "refusal", None) or "")
+        tops = None
+        if choice.logprobs is not None and choice.logprobs.content:
+            tops = tuple((str(t.token), float(t.logprob)) for t in choice.logprobs.content[0].top_logprobs)
+        return ChatAnswer(text=str(text), top_logprobs=tops, finish_reason=choice.finish_reason, **tokens)
+    except (AttributeError, TypeError, ValueError, IndexError) as err:
+        raise _NotACompletion(f"a completion of unexpected shape ({type(err).__name__}: {err})") from None
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -28,6 +28,7 @@ from lpm_llm.llm import (
     LLMRequestError,
     LLMSettings,
     LLMSetupError,
+    PromptError,
     open_client,
     request_key,
 )
@@ -165,7 +166,7 @@ def test_per_archetype_context_reaches_each_prompt(router, make):
         decision.probabilities({**CONTEXT, "cases_week": PerArchetype([1, 2])})
     with pytest.raises(ValueError, match="context key 'borough' clashes"):
         decision.probabilities({**CONTEXT, "borough": "Queens"})
-    with pytest.raises(KeyError, match="cases_trend"):
+    with pytest.raises(PromptError, match=r"isolation.yaml needs variable\(s\) \['cases_trend'\].*remove the var"):
         decision.probabilities({k: v for k, v in CONTEXT.items() if k != "cases_trend"})
 
 
@@ -474,3 +475,170 @@ def test_close_is_idempotent_and_works_before_any_call(tmp_path):
     client.close()
     client.close()
     assert client.usage.as_dict()["requests"] == 0
+
+
+# -- issue 12: non-answers, hostile bodies, counting ---------------------------------------------------
+
+def _no_choices(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"id": "c", "object": "chat.completion", "created": 0, "model": "test-model",
+                                     "choices": [], "usage": {"prompt_tokens": 50, "completion_tokens": 0,
+                                                              "total_tokens": 50}})
+
+
+HTML = httpx.Response(200, text="<!doctype html><html><body><h1>Welcome to nginx!</h1></body></html>",
+                      headers={"content-type": "text/html; charset=utf-8", **FAST})
+GOOD = {"samples": ("Yes", None, 1.0), "logprobs": ("Yes", [("Yes", -0.1), ("No", -3.0)], 1 / (1 + math.exp(-2.9))),
+        "json": ('{"probability": 0.4}', None, 0.4)}
+MODES = ("samples", "logprobs", "json")
+
+
+def test_low_answer_mass_is_reasked_with_messages_that_can_change_the_answer(router, make):
+    # First answer: the model is about to say "I" (yes+no hold 0.25); re-asked, it answers No.
+    low = [("I", math.log(0.7)), ("Yes", math.log(0.15)), ("No", math.log(0.10))]
+    high = [("No", math.log(0.8)), ("Yes", math.log(0.1))]
+    route = router.post(URL).mock(side_effect=lambda r: completion(
+        "No" if is_reask(r) else "I", tops=high if is_reask(r) else low))
+    decision = make(k=1, probability_mode="logprobs", temperature=0.0)
+    assert decision.probabilities(CONTEXT).tolist() == pytest.approx([1 / 9])
+    first, second = (body(c.request) for c in route.calls)
+    assert second["messages"][:-2] == first["messages"]
+    assert second["messages"][-2] == {"role": "assistant", "content": "I"}
+    assert "did not begin with Yes or No" in second["messages"][-1]["content"]
+    assert second["seed"] != first["seed"]
+    rec = decision.records[0]
+    assert rec["answer_mass"] == pytest.approx(0.9) and rec["reasks"] == 1 and not rec["fallback"]
+    assert decision.client.usage.reasks == 1
+
+
+def test_low_answer_mass_every_time_follows_the_policy(router, make):
+    low = [("Today", math.log(0.6)), ("Yes", math.log(0.2)), ("No", math.log(0.05))]
+    route = router.post(URL).mock(return_value=completion("Today", tops=low))
+    decision = make(k=2, probability_mode="logprobs", max_reasks=1, on_failure="fallback", fallback_probability=0.5)
+    assert decision.probabilities(CONTEXT).tolist() == [0.5, 0.5]  # never the renormalised 0.8
+    assert route.call_count == 4 and decision.client.usage.fallbacks == 2
+    rec = decision.records[0]
+    assert rec["fallback"] and rec["answer_mass"] == pytest.approx(0.25)
+    assert "below llm.min_answer_mass 0.5" in rec["error"] and "'Today'" in rec["error"]
+    strict = make(k=1, probability_mode="logprobs", max_reasks=0)
+    with pytest.raises(AnswerError, match="archetype 0.*yes and no hold 0.250"):
+        strict.probabilities(CONTEXT)
+    # The minimum is a setting: at 0.2 the same answer is used, renormalised, its mass recorded.
+    lenient = make(k=1, probability_mode="logprobs", min_answer_mass=0.2)
+    assert lenient.probabilities(CONTEXT).tolist() == pytest.approx([0.8])
+    assert lenient.records[0]["answer_mass"] == pytest.approx(0.25) and lenient.records[0]["reasks"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_html_page_with_status_200_is_retried_as_a_server_error(router, make, mode):
+    text, tops, expected = GOOD[mode]
+    route = router.post(URL).mock(side_effect=[HTML, completion(text, tops=tops)])
+    decision = make(k=1, probability_mode=mode, n_samples=1)
+    assert decision.probabilities(CONTEXT).tolist() == pytest.approx([expected])
+    usage = decision.client.usage
+    assert route.call_count == 2 and route.calls[1].request.headers["x-stainless-retry-count"] == "1"
+    assert (usage.requests, usage.retries, usage.error_responses, usage.reasks) == (2, 1, 1, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bad", [
+    HTML,
+    httpx.Response(200, text='{"choices": [', headers={"content-type": "application/json", **FAST}),
+    httpx.Response(200, json={"error": {"message": "model is loading"}}, headers=FAST),
+], ids=["html", "broken-json", "json-without-choices"])
+def test_a_200_that_is_never_a_completion_is_an_endpoint_error(router, make, mode, bad):
+    route = router.post(URL).mock(return_value=bad)
+    decision = make(k=1, probability_mode=mode, n_samples=1, max_retries=2, on_failure="fallback",
+                    fallback_probability=0.5)  # not an answer: no fallback for a broken endpoint
+    with pytest.raises(LLMRequestError) as err:
+        decision.probabilities(CONTEXT)
+    message = str(err.value)
+    assert f"the LLM endpoint {BASE} answered HTTP 200 for prompt 'isolation'" in message
+    assert "archetype 0" in message and "not a chat completion" in message and "after 2 retries" in message
+    assert "llm.base_url" in message and "\n" not in message
+    assert route.call_count == 3  # 1 + 2 retries
+    assert decision.client.usage.fallbacks == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_choices_are_reasked_then_follow_the_policy(router, make, mode):
+    text, tops, expected = GOOD[mode]
+    # archetype 0: an empty completion, then a good one; archetype 1: empty every time
+    route = router.post(URL).mock(side_effect=lambda r: completion(text, tops=tops)
+                                  if archetype_of(r) == 0 and body(r)["seed"] >= 1000 else _no_choices(r))
+    decision = make(k=2, probability_mode=mode, n_samples=1, max_reasks=2, on_failure="fallback",
+                    fallback_probability=0.3)
+    assert decision.probabilities(CONTEXT).tolist() == pytest.approx([expected, 0.3])
+    assert route.call_count == 2 + 3
+    r0, r1 = decision.records
+    assert (r0["reasks"], r0["fallback"], r1["reasks"], r1["fallback"]) == (1, False, 2, True)
+    assert f"the LLM endpoint {BASE} returned a completion without choices" in r1["error"]
+    # the re-ask of an empty answer is the same question again (no empty assistant turn)
+    reasks = [body(c.request) for c in route.calls if body(c.request)["seed"] >= 1000]
+    assert all(not any(m["role"] == "assistant" for m in b["messages"]) for b in reasks)
+    assert decision.client.usage.fallbacks == 1
+    # empty answers are cached like any other: a rerun asks nothing and repeats the outcome
+    sent = route.call_count
+    again = make(k=2, probability_mode=mode, n_samples=1, max_reasks=2, on_failure="fallback",
+                 fallback_probability=0.3)
+    assert again.probabilities(CONTEXT).tolist() == pytest.approx([expected, 0.3])
+    assert route.call_count == sent and again.client.usage.cache_hits == 5
+
+    strict = make(k=2, probability_mode=mode, n_samples=1, max_reasks=1)
+    with pytest.raises(AnswerError) as err:
+        strict.probabilities(CONTEXT)
+    assert "archetype 1" in str(err.value) and f"endpoint {BASE} returned a completion without choices" in str(
+        err.value)
+
+
+def test_requests_count_what_the_server_answered(router, make):
+    """A run that stops while requests are in flight counts them as unanswered, not as requests."""
+    asked, served = [], []
+
+    async def answer(request):
+        asked.append(request)
+        if archetype_of(request) == 0:
+            await asyncio.sleep(0.05)  # let the others be sent first
+            served.append(request)
+            return httpx.Response(400, json={"error": {"message": "bad request"}})
+        await asyncio.sleep(30)  # never answered: cancelled when archetype 0 fails
+
+    router.post(URL).mock(side_effect=answer)
+    decision = make(k=4, probability_mode="logprobs", concurrency=4)
+    with pytest.raises(LLMRequestError, match="HTTP 400"):
+        decision.probabilities(CONTEXT)
+    usage = decision.client.usage
+    assert len(asked) == 4 and len(served) == 1
+    assert (usage.requests, usage.unanswered) == (1, 3)
+
+
+def test_refused_connections_are_not_requests():
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = LLMSettings(provider="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                           max_retries=1, cache_mode="off")
+    with open_client(settings) as client:
+        decision = LLMDecision(PromptSpec.from_yaml("isolation.yaml"), client, Archetypes(2))
+        with pytest.raises(LLMRequestError, match="cannot reach"):
+            decision.probabilities(CONTEXT)
+        assert client.usage.requests == 0 and client.usage.unanswered >= 2
+
+
+def test_cache_dir_that_is_a_file_or_cannot_be_created_is_a_setup_error(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for bad, match in ((a_file, "is a file, not a folder"), ("/proc/self/lpm-cache", "cannot open the answer cache")):
+        with pytest.raises(LLMSetupError, match=match):
+            open_client(LLMSettings(provider="openai", model="m", base_url=BASE, cache_dir=str(bad)))
+
+
+def test_a_completion_of_the_wrong_shape_is_an_endpoint_error(router, make):
+    """Choices whose logprobs lack their alternatives: the SDK does not validate, neither a traceback nor a number."""
+    odd = {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+           "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Yes"},
+                        "logprobs": {"content": [{"token": "Yes", "logprob": -0.1}]}}]}
+    route = router.post(URL).mock(return_value=httpx.Response(200, json=odd, headers=FAST))
+    decision = make(k=1, probability_mode="logprobs", max_retries=1)
+    with pytest.raises(LLMRequestError, match="not a chat completion .*unexpected shape"):
+        decision.probabilities(CONTEXT)
+    assert route.call_count == 2

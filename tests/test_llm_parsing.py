@@ -12,6 +12,7 @@ from lpm_llm.llm.parsing import (
     parse_choice,
     parse_probability,
     parse_yes_no,
+    yes_no_mass,
     yes_probability_from_logprobs,
 )
 
@@ -114,3 +115,19 @@ def test_choice():
     with pytest.raises(ParseError) as err:
         parse_choice("I cannot say", ["bus", "car"])
     assert err.value.reason == "refusal"
+
+
+def test_yes_no_mass_below_the_minimum_is_not_an_answer():
+    # The example: the model was about to say "I"; yes and no hold 1.1e-5 of the first token.
+    tops = [("I", -0.01), ("Yes", -11.5), ("No", -13.8)]
+    yes, no = yes_no_mass(tops)
+    assert yes == pytest.approx(math.exp(-11.5)) and no == pytest.approx(math.exp(-13.8))
+    assert yes_probability_from_logprobs(tops) == pytest.approx(0.909, abs=1e-3)  # renormalised: no minimum
+    with pytest.raises(ParseError) as err:
+        yes_probability_from_logprobs(tops, min_mass=0.5)
+    assert err.value.reason == "low_answer_mass" and "'I'" in str(err.value) and "0.5" in str(err.value)
+    # At or above the minimum the renormalised probability is returned unchanged.
+    ok = [(" Yes", math.log(0.3)), ("no", math.log(0.2)), ("I", math.log(0.5))]
+    assert yes_probability_from_logprobs(ok, min_mass=0.5) == pytest.approx(0.6)
+    with pytest.raises(ParseError, match="low_answer_mass"):
+        yes_probability_from_logprobs(ok, min_mass=0.51)

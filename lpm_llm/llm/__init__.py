@@ -18,7 +18,14 @@ errors             the exceptions, each naming what failed and the remedy
 from lpm_llm.llm.cache import ResponseCache, request_key
 from lpm_llm.llm.client import LLMClient, open_client
 from lpm_llm.llm.decision import LLMDecision
-from lpm_llm.llm.errors import AnswerError, CacheMissError, LLMError, LLMRequestError, LLMSetupError
+from lpm_llm.llm.errors import (
+    AnswerError,
+    CacheMissError,
+    LLMError,
+    LLMRequestError,
+    LLMSetupError,
+    PromptError,
+)
 from lpm_llm.llm.local import LocalServer, local_available
 from lpm_llm.llm.protocol import ChatAnswer, ChatRequest, Usage
 from lpm_llm.llm.settings import LLMSettings
@@ -35,6 +42,7 @@ __all__ = [
     "LLMSettings",
     "LLMSetupError",
     "LocalServer",
+    "PromptError",
     "ResponseCache",
     "Usage",
     "local_available",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Coroutine
@@ -61,6 +62,11 @@ class LLMClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        """The backend's endpoint, for messages (``(openai default)`` when the SDK picks it)."""
+        return getattr(self.backend, "base_url", None) or "(openai default)"
 
     async def acomplete(self, request: ChatRequest) -> ChatAnswer:
         """The answer to one request; must run on this client's loop (see :meth:`run`)."""
@@ -123,15 +129,24 @@ class LLMClient:
 
 
 def count_http(http_client: httpx.AsyncClient, usage: Usage) -> None:
-    """Count the HTTP requests, SDK retries and 429/5xx responses of ``http_client`` into ``usage``."""
+    """Count the HTTP requests of ``http_client`` into ``usage`` (see :class:`Usage`).
+
+    A request counts in ``requests`` when its response arrives, so that a request abandoned
+    before any answer (connection refused, timeout, cancelled when a run stops) is never counted
+    as one the server answered; until then it counts in ``unanswered``.
+    """
 
     async def on_request(request: httpx.Request) -> None:
-        usage.requests += 1
-        if request.headers.get(_RETRY_HEADER, "0") != "0":
-            usage.retries += 1
+        usage.unanswered += 1
 
     async def on_response(response: httpx.Response) -> None:
-        if response.status_code == 429 or response.status_code >= 500:
+        usage.unanswered -= 1
+        usage.requests += 1
+        if response.request.headers.get(_RETRY_HEADER, "0") != "0":
+            usage.retries += 1
+        status = response.status_code
+        not_json = status == 200 and not response.headers.get("content-type", "").split(";")[0].endswith("json")
+        if status == 429 or status >= 500 or not_json:
             usage.error_responses += 1
 
     hooks = http_client.event_hooks
@@ -147,24 +162,13 @@ def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = N
     ``provider: openai`` reads the key from the variable named by ``api_key_env``. ``http_client``
     lets tests send through a client that respx intercepts; the caller then owns (closes) it.
     """
-    if settings.provider == "local":
-        if settings.base_url:
-            raise LLMSetupError(
-                "llm.base_url is set but llm.provider is 'local' (the embedded server picks its own port); "
-                "use provider 'openai' for an external OpenAI-compatible endpoint"
-            )
-        from lpm_llm.llm.local import shared_server
-
-        base_url, api_key = shared_server().base_url, "local-no-key"
-    else:
-        api_key = os.environ.get(settings.api_key_env, "")
-        if not api_key:
-            raise LLMSetupError(
-                f"set {settings.api_key_env} (or the variable named by llm.api_key_env) to the API key of "
-                f"{settings.base_url or 'the OpenAI API'}; the key is read from the environment, "
-                "never from the config"
-            )
-        base_url = settings.base_url
+    cache = _open_cache(settings)  # before the server starts: a bad cache_dir fails at once
+    try:
+        base_url, api_key = _endpoint(settings)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
     from lpm_llm.llm.openai_backend import OpenAIBackend
 
     usage = Usage()
@@ -185,10 +189,47 @@ def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = N
         timeout_s=settings.timeout_s,
         http_client=http_client,
     )
-    cache = None if settings.cache_mode == "off" else ResponseCache(settings.cache_path, settings.cache_mode)
     log.info(
         "LLM client: provider %s, model %s, cache %s (%s)",
         settings.provider, settings.model_name, settings.cache_mode,
         "-" if cache is None else cache.directory,
     )
     return LLMClient(backend, settings, cache=cache, usage=usage, close_backend=owns_http)
+
+
+def _endpoint(settings: LLMSettings) -> tuple[str | None, str]:
+    """(base_url, api_key): the embedded server's (started here) or the configured endpoint's."""
+    if settings.provider == "local":
+        if settings.base_url:
+            raise LLMSetupError(
+                "llm.base_url is set but llm.provider is 'local' (the embedded server picks its own port); "
+                "use provider 'openai' for an external OpenAI-compatible endpoint"
+            )
+        from lpm_llm.llm.local import shared_server
+
+        base_url, api_key = shared_server().base_url, "local-no-key"
+    else:
+        api_key = os.environ.get(settings.api_key_env, "")
+        if not api_key:
+            raise LLMSetupError(
+                f"set {settings.api_key_env} (or the variable named by llm.api_key_env) to the API key of "
+                f"{settings.base_url or 'the OpenAI API'}; the key is read from the environment, "
+                "never from the config"
+            )
+        base_url = settings.base_url
+    return base_url, api_key
+
+
+def _open_cache(settings: LLMSettings) -> ResponseCache | None:
+    """The answer cache of ``settings``; a folder that cannot be used is an :class:`LLMSetupError`."""
+    if settings.cache_mode == "off":
+        return None
+    path = settings.cache_path
+    if path.exists() and not path.is_dir():
+        raise LLMSetupError(f"llm.cache_dir {path} is a file, not a folder; set llm.cache_dir to a folder "
+                            "(it is created if missing)")
+    try:
+        return ResponseCache(path, settings.cache_mode)
+    except (OSError, sqlite3.Error) as e:
+        raise LLMSetupError(f"cannot open the answer cache in {path} ({type(e).__name__}: {e}); set "
+                            "llm.cache_dir to a writable folder, or llm.cache_mode: off") from None

@@ -5,10 +5,17 @@ context, and the answer becomes a probability by the settings' ``probability_mod
 :class:`~lpm_llm.llm.settings.LLMSettings`). All K archetypes (times ``n_samples``) are asked
 concurrently, bounded by the client's ``concurrency``. An unusable answer is re-asked up to
 ``max_reasks`` times, each re-ask a new request (the unusable answer and a correction appended to
-the messages, the attempt index in the cache key); if none is usable, ``on_failure`` decides:
+the messages, its own seed, the attempt index in the cache key); if none is usable, ``on_failure`` decides:
 ``raise`` an :class:`~lpm_llm.llm.errors.AnswerError`, or use ``fallback_probability`` for that
 archetype. Every re-ask and fallback is counted in the client's ``usage`` and in ``records``.
 HTTP failures (after the SDK's retries) and replay cache misses always raise.
+
+Unusable answers: text that does not parse (see :mod:`~lpm_llm.llm.parsing`); in ``logprobs``
+mode, a first token whose yes+no probability mass is below ``min_answer_mass``; and a completion
+without choices. A re-ask of a logprobs answer differs from it by its messages (the first token
+it gave and a request for one word, Yes or No), which is what changes the token distribution: the
+seed alone would not (the logprobs of a prompt do not depend on it). An empty completion is
+re-asked with the original messages, a new seed and attempt index: a retry of the same question.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import torch
 
 from lpm_llm.core.behavior import PerArchetype
 from lpm_llm.llm.client import LLMClient
-from lpm_llm.llm.errors import AnswerError, LLMSetupError
+from lpm_llm.llm.errors import AnswerError, LLMSetupError, PromptError
 from lpm_llm.llm.parsing import (
     PROBABILITY_FIELD,
     PROBABILITY_SCHEMA,
     ParseError,
     parse_probability,
     parse_yes_no,
+    yes_no_mass,
     yes_probability_from_logprobs,
 )
 from lpm_llm.llm.prompts import PromptSpec
@@ -48,6 +56,10 @@ _REASK = {
     "probability": "I could not read your answer ({why}). Reply with only JSON {{\"{f}\": p}}, "
     "where p is a number from 0 to 1.",
 }
+
+
+# What the re-ask tells the model, by parse-failure reason (default: the reason in words).
+_WHY = {"low_answer_mass": "it did not begin with Yes or No"}
 
 
 class Archetypes(Protocol):
@@ -69,6 +81,7 @@ class _Outcome:
     fallback: bool = False
     answer: str = ""
     error: str = ""
+    answer_mass: float | None = None
 
 
 @dataclass
@@ -80,6 +93,7 @@ class _Chain:
     hits: int = 0
     reasks: int = 0
     texts: list[str] = field(default_factory=list)
+    masses: list[float] = field(default_factory=list)  # logprobs mode: yes+no mass of each answer
     error: str = ""
 
 
@@ -99,7 +113,9 @@ class LLMDecision:
             ``archetype``, ``description``, ``probability``, ``prompt``, ``prompt_version``,
             ``model``, ``mode``, ``cache_hit`` (every request for it came from the cache),
             ``requests`` (sent to the server), ``reasks``, ``fallback``, ``answer`` (a summary of
-            the raw answers) and ``error`` (why a fallback was used).
+            the raw answers), ``answer_mass`` (logprobs mode: the first token's probability of
+            reading yes or no in the answer used, or in the last answer when none was usable;
+            None in the other modes) and ``error`` (why a fallback was used).
     """
 
     def __init__(
@@ -140,7 +156,14 @@ class LLMDecision:
     # -- the DecisionSource interface ------------------------------------------------------------
     def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
         """(K,) float32 probabilities of "yes", one per archetype, for this step's ``context``."""
-        messages = [self.prompt.render(self.variables(context, k)) for k in range(self.archetypes.k)]
+        try:
+            messages = [self.prompt.render(self.variables(context, k)) for k in range(self.archetypes.k)]
+        except KeyError as e:  # a template variable that neither the profile nor the context holds
+            raise PromptError(
+                f"{e.args[0]}; this run supplies the archetype profile fields and the model's context: remove "
+                "the variable from the prompt (templates and input_variables) or use a prompt written for "
+                "this model"
+            ) from None
         usage_before = (self.client.usage.calls, self.client.usage.cache_hits)
         outcomes = self.client.run(_gather_or_cancel([self._ask(k, m) for k, m in enumerate(messages)]))
         self._record(context, outcomes)
@@ -188,7 +211,7 @@ class LLMDecision:
             samples = [self._chain(base, label, i, _yes_no) for i in range(s.n_samples)]
             chains = await _gather_or_cancel(samples)
         elif s.probability_mode == "logprobs":
-            chains = [await self._chain(base, label, 0, _logprob_yes)]
+            chains = [await self._chain(base, label, 0, _logprob_yes(s.min_answer_mass))]
         else:
             instruction = _JSON_INSTRUCTION[self.prompt.answer].format(f=PROBABILITY_FIELD)
             role, content = base[-1]
@@ -199,6 +222,7 @@ class LLMDecision:
             calls=sum(c.calls for c in chains),
             hits=sum(c.hits for c in chains),
             reasks=sum(c.reasks for c in chains),
+            answer_mass=chains[0].masses[-1] if chains[0].masses else None,
         )
         failed = [c for c in chains if c.error]
         if failed:
@@ -234,7 +258,12 @@ class LLMDecision:
             chain.calls += 1
             chain.hits += answer.cache_hit
             chain.texts.append(answer.text)
+            if answer.top_logprobs is not None and s.probability_mode == "logprobs":
+                chain.masses.append(sum(yes_no_mass(answer.top_logprobs)))
             try:
+                if answer.empty:
+                    raise ParseError("no_choices", f"the LLM endpoint {self.client.endpoint} returned a "
+                                                   "completion without choices")
                 chain.value = parse(answer)
                 chain.error = ""
                 return chain
@@ -245,8 +274,12 @@ class LLMDecision:
                 chain.reasks += 1
                 self.client.usage.reasks += 1
                 log.info("%s sample %d: re-asking (%s)", label, sample, err)
+                if answer.empty:  # nothing to correct: ask the same question again
+                    messages = base
+                    continue
                 kind = "yes_no" if s.probability_mode != "json" else "probability"
-                fix = _REASK[kind].format(why=err.reason.replace("_", " "), f=PROBABILITY_FIELD)
+                why = _WHY.get(err.reason, err.reason.replace("_", " "))
+                fix = _REASK[kind].format(why=why, f=PROBABILITY_FIELD)
                 messages = base + (("assistant", answer.text), ("user", fix))
         return chain
 
@@ -265,8 +298,9 @@ class LLMDecision:
             messages=messages,
             temperature=s.temperature,
             max_tokens=1 if mode == "logprobs" else s.max_tokens,
-            # each sample its own seed, so that sampled answers differ yet repeat exactly
-            seed=None if s.seed is None else s.seed + sample,
+            # each sample and re-ask its own seed, so that sampled answers differ yet repeat exactly
+            # (n_samples <= 1000: re-ask seeds never coincide with another sample's)
+            seed=None if s.seed is None else s.seed + sample + 1000 * attempt,
             logprobs=mode == "logprobs",
             top_logprobs=s.top_logprobs if mode == "logprobs" else None,
             response_format=response_format,
@@ -295,6 +329,7 @@ class LLMDecision:
                 "reasks": o.reasks,
                 "fallback": o.fallback,
                 "answer": o.answer,
+                "answer_mass": o.answer_mass,
                 "error": o.error,
             })
 
@@ -303,13 +338,16 @@ def _yes_no(answer: ChatAnswer) -> int:
     return int(parse_yes_no(answer.text))
 
 
-def _logprob_yes(answer: ChatAnswer) -> float:
-    if answer.top_logprobs is None:
-        raise LLMSetupError(
-            "the LLM endpoint returned no logprobs; it may not support them: set llm.probability_mode "
-            "to samples or json"
-        )
-    return yes_probability_from_logprobs(answer.top_logprobs)
+def _logprob_yes(min_mass: float) -> Callable[[ChatAnswer], float]:
+    def parse(answer: ChatAnswer) -> float:
+        if answer.top_logprobs is None:
+            raise LLMSetupError(
+                "the LLM endpoint returned no logprobs; it may not support them: set llm.probability_mode "
+                "to samples or json"
+            )
+        return yes_probability_from_logprobs(answer.top_logprobs, min_mass)
+
+    return parse
 
 
 def _stated(answer: ChatAnswer) -> float:

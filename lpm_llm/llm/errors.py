@@ -21,3 +21,7 @@ class CacheMissError(LLMError):
 
 class AnswerError(LLMError):
     """The model's answer could not be turned into a probability, even after re-asking."""
+
+
+class PromptError(LLMError):
+    """A prompt cannot be filled in this run: it uses a variable the runner does not supply."""

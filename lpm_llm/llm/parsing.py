@@ -13,7 +13,10 @@ layer puts in its re-ask message; nothing unreadable ever becomes 0.0. Rules:
   number must lie in [0, 1]: 1.7 or -0.2 is ``out_of_range`` (never read as 1.7 %).
 - Logprobs: P(yes) = sum of exp(logprob) of the first-token alternatives that normalise to "yes",
   divided by that of "yes" plus "no" (tokens are normalised by stripping whitespace, tokenizer
-  space markers and punctuation, and lowercasing). Neither present is a ``ParseError``.
+  space markers and punctuation, and lowercasing). Neither present is a ``ParseError``; so is a
+  yes+no mass (the first token's probability of reading yes or no) below ``min_mass``: when the
+  model was about to say "I" or "Today", renormalising its tiny yes/no mass would turn a
+  non-answer into a confident probability.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ _TOKEN_STRIP = " \t\n\r\"'`*_.,!?:;()[]{}<>\u2581\u0120\u010a"
 
 class ParseError(ValueError):
     """An answer that cannot be used. ``reason``: unparseable, refusal, out_of_range, missing_field,
-    no_yes_no_token."""
+    no_yes_no_token, low_answer_mass, no_choices."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -155,21 +158,37 @@ def normalise_token(token: str) -> str:
     return token.strip(_TOKEN_STRIP).lower()
 
 
-def yes_probability_from_logprobs(top_logprobs: Iterable[tuple[str, float]]) -> float:
-    """P(yes) renormalised over yes and no, from the first token's (token, logprob) alternatives."""
+def yes_no_mass(top_logprobs: Iterable[tuple[str, float]]) -> tuple[float, float]:
+    """(mass of yes, mass of no) among the first token's (token, logprob) alternatives."""
     mass = {"yes": 0.0, "no": 0.0}
-    seen = []
     for token, logprob in top_logprobs:
-        seen.append(token)
         key = normalise_token(token)
         if key in mass:
             mass[key] += math.exp(logprob)
-    total = mass["yes"] + mass["no"]
+    return mass["yes"], mass["no"]
+
+
+def yes_probability_from_logprobs(top_logprobs: Iterable[tuple[str, float]], min_mass: float = 0.0) -> float:
+    """P(yes) renormalised over yes and no, from the first token's (token, logprob) alternatives.
+
+    ``ParseError`` when neither is among them (``no_yes_no_token``), or when yes + no hold less
+    than ``min_mass`` of the first token's probability (``low_answer_mass``).
+    """
+    tops = list(top_logprobs)
+    yes, no = yes_no_mass(tops)
+    total = yes + no
     if total <= 0.0:
         raise ParseError(
-            "no_yes_no_token", f"neither yes nor no among the first token's alternatives {seen[:8]}"
+            "no_yes_no_token", f"neither yes nor no among the first token's alternatives {[t for t, _ in tops][:8]}"
         )
-    return mass["yes"] / total
+    if total < min_mass:
+        likely = max(tops, key=lambda t: t[1])[0]
+        raise ParseError(
+            "low_answer_mass",
+            f"yes and no hold {total:.3f} of the first token's probability, below llm.min_answer_mass "
+            f"{min_mass:g} (most likely first token: {likely!r})",
+        )
+    return yes / total
 
 
 def _short(text: str, limit: int = 120) -> str:

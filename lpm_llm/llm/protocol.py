@@ -47,7 +47,9 @@ class ChatAnswer:
     """The parts of a completion that the decision layer reads (what the cache stores).
 
     ``top_logprobs``: the first generated token's alternatives as (token, logprob), or None when
-    logprobs were not requested. ``cache_hit`` marks an answer read from the cache.
+    logprobs were not requested. ``empty`` marks a completion without choices (or whose choice has
+    no message): an unusable answer, re-asked like any other. ``cache_hit`` marks an answer read
+    from the cache.
     """
 
     text: str
@@ -55,11 +57,14 @@ class ChatAnswer:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    empty: bool = False
     cache_hit: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("cache_hit")
+        if not self.empty:  # stored only when set: the stored form of ordinary answers is unchanged
+            data.pop("empty")
         if self.top_logprobs is not None:
             data["top_logprobs"] = [[t, lp] for t, lp in self.top_logprobs]
         return data
@@ -73,6 +78,7 @@ class ChatAnswer:
             finish_reason=data.get("finish_reason"),
             prompt_tokens=int(data.get("prompt_tokens", 0)),
             completion_tokens=int(data.get("completion_tokens", 0)),
+            empty=bool(data.get("empty", False)),
             cache_hit=cache_hit,
         )
 
@@ -92,9 +98,14 @@ class Usage:
     Attributes:
         calls: answers asked for (cache hits included).
         cache_hits: answers read from the cache.
-        requests: HTTP requests sent, SDK retries included (counted by an httpx event hook).
-        retries: of those, SDK retries (after a 408/409/429/5xx, a timeout or a connection error).
-        error_responses: HTTP responses with status 429 or >= 500.
+        requests: HTTP requests the server answered (a response arrived, whatever its status),
+            retries included; counted by httpx event hooks.
+        unanswered: HTTP requests started that got no response: refused or dropped connections,
+            timeouts, and requests in flight when a run stopped (the server may or may not have
+            seen them; none of them returned tokens).
+        retries: of the answered requests, retries (the SDK's, after a 408/409/429/5xx, a timeout
+            or a connection error; and the backend's, after a 200 whose body is not a completion).
+        error_responses: HTTP responses with status 429 or >= 500, or a 200 whose body is not JSON.
         prompt_tokens, completion_tokens: as reported by the server (cached answers count 0).
         reasks: answers asked again because the previous one was unusable.
         fallbacks: archetype probabilities replaced by ``fallback_probability``.
@@ -104,6 +115,7 @@ class Usage:
     calls: int = 0
     cache_hits: int = 0
     requests: int = 0
+    unanswered: int = 0
     retries: int = 0
     error_responses: int = 0
     prompt_tokens: int = 0

@@ -30,6 +30,10 @@ class LLMSettings(BaseModel):
       cache key and in the seed); the probability is the fraction of "yes".
     - ``logprobs``: one request with ``max_tokens=1``, ``logprobs=True``; P(yes) is the
       probability mass of first tokens that read "yes", renormalised against those that read "no".
+      The yes+no mass itself is recorded per answer (``answer_mass``); below ``min_answer_mass``
+      the answer is unusable (re-asked, then ``on_failure``). The default 0.5 asks that yes or no
+      be the model's most likely reading, more likely than everything else together: below it,
+      the renormalised number describes a minority of what the model would say.
     - ``json``: the model states a probability; ``json_format`` says how the output format is
       requested (``json_object_schema``: ``{"type": "json_object", "schema": ...}``, understood by
       the llama.cpp server; ``json_object``: OpenAI-style JSON mode; ``none``: plain text, parsed).
@@ -47,6 +51,9 @@ class LLMSettings(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     max_tokens: int = Field(24, ge=1, le=4096)
     top_logprobs: int = Field(20, ge=1, le=20)
+    min_answer_mass: float = Field(
+        0.5, ge=0.0, le=1.0, description="logprobs mode: least first-token probability of yes+no for a usable answer"
+    )
     concurrency: int = Field(4, ge=1, le=1024)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0, le=20)

@@ -1,19 +1,26 @@
 """``lpm-llm``: run or calibrate an experiment from a YAML file.
 
-    lpm-llm run experiments/covid_nyc.yaml [--out DIR] [--set key.path=value ...] [--quiet]
-    lpm-llm calibrate experiments/covid_nyc.yaml [--out DIR] [--set ...]
+    lpm-llm run experiments/covid_nyc.yaml [--out DIR [--overwrite]] [--set key.path=value ...] [--quiet]
+    lpm-llm calibrate experiments/covid_nyc.yaml [--out DIR [--overwrite]] [--set ...]
     lpm-llm list                      # the bundled experiments, archetypes and prompts
 
-Expected failures (a bad config, a missing API key, an unreachable endpoint, a missing extra) end
-with one line on stderr saying what to do, and exit status 2.
+Exit status: 0 done; 2 an expected failure (a bad config or path, an unusable --out or cache
+folder, a missing API key, an unreachable or misbehaving endpoint, unusable answers, a missing
+extra), with one line on stderr saying what to do; 130 interrupted by Ctrl-C (SIGINT), 143 by
+SIGTERM: the run folder keeps its manifest (status "interrupted"); anything else is a bug (1).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C (manifest, cleanup)."""
 
 _EPILOG = "Example: lpm-llm run experiments/covid_nyc.yaml --set days=30 --set llm.concurrency=2"
 
@@ -26,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                        ("calibrate", "calibrate an experiment's parameters to the bundled NYC data")):
         s = sub.add_parser(name, help=text, description=text, epilog=_EPILOG)
         s.add_argument("experiment", help="experiment YAML (a path, or the name of a bundled one)")
-        s.add_argument("--out", help="output folder (default: runs/NAME-TIMESTAMP)")
+        s.add_argument("--out", help="output folder (default: runs/NAME-TIMESTAMP); must be new or empty")
+        s.add_argument("--overwrite", action="store_true",
+                       help="reuse a non-empty --out run folder: its contents are removed first")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set population.scale=0.02 (repeatable)")
         s.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings only")
@@ -65,20 +74,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lpm_llm.runner.config import ConfigError
     from lpm_llm.runner.experiment import Experiment
 
+    previous = _terminate_on_sigterm()
     try:
         exp = Experiment.from_yaml(args.experiment, args.overrides, progress=_progress_factory(args.quiet))
-        result = exp.run(args.out) if args.command == "run" else exp.calibrate(args.out)
+        runner = exp.run if args.command == "run" else exp.calibrate
+        result = runner(args.out, overwrite=args.overwrite)
     except (ConfigError, LLMError, FileNotFoundError) as e:
-        sys.stderr.write(f"lpm-llm: error: {e}\n")
+        sys.stderr.write(f"lpm-llm: error: {_one_line(e)}\n")
         return 2
     except ValueError as e:  # bad values found while running (e.g. an impossible setting): one line too
-        sys.stderr.write(f"lpm-llm: error: {type(e).__name__}: {e}\n")
+        sys.stderr.write(f"lpm-llm: error: {type(e).__name__}: {_one_line(e)}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("lpm-llm: interrupted; the partial run folder is kept, the local model was stopped\n")
-        return 130
+    except KeyboardInterrupt as e:
+        how, status = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        sys.stderr.write(f"lpm-llm: {how}; the partial run folder is kept with its manifest, the local model "
+                         "was stopped\n")
+        return status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.stdout.write(f"results in {result.out_dir}\n")
     return 0
+
+
+def _terminate_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` (once) in the main thread; returns the previous handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    fired = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not fired:  # a second SIGTERM while cleaning up does not interrupt the cleanup
+            fired.append(signum)
+            raise Terminated("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

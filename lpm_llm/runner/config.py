@@ -22,15 +22,51 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give an experiment YAML file (lpm-llm list shows the bundled ones)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except ValueError as e:  # a scalar YAML recognises but cannot build, e.g. the date 2020-13-45
+        raise ConfigError(f"{path}: {_locate_bad_value(text) or 'a value'}: not a valid value ({e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _locate_bad_value(text: str) -> str:
+    """'key.path (line N)' of the first scalar in the YAML text that cannot be built, or ''."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return ""
+    builder = yaml.SafeLoader("")
+
+    def walk(node: yaml.Node, path: list[str]) -> str:
+        if isinstance(node, yaml.MappingNode):
+            children = [(str(k.value), v) for k, v in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(str(i), v) for i, v in enumerate(node.value)]
+        else:
+            try:
+                builder.construct_object(node, deep=True)
+            except (ValueError, yaml.YAMLError):
+                return f"{'.'.join(path) or '(top level)'} (line {node.start_mark.line + 1})"
+            return ""
+        for name, child in children:
+            found = walk(child, [*path, name])
+            if found:
+                return found
+        return ""
+
+    return walk(root, []) if root is not None else ""
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,6 +91,8 @@ def parse_set(assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        except ValueError as e:  # e.g. a date YAML recognises but cannot build: 2020-13-45
+            raise ConfigError(f"--set {item!r}: {key.strip()}: {raw!r} is not a valid value ({e})") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -227,6 +227,21 @@ def load_config(
     return base, scenarios
 
 
+def _device_problem(device: torch.device) -> str:
+    """Why ``device`` cannot be used here, or '' if it can."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return "this machine has no CUDA device (torch.cuda.is_available() is False)"
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device(s), numbered from 0"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine"
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return "lpm_llm runs on cpu, cuda or mps"
+    return ""
+
+
 # -- results ------------------------------------------------------------------------------------
 
 
@@ -273,17 +288,32 @@ class Experiment:
         base, scenarios = load_config(path, overrides=overrides)
         return cls(base, scenarios, config_path=resolve_path(path, "experiments"), **kwargs)
 
-    def run(self, out_dir: str | Path | None = None) -> ExperimentResult:
+    def run(self, out_dir: str | Path | None = None, overwrite: bool = False) -> ExperimentResult:
+        """Run every scenario and seed into ``out_dir`` (default ``runs/NAME-TIMESTAMP``).
+
+        A non-empty ``out_dir`` is refused unless ``overwrite``, which empties it first (a run
+        folder only): files of two runs never mix.
+        """
         from lpm_llm.runner.run import run_experiment
 
+        self.check_devices()
         out = Path(out_dir) if out_dir else Path("runs") / f"{self.config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return run_experiment(self, out)
+        return run_experiment(self, out, overwrite)
 
-    def calibrate(self, out_dir: str | Path | None = None):
+    def calibrate(self, out_dir: str | Path | None = None, overwrite: bool = False):
         from lpm_llm.runner.run import calibrate_experiment
 
+        self.check_devices()
         out = Path(out_dir) if out_dir else Path("runs") / f"{self.config.name}-calib-{time.strftime('%Y%m%d-%H%M%S')}"
-        return calibrate_experiment(self, out)
+        return calibrate_experiment(self, out, overwrite)
+
+    def check_devices(self) -> None:
+        """``ConfigError`` if a configured device (base or scenario) does not exist on this machine."""
+        for name, cfg in {"": self.config, **self.scenarios}.items():
+            where = f"scenarios.{name}.device" if name else "device"
+            problem = _device_problem(torch.device(cfg.device))
+            if problem:
+                raise ConfigError(f"{where} is {cfg.device!r} but {problem}; use --set {where}=cpu")
 
 
 __all__ = [

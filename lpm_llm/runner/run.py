@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,7 +147,7 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
     return population, scale, archetypes
 
 
-def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
+def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
     from lpm_llm.llm.client import open_client
     from lpm_llm.runner.experiment import ExperimentResult
 
@@ -155,7 +155,7 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
     configs = {"baseline": cfg, **exp.scenarios}
     bar = exp.progress
     metrics, areas, labor, decisions_tables = [], [], [], []
-    with _run_folder(exp, out_dir, scenarios=list(configs)) as run:
+    with _run_folder(exp, out_dir, overwrite, scenarios=list(configs)) as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
         with timer.phase("llm_start"):
@@ -165,6 +165,7 @@ def run_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
             desc = f"{name} seed {seed} ({i + 1}/{len(runs)})"
             pbar = bar(total=c.days, desc=desc) if bar else None
             decisions = build_decisions(c, client, archetypes)
+            run.sources.append(decisions)
             if pbar:
                 decisions = {k: _Announced(v, pbar, desc, archetypes.k) for k, v in decisions.items()}
             with timer.phase("simulation"):
@@ -204,24 +205,35 @@ class _Run:
     timer: _outputs.PhaseTimer
     manifest: dict[str, Any]
     client: Any = None
+    sources: list[Mapping[str, Any]] = field(default_factory=list)  # decision sources, for the manifest
 
 
 @contextmanager
-def _run_folder(exp: Experiment, out_dir: Path, **fields: Any):
+def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, **fields: Any):
     """Create the folder and its config.yaml; on the way out, always write manifest.json.
 
-    The manifest records ``status`` (ok or failed, with the error), LLM usage, and wall time per
+    A non-empty ``out_dir`` is refused unless ``overwrite`` (see
+    :func:`~lpm_llm.runner.outputs.prepare_run_folder`). The manifest records ``status`` (ok,
+    failed with the error, or interrupted by Ctrl-C or SIGTERM), LLM usage, and wall time per
     phase, so that a failed run still says what it did and what it cost; the LLM client is closed.
     """
     cfg = exp.config
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _outputs.prepare_run_folder(out_dir, overwrite)
     manifest = _outputs.base_manifest(exp.config_path)
     manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device, **fields, "status": "running"})
-    _outputs.write_config(out_dir / "config.yaml", _resolved(cfg))
+    try:
+        _outputs.write_config(out_dir / "config.yaml", _resolved(cfg))
+    except OSError as e:
+        raise _outputs.RunFolderError(f"cannot write into the output folder {out_dir}: {e.strerror or e}; "
+                                      "choose a writable --out") from None
     run = _Run(cfg, out_dir, _outputs.PhaseTimer(), manifest)
     try:
         yield run
         manifest["status"] = "ok"
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into one by the CLI
+        manifest["status"] = "interrupted"
+        manifest["error"] = str(e) or "SIGINT (Ctrl-C)"
+        raise
     except BaseException as e:
         manifest["status"] = "failed"
         manifest["error"] = f"{type(e).__name__}: {e}"
@@ -229,6 +241,10 @@ def _run_folder(exp: Experiment, out_dir: Path, **fields: Any):
     finally:
         if run.client is not None:
             manifest["llm"] = _llm_manifest(cfg, run.client)
+            masses = [r.get("answer_mass") for source in run.sources for d in source.values()
+                      for r in getattr(d, "records", [])]
+            if cfg.llm.probability_mode == "logprobs":
+                manifest["llm"]["answer_mass"] = _outputs.summarize_masses(masses, cfg.llm.min_answer_mass)
             _close(run.client)
         manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in run.timer.seconds.items()},
                                    "total": round(run.timer.total(), 3)}
@@ -327,7 +343,7 @@ def _decision_plots(decisions: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
+def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
     """Calibrate the epidemic's parameters to the bundled NYC data (the config's ``calibration`` block).
 
     Writes config.yaml, manifest.json (with the calibration summary and LLM usage), decisions.csv,
@@ -339,16 +355,17 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
 
     cfg, cal = exp.config, exp.config.calibration
     if cfg.model_names == ["labor"]:  # the targets follow the model: monthly unemployment
-        return _calibrate_labor(exp, out_dir)
+        return _calibrate_labor(exp, out_dir, overwrite)
     if cfg.model_names != ["epidemic"]:
         raise ValueError(f"lpm-llm calibrate has targets for 'epidemic' (cases, deaths) or 'labor' "
                          f"(unemployment), not yet for {cfg.model!r}")
-    with _run_folder(exp, out_dir, command_kind="calibrate") as run:
+    with _run_folder(exp, out_dir, overwrite, command_kind="calibrate") as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
         with timer.phase("llm_start"):
             client = run.client = open_client(cfg.llm, http_client=exp.http_client)
         decisions = {k: v for k, v in build_decisions(cfg, client, archetypes).items() if k == "isolate"}
+        run.sources.append(decisions)
         pbar = exp.progress(total=cal.steps, desc="calibration: adam") if exp.progress else None
         current = ["adam"]
 
@@ -389,7 +406,7 @@ def calibrate_experiment(exp: Experiment, out_dir: Path) -> ExperimentResult:
                             plots=[p for p in plots if p.suffix == ".png"])
 
 
-def _calibrate_labor(exp: Experiment, out_dir: Path) -> ExperimentResult:
+def _calibrate_labor(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
     """Fit the labour model to monthly unemployment by borough over the run's months, the last 3 held out.
 
     Writes labor_calibration.json (fitted parameters, loss history, errors against persistence),
@@ -403,12 +420,13 @@ def _calibrate_labor(exp: Experiment, out_dir: Path) -> ExperimentResult:
 
     cfg, cal = exp.config, exp.config.calibration
     end = cfg.start_date + dt.timedelta(days=cfg.days - 1)
-    with _run_folder(exp, out_dir, command_kind="calibrate") as run:
+    with _run_folder(exp, out_dir, overwrite, command_kind="calibrate") as run:
         timer = run.timer
         population, _, archetypes = _prepare(exp, timer, run.manifest)
         with timer.phase("llm_start"):
             client = run.client = open_client(cfg.llm, http_client=exp.http_client)
         work = build_decisions(cfg, client, archetypes)["work"]
+        run.sources.append({"work": work})
         pbar = exp.progress(total=cal.steps, desc="labour calibration") if exp.progress else None
 
         def on_step(i: int, loss: float) -> None:

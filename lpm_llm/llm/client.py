@@ -1,7 +1,10 @@
 """``LLMClient``: cache first, then a bounded number of concurrent requests to a backend; usage counted.
 
-``open_client(settings)`` builds one from :class:`LLMSettings`: it starts the embedded model for
-``provider: local`` or reads the API key from the environment for ``provider: openai``.
+``open_client(settings)`` builds one from :class:`LLMSettings`: for ``provider: local`` the
+embedded model in this process (:mod:`~lpm_llm.llm.inprocess`, loaded at the first cache miss) or
+behind a llama.cpp server (``local_backend: server``); for ``provider: openai`` it reads the API
+key from the environment. In replay mode the local provider starts and loads nothing.
+Identical requests in flight at once are sent once and share the answer.
 
 The simulation loop is synchronous: :meth:`LLMClient.run` runs a coroutine on the client's own
 event loop, in a private daemon thread, so it works when called repeatedly, from scripts and from
@@ -11,6 +14,7 @@ notebooks that already run a loop. Everything asynchronous happens on that one l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -20,7 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from lpm_llm.llm.cache import ResponseCache
+from lpm_llm.llm.cache import ResponseCache, request_key
 from lpm_llm.llm.errors import LLMSetupError
 from lpm_llm.llm.protocol import ChatAnswer, ChatBackend, ChatRequest, Usage
 from lpm_llm.llm.settings import LLMSettings
@@ -57,7 +61,9 @@ class LLMClient:
         self.cache = cache
         self.usage = usage if usage is not None else Usage()
         self._close_backend = close_backend
-        self._semaphore = asyncio.Semaphore(settings.concurrency)
+        # a backend that batches what arrives together (the in-process model) takes every request
+        self._semaphore = asyncio.Semaphore(getattr(backend, "max_concurrency", None) or settings.concurrency)
+        self._inflight: dict[str, asyncio.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -70,8 +76,25 @@ class LLMClient:
             if cached is not None:
                 self.usage.cache_hits += 1
                 return cached
-        async with self._semaphore:
-            answer = await self.backend.complete(request)
+        key = request_key(request, None if self.cache is None else self.cache.fingerprint)
+        shared = self._inflight.get(key)
+        if shared is not None:  # the same request is being asked: ask once
+            answer = await asyncio.shield(shared)
+            self.usage.cache_hits += 1
+            return dataclasses.replace(answer, cache_hit=True)
+        self._inflight[key] = asyncio.get_running_loop().create_future()
+        try:
+            async with self._semaphore:
+                answer = await self.backend.complete(request)
+        except BaseException as err:
+            waiting = self._inflight.pop(key)
+            if isinstance(err, asyncio.CancelledError):
+                waiting.cancel()
+            else:
+                waiting.set_exception(err)
+                waiting.exception()  # retrieved: nobody need be waiting for it
+            raise
+        self._inflight.pop(key).set_result(answer)
         self.usage.prompt_tokens += answer.prompt_tokens
         self.usage.completion_tokens += answer.completion_tokens
         if self.cache is not None:
@@ -143,9 +166,11 @@ def count_http(http_client: httpx.AsyncClient, usage: Usage) -> None:
 def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = None) -> LLMClient:
     """An :class:`LLMClient` for ``settings``: the experiment runner's way in.
 
-    ``provider: local`` starts the embedded llama.cpp server (once per process; stopped at exit).
-    ``provider: openai`` reads the key from the variable named by ``api_key_env``. ``http_client``
-    lets tests send through a client that respx intercepts; the caller then owns (closes) it.
+    ``provider: local`` runs the embedded model in this process (``local_backend: inprocess``,
+    loaded at the first cache miss) or starts the llama.cpp server (``server``; once per process,
+    stopped at exit); in replay mode neither. ``provider: openai`` reads the key from the variable
+    named by ``api_key_env``. ``http_client`` lets tests send through a client that respx
+    intercepts; the caller then owns (closes) it.
     """
     if settings.provider == "local":
         if settings.base_url:
@@ -153,9 +178,12 @@ def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = N
                 "llm.base_url is set but llm.provider is 'local' (the embedded server picks its own port); "
                 "use provider 'openai' for an external OpenAI-compatible endpoint"
             )
-        from lpm_llm.llm.local import shared_server
+        if settings.local_backend == "inprocess" or settings.cache_mode == "replay":
+            return _local_client(settings)
+        from lpm_llm.llm.local import server_fingerprint, shared_server
 
         base_url, api_key = shared_server().base_url, "local-no-key"
+        fingerprint = server_fingerprint()
     else:
         api_key = os.environ.get(settings.api_key_env, "")
         if not api_key:
@@ -165,6 +193,7 @@ def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = N
                 "never from the config"
             )
         base_url = settings.base_url
+        fingerprint = {}  # the model name is in the request; llm.cache_namespace is added below
     from lpm_llm.llm.openai_backend import OpenAIBackend
 
     usage = Usage()
@@ -185,10 +214,50 @@ def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = N
         timeout_s=settings.timeout_s,
         http_client=http_client,
     )
-    cache = None if settings.cache_mode == "off" else ResponseCache(settings.cache_path, settings.cache_mode)
+    cache = _cache(settings, fingerprint)
     log.info(
         "LLM client: provider %s, model %s, cache %s (%s)",
         settings.provider, settings.model_name, settings.cache_mode,
         "-" if cache is None else cache.directory,
     )
     return LLMClient(backend, settings, cache=cache, usage=usage, close_backend=owns_http)
+
+
+def _cache(settings: LLMSettings, fingerprint: dict[str, Any]) -> ResponseCache | None:
+    if settings.cache_mode == "off":
+        return None
+    if settings.cache_namespace is not None:
+        fingerprint = {**fingerprint, "namespace": settings.cache_namespace}
+    return ResponseCache(settings.cache_path, settings.cache_mode, fingerprint=fingerprint)
+
+
+def _local_client(settings: LLMSettings) -> LLMClient:
+    """The embedded model in this process (loaded at the first miss), or, in replay mode, nothing at all.
+
+    Replay reads the answers of whichever local backend is configured (its fingerprint is in the
+    keys) and never loads or starts a model: a miss is an error before any backend is reached.
+    """
+    from lpm_llm.llm.inprocess import InProcessBackend
+    from lpm_llm.llm.local import model_file, server_fingerprint
+
+    usage = Usage()
+    if settings.local_backend == "server":
+        backend: ChatBackend = _ReplayOnly()
+        fingerprint = server_fingerprint()
+    else:
+        backend = InProcessBackend(model_file(), n_threads=settings.threads, usage=usage)
+        fingerprint = backend.fingerprint
+    cache = _cache(settings, fingerprint)
+    log.info("LLM client: provider local (%s, %d threads), model %s, cache %s (%s)", settings.local_backend,
+             settings.threads, settings.model_name, settings.cache_mode, "-" if cache is None else cache.directory)
+    return LLMClient(backend, settings, cache=cache, usage=usage)
+
+
+class _ReplayOnly:
+    """The backend of a replay run: never reached (the cache raises on a miss first)."""
+
+    async def complete(self, request: ChatRequest) -> ChatAnswer:
+        raise LLMSetupError(f"replay mode asks no model ({request.label})")
+
+    async def aclose(self) -> None:
+        return None

@@ -245,7 +245,8 @@ def _local_client(settings: LLMSettings) -> LLMClient:
         backend: ChatBackend = _ReplayOnly()
         fingerprint = server_fingerprint()
     else:
-        backend = InProcessBackend(model_file(), n_threads=settings.threads, usage=usage)
+        backend = InProcessBackend(model_file(), n_threads=settings.threads, weights=settings.local_weights,
+                                   usage=usage)
         fingerprint = backend.fingerprint
     cache = _cache(settings, fingerprint)
     log.info("LLM client: provider local (%s, %d threads), model %s, cache %s (%s)", settings.local_backend,

@@ -12,6 +12,12 @@ defaults: top_k 40, top_p 0.95, min_p 0.05, repeat penalty 1.1). What it does di
   prompt's last token. On the main job this evaluates about 38% of the prompt tokens.
 - Other requests (samples, json) run ``Llama.create_chat_completion`` one at a time; llama.cpp
   reuses the evaluated prefix of the previous prompt.
+- The weights are evaluated in float32 (``weights: f32``, the default): the Q4_1 file is
+  dequantized once, by llama.cpp itself, into a float32 GGUF beside the answer cache
+  (``~/.cache/lpm_llm/models``, about 540 MB). They are the same weights; the arithmetic is more
+  precise (no 8-bit quantization of activations) and, on this AVX2 build, 1.75x faster per token
+  (measured 270 against 155 prompt tokens per CPU second). ``weights: file`` evaluates the file as
+  it is.
 - No child process, no port, no HTTP. Nothing is loaded before the first request that misses the
   cache (so ``cache_mode: replay`` loads nothing).
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -58,6 +65,7 @@ class InProcessBackend:
         max_batch: most prompts evaluated in one batch (sequence ids of the unified KV cache).
         flash_attn: flash attention in the batched path (faster on a long tree; changes numerics,
             so it is part of the fingerprint).
+        weights: ``f32`` (evaluate a float32 copy of the weights, made once) or ``file`` (as stored).
         usage: counters to add to: ``requests`` counts the answers computed (as an HTTP backend's
             requests sent).
 
@@ -79,6 +87,7 @@ class InProcessBackend:
         batch_ctx: int = 8192,
         max_batch: int = 64,
         flash_attn: bool = True,
+        weights: str = "f32",
         usage: Usage | None = None,
     ):
         if model_path is None:
@@ -88,9 +97,12 @@ class InProcessBackend:
         self.model_path = Path(model_path)
         self.n_threads, self.n_ctx, self.batch_ctx = n_threads, n_ctx, batch_ctx
         self.max_batch, self.flash_attn = max_batch, flash_attn
+        if weights not in ("f32", "file"):
+            raise ValueError(f"weights must be 'f32' or 'file', not {weights!r}")
+        self.weights = weights
         self.fingerprint = local_fingerprint(
             self.model_path, backend=f"llama_cpp.Llama in-process ({SCHEME})",
-            settings={"n_ctx": n_ctx, "flash_attn_batched": flash_attn},
+            settings={"n_ctx": n_ctx, "flash_attn_batched": flash_attn, "weights": weights},
         )
         self.stats = {"prompt_tokens": 0, "evaluated_tokens": 0, "batches": 0, "batched_requests": 0,
                       "single_requests": 0}
@@ -248,9 +260,10 @@ class InProcessBackend:
                 from lpm_llm.llm.local import INSTALL_HINT
 
                 raise LLMSetupError(f"llama-cpp-python is not installed; {INSTALL_HINT}") from err
-            log.info("loading the embedded model %s in-process (%d threads)", self.model_path.name, self.n_threads)
+            path = self.model_path if self.weights == "file" else self._f32_copy()
+            log.info("loading the embedded model %s in-process (%d threads)", path.name, self.n_threads)
             try:
-                llm = Llama(str(self.model_path), n_ctx=self.n_ctx, n_threads=self.n_threads,
+                llm = Llama(str(path), n_ctx=self.n_ctx, n_threads=self.n_threads,
                             n_threads_batch=self.n_threads, verbose=False)
             except ValueError as err:
                 raise LLMSetupError(f"cannot load the model {self.model_path}: {err}") from err
@@ -269,6 +282,35 @@ class InProcessBackend:
                                             n_threads=self.n_threads, flash_attn=self.flash_attn)
             self._llm = llm
             return llm
+
+    def _f32_copy(self) -> Path:
+        """The weights dequantized to float32 by llama.cpp (made once per weights file, then reused)."""
+        import llama_cpp
+
+        from lpm_llm.llm.settings import default_cache_dir
+
+        digest = self.fingerprint["weights_sha256"]
+        folder = default_cache_dir().parent / "models"
+        path = folder / f"{self.model_path.stem}-{digest[:16]}-f32.gguf"
+        if path.is_file():
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+        params.allow_requantize = True
+        params.nthread = self.n_threads
+        log.info("writing float32 weights to %s (once)", path)
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's progress lines
+        rc = llama_cpp.llama_model_quantize(str(self.model_path).encode(), str(tmp).encode(), params)
+        if rc != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            raise LLMSetupError(
+                f"llama.cpp could not write float32 weights from {self.model_path} to {path} (code {rc}); "
+                "free disk space there, or set llm.local_weights: file"
+            )
+        os.replace(tmp, path)
+        return path
 
     def _tokens(self, request: ChatRequest) -> list[int]:
         """The prompt's tokens, as ``create_chat_completion`` (and so the server) would evaluate them."""

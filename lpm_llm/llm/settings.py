@@ -61,6 +61,9 @@ class LLMSettings(BaseModel):
     local_backend: Literal["inprocess", "server"] = Field(
         "inprocess", description="provider local: llama_cpp.Llama in this process, or a llama.cpp server child"
     )
+    local_weights: Literal["f32", "file"] = Field(
+        "f32", description="provider local, inprocess: the weights in float32 (the same weights, faster) or as stored"
+    )
     threads: int = Field(1, ge=1, le=256, description="provider local: llama.cpp CPU threads (answers do not change)")
     seed: int | None = Field(0, ge=0, description="base seed sent with requests; None sends none")
 

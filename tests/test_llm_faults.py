@@ -102,7 +102,9 @@ def test_a_run_killed_half_way_leaves_no_server_and_its_rerun_asks_only_what_is_
     rerun = subprocess.run(command(cache, tmp_path / "rerun"), cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    usage = json.loads((tmp_path / "rerun" / "manifest.json").read_text())["llm"]["usage"]
+    llm = json.loads((tmp_path / "rerun" / "manifest.json").read_text())["llm"]
+    usage = llm["usage"]
+    assert llm["fingerprint"]["backend"] == "llama_cpp.server" and len(llm["fingerprint"]["weights_sha256"]) == 64
     decisions = pd.read_csv(tmp_path / "rerun" / "decisions.csv")
     assert usage["calls"] == len(decisions) == 60
     assert usage["cache_hits"] == stored

@@ -180,10 +180,8 @@ class InProcessBackend:
 
         token = self._sample(request, prompt, logits)
         logprobs = Llama.logits_to_logprobs(logits)
-        n = request.top_logprobs or 0
-        best = sorted(zip(logprobs.tolist(), range(len(logprobs)), strict=True), reverse=True)[:n]
         tops: dict[str, float] = {}
-        for lp, i in best:
+        for lp, i in _top(logprobs, request.top_logprobs or 0):
             tops[_piece(llm, i)] = lp
         text = _piece(llm, token)
         tops[text] = float(logprobs[token])
@@ -405,6 +403,18 @@ class _PrefixTreeContext:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
+
+
+def _top(logprobs: np.ndarray, n: int) -> list[tuple[float, int]]:
+    """The n largest (logprob, token), as ``sorted(zip(logprobs, range(V)), reverse=True)[:n]`` orders
+    them (ties: the larger token id first), without sorting the whole vocabulary."""
+    if n <= 0:
+        return []
+    if n >= len(logprobs):
+        return sorted(zip(logprobs.tolist(), range(len(logprobs)), strict=True), reverse=True)
+    threshold = np.partition(logprobs, len(logprobs) - n)[len(logprobs) - n]
+    candidates = np.flatnonzero(logprobs >= threshold)  # the n largest and any ties with the n-th
+    return sorted(zip(logprobs[candidates].tolist(), candidates.tolist(), strict=True), reverse=True)[:n]
 
 
 def _piece(llm: Any, token: int) -> str:

@@ -12,8 +12,9 @@ New York's 2020 policies), with the cache off, of two backends in turn:
   as one prefix tree, other modes one at a time.
 
 For each backend and probability mode it prints answers, wall time, time per answer, prompt
-tokens, tokens actually evaluated (the rest reused from a shared prefix), prompt-evaluation tokens
-per second (evaluated tokens / wall time; all of a request's time is counted, sampling included),
+tokens, tokens actually evaluated (the rest reused from a shared prefix; not counted for the
+in-process one-at-a-time path), prompt-evaluation tokens per second (evaluated tokens / wall time;
+all of a request's time is counted, sampling and generation included),
 CPU seconds, and for logprobs the largest |P(yes) difference| between the two backends over the
 same prompts. Run both in one command: the machine is shared, so compare ratios from one run.
 
@@ -112,10 +113,9 @@ def run(backend: str, mode: str, threads: int, args, archetypes, prompt, ctxs) -
     else:
         row["cpu_s"] = time.process_time() - cpu0
         stats = client.backend.stats
-        # batched requests: evaluated as counted; one-at-a-time ones: llama.cpp reuses the previous
-        # prompt's prefix, which the in-process path does not count (all their tokens are counted)
-        single = u.prompt_tokens - stats["prompt_tokens"]
-        row["evaluated_tokens"] = stats["evaluated_tokens"] + single
+        # batched (logprobs) requests: evaluated as counted; one-at-a-time ones reuse the previous
+        # prompt's prefix inside llama-cpp-python, uncounted: no figure rather than a wrong one
+        row["evaluated_tokens"] = stats["evaluated_tokens"] if stats["single_requests"] == 0 else None
     client.close()
     return row
 
@@ -152,10 +152,12 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        reused = 1 - r["evaluated_tokens"] / max(r["prompt_tokens"], 1)
+        ev = r["evaluated_tokens"]
+        reused = "-" if ev is None else f"{1 - ev / max(r['prompt_tokens'], 1):.0%}"
+        rate = "-" if ev is None else f"{ev / r['wall_s']:.0f}"
         print(f"{r['backend']:<10} {r['mode']:<9} {r['threads']:>3} {r['answers']:>7} {r['wall_s']:>7.1f} "
-              f"{r['wall_s'] / max(r['answers'], 1):>8.3f} {r['prompt_tokens']:>10} {r['evaluated_tokens']:>9} "
-              f"{reused:>6.0%} {r['evaluated_tokens'] / r['wall_s']:>10.0f} {r['cpu_s']:>6.1f}")
+              f"{r['wall_s'] / max(r['answers'], 1):>8.3f} {r['prompt_tokens']:>10} {'-' if ev is None else ev:>9} "
+              f"{reused:>6} {rate:>10} {r['cpu_s']:>6.1f}")
     for mode in args.modes:
         by = [r for r in rows if r["mode"] == mode]
         base = next((r for r in by if r["backend"] == "server"), None)

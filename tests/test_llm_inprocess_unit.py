@@ -18,3 +18,13 @@ def test_top_logprobs_are_ordered_as_llama_cpp_python_orders_them():
         assert _top(x, n) == sorted(zip(x.tolist(), range(len(x)), strict=True), reverse=True)[:n]
     assert _top(np.zeros(3, dtype=np.float32), 5) == [(0.0, 2), (0.0, 1), (0.0, 0)]
     assert _top(np.zeros(3, dtype=np.float32), 0) == []
+
+
+def test_threads_default_to_every_core_only_on_an_idle_machine(monkeypatch):
+    from lpm_llm.llm import inprocess
+
+    monkeypatch.setattr(inprocess.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(inprocess.os, "getloadavg", lambda: (0.2, 1.0, 1.0))
+    assert inprocess.auto_threads() == 8
+    monkeypatch.setattr(inprocess.os, "getloadavg", lambda: (3.1, 1.0, 1.0))
+    assert inprocess.auto_threads() == 1

@@ -249,8 +249,9 @@ def _local_client(settings: LLMSettings) -> LLMClient:
                                    usage=usage)
         fingerprint = backend.fingerprint
     cache = _cache(settings, fingerprint)
-    log.info("LLM client: provider local (%s, %d threads), model %s, cache %s (%s)", settings.local_backend,
-             settings.threads, settings.model_name, settings.cache_mode, "-" if cache is None else cache.directory)
+    log.info("LLM client: provider local (%s, threads %s), model %s, cache %s (%s)", settings.local_backend,
+             settings.threads or "auto", settings.model_name, settings.cache_mode,
+             "-" if cache is None else cache.directory)
     return LLMClient(backend, settings, cache=cache, usage=usage)
 
 

@@ -64,7 +64,11 @@ class LLMSettings(BaseModel):
     local_weights: Literal["f32", "file"] = Field(
         "f32", description="provider local, inprocess: the weights in float32 (the same weights, faster) or as stored"
     )
-    threads: int = Field(1, ge=1, le=256, description="provider local: llama.cpp CPU threads (answers do not change)")
+    threads: int | None = Field(
+        None, ge=1, le=256,
+        description="provider local: llama.cpp CPU threads (answers do not change); default: every core if the "
+        "machine is idle when the model loads (1-minute load average below 0.5), else 1",
+    )
     seed: int | None = Field(0, ge=0, description="base seed sent with requests; None sends none")
 
     @model_validator(mode="after")

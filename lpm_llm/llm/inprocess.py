@@ -332,6 +332,11 @@ class _PrefixTreeContext:
         import llama_cpp
 
         params = llama_cpp.llama_context_default_params()
+        if not hasattr(params, "kv_unified") or not hasattr(llama_cpp, "llama_memory_clear"):
+            raise LLMSetupError(
+                f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')} lacks the unified KV cache the "
+                "in-process model needs (tested with 0.3.36); upgrade it, or set llm.local_backend: server"
+            )
         params.n_ctx = params.n_batch = n_ctx
         params.n_ubatch = 512
         params.n_seq_max = min(n_seq, llama_cpp.llama_max_parallel_sequences())

@@ -122,16 +122,27 @@ def test_a_server_that_cannot_start_fails_fast_with_its_log(tmp_path):
     assert "log ends with" in str(err.value)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_the_server_dies_with_its_parent(signum):
-    """A process that started the server and is stopped by SIGTERM or Ctrl-C leaves no server behind."""
-    script = ("import time; from lpm_llm.llm.local import shared_server; "
-              "print(shared_server()._proc.pid, flush=True); time.sleep(120)")
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL"])
+def test_the_server_dies_with_its_parent(signum, tmp_path):
+    """A process that started the server and is stopped by SIGTERM, Ctrl-C or SIGKILL leaves no server
+    behind, and the next start removes the dead parent's server log.
+
+    The parent is started the way a background job starts it (SIGINT ignored, as a shell does for
+    `cmd &`), and sets its own SIGINT disposition explicitly, so the test passes however the suite
+    is started.
+    """
+    script = ("import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from lpm_llm.llm.local import shared_server; s = shared_server(); "
+              "print(s._proc.pid, s._log_path, flush=True); time.sleep(120)")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env,
+                              cwd=Path(__file__).resolve().parents[1],
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        server_pid = int(parent.stdout.readline())
-        assert _alive(server_pid)
+        pid_text, log_path = parent.stdout.readline().split()
+        server_pid = int(pid_text)
+        assert _alive(server_pid) and Path(log_path).is_file()
         parent.send_signal(signum)
         parent.wait(timeout=30)
     finally:
@@ -141,6 +152,14 @@ def test_the_server_dies_with_its_parent(signum):
     while _alive(server_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(server_pid)
+    if signum == signal.SIGKILL:  # nothing ran in the parent: its log stays until the next start
+        assert Path(log_path).is_file()
+        clean = subprocess.run(
+            [sys.executable, "-c", "from lpm_llm.llm.local import _remove_stale_logs as r; r()"],
+            env=env, cwd=Path(__file__).resolve().parents[1], timeout=60,
+        )
+        assert clean.returncode == 0
+    assert not Path(log_path).exists()
 
 
 def _alive(pid: int) -> bool:

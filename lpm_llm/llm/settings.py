@@ -62,6 +62,20 @@ class LLMSettings(BaseModel):
     fallback_probability: float | None = Field(None, ge=0.0, le=1.0)
     cache_dir: str | None = Field(None, description="answer cache folder; default: default_cache_dir()")
     cache_mode: Literal["readwrite", "replay", "off"] = "readwrite"
+    cache_namespace: str | None = Field(
+        None, description="part of every cache key: answers are shared only within a namespace (e.g. per host)"
+    )
+    local_backend: Literal["inprocess", "server"] = Field(
+        "inprocess", description="provider local: llama_cpp.Llama in this process, or a llama.cpp server child"
+    )
+    local_weights: Literal["f32", "file"] = Field(
+        "f32", description="provider local, inprocess: the weights in float32 (the same weights, faster) or as stored"
+    )
+    threads: int | None = Field(
+        None, ge=1, le=256,
+        description="provider local: llama.cpp CPU threads (answers do not change); default: every core if the "
+        "machine is idle when the model loads (1-minute load average below 0.5), else 1",
+    )
     seed: int | None = Field(0, ge=0, description="base seed sent with requests; None sends none")
 
     @model_validator(mode="after")

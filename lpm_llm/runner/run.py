@@ -269,8 +269,10 @@ def _llm_manifest(cfg: ExperimentConfig, client: Any) -> dict[str, Any]:
         spec = PromptSpec.from_yaml(resolve_path(dc.prompt, "prompts"))
         prompts[name] = {"file": spec.source.name if hasattr(spec.source, "name") else str(spec.source),
                          "version": spec.version}
+    cache = getattr(client, "cache", None)
     return {"provider": cfg.llm.provider, "model": cfg.llm.model_name, "probability_mode": cfg.llm.probability_mode,
-            "cache_mode": cfg.llm.cache_mode, "usage": as_dict, "prompts": prompts}
+            "cache_mode": cfg.llm.cache_mode, "usage": as_dict, "prompts": prompts,
+            "fingerprint": getattr(cache, "fingerprint", None)}
 
 
 def _resolved(cfg: ExperimentConfig) -> dict[str, Any]:

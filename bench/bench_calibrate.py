@@ -33,7 +33,7 @@ from lpm_llm.calibrate import (
 from lpm_llm.core.behavior import ConstantDecision
 from lpm_llm.core.interventions import nyc_2020
 from lpm_llm.core.sim import Simulation
-from lpm_llm.models.epidemic import EpidemicParams
+from lpm_llm.models.epidemic import Epidemic, EpidemicParams
 from lpm_llm.population.archetypes import ArchetypeSpec
 from lpm_llm.population.synthesis import synthesize_nyc
 
@@ -53,8 +53,8 @@ def bench_step(agents: int, days: int, checkpoint_days: int | None) -> dict:
     before = _rss_gib()
     weeks = days // 7
     decisions = {"isolate": FrozenDecisions(ConstantDecision(0.3, arch.k))}
-    sim = Simulation(pop, PARAMS, archetypes=arch, decisions=decisions, interventions=nyc_2020(), start_date=START,
-                     days=days, seed=0, checkpoint_days=checkpoint_days)
+    sim = Simulation(pop, [Epidemic(PARAMS)], archetypes=arch, decisions=decisions, interventions=nyc_2020(),
+                     start_date=START, days=days, seed=0, checkpoint_days=checkpoint_days)
     obs = observed_weekly(START, weeks, ("cases", "deaths"))
     objective = SimulationObjective(sim, obs, weeks=weeks, scale=pop.n / NYC_POPULATION)
     space = first_wave_space(PARAMS, n_months=5)

@@ -48,7 +48,7 @@ def run_ours(scenario: str, agents: int, days: int, threads: int) -> dict:
     from lpm_llm.core.behavior import ConstantDecision
     from lpm_llm.core.interventions import nyc_2020
     from lpm_llm.core.sim import Simulation
-    from lpm_llm.models.epidemic import EpidemicParams
+    from lpm_llm.models.epidemic import Epidemic, EpidemicParams
     from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
 
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def run_ours(scenario: str, agents: int, days: int, threads: int) -> dict:
             interventions=nyc_2020(),
         )
     t_setup = time.perf_counter() - t0
-    sim = Simulation(pop, params, days=days, seed=1, start_date="2020-03-01", **kwargs)
+    sim = Simulation(pop, [Epidemic(params)], days=days, seed=1, start_date="2020-03-01", **kwargs)
     t1 = time.perf_counter()
     with torch.no_grad():
         results = sim.run()
@@ -103,12 +103,12 @@ def run_ours(scenario: str, agents: int, days: int, threads: int) -> dict:
     arch = kwargs["archetypes"].index.element_size() * n if kwargs else 0
     state_bytes = (
         pop.nbytes()
-        + sim.contacts.nbytes()
+        + sim.model("epidemic").contacts.nbytes()
         + results.final_state.nbytes()
         + held
         + arch
-        + sim.model.age.element_size() * n
-        + sim.model.borough.element_size() * n
+        + sim.model("epidemic").engine.age.element_size() * n
+        + sim.model("epidemic").engine.borough.element_size() * n
     )
     infected = float(results.series["new_infections"].sum())
     return dict(

@@ -556,7 +556,7 @@ class Labor:
 
     Steps on the first day of every month after day 0 (the ``work`` decision's cadence): the work
     decision's aligned (K,) probabilities in, separations, hiring, exits and entries drawn with the
-    model's own generator (seeded ``seed + 7919``, independent of the epidemic's). Publishes
+    model's own generator (seeded ``seed + stream``, 7919 by default, independent of the epidemic's). Publishes
     ``working`` (agents employed) every day; reads ``cases_week`` (reported cases of the last 7 days
     per 100,000 by borough) when another model publishes it, else uses the bundled observed cases
     (:func:`observed_labor_inputs`).
@@ -570,6 +570,7 @@ class Labor:
         observed_until: last month whose observed rate may be shown (a forecast sees no later one).
         inputs: one :class:`LaborInputs` per monthly step (default: from the calendar and the cases).
         persons_per_agent: scale of the counts in :meth:`table` (default: 1 / population scale).
+        stream: the model's generator is seeded ``seed + stream`` (independent of the epidemic's draws).
     """
 
     name = "labor"
@@ -589,6 +590,7 @@ class Labor:
         observed_until: date | str | None = None,
         inputs: Sequence[LaborInputs] | None = None,
         persons_per_agent: float | None = None,
+        stream: int = 7919,
     ):
         if context_rates not in ("simulated", "observed"):
             raise ValueError(f"context_rates must be 'simulated' or 'observed', got {context_rates!r}")
@@ -599,6 +601,7 @@ class Labor:
         self.observed_until = pd.Timestamp(observed_until) if observed_until is not None else pd.Timestamp.max
         self._inputs = list(inputs) if inputs is not None else None
         self._persons_per_agent = persons_per_agent
+        self.stream = int(stream)
         self.final_state: LaborState | None = None
 
     def parameters(self) -> dict[str, Bounded]:
@@ -638,7 +641,7 @@ class Labor:
 
     def init(self, sim: Any) -> None:
         self.model = LaborModel(self.params, self.tensor_overrides)
-        self.generator = torch.Generator(device=sim.device).manual_seed(sim.seed + 7919)
+        self.generator = torch.Generator(device=sim.device).manual_seed(sim.seed + self.stream)
         self.state_ = self.model.init_state(sim.population, self.months[0], self.generator, observed=self.obs)
         self.records = [self.state_.by_borough()]
         self.dates = [self.months[0]]

@@ -72,10 +72,12 @@ def calibrate_labor(
     seeds: Sequence[int] = (0, 1),
     iterations: int = 100,
     lr: float = 0.05,
+    lr_final: float | None = None,
     observed: pd.DataFrame | None = None,
     inputs: Sequence[LaborInputs] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     alignment: tuple[float, float] | None = None,
+    stream: int = 7919,
 ) -> LaborFit:
     """Fit the non-LLM parameters (rates, shocks, the work decision's alignment map, starting from
     `alignment` or the identity) to the monthly unemployment rate, with the one calibration loop
@@ -117,7 +119,7 @@ def calibrate_labor(
 
     def simulation(months: int) -> Simulation:
         labor = Labor(params, inputs=steps[: months - 1], observed=obs, context_rates="observed",
-                      observed_until=last_train)
+                      observed_until=last_train, stream=stream)
         days = (dates[months - 1] - dates[0]).days + 1
         return Simulation(population, [labor], archetypes=archetypes, decisions={"work": decision},
                           start_date=dates[0], days=days)
@@ -146,8 +148,9 @@ def calibrate_labor(
         if on_step is not None:
             on_step(i, loss)
 
-    calibrator = Calibrator(space, method="adam", steps=iterations, lr=lr, seeds_per_step=len(seeds),
-                            seed=seeds[0], betas=(0.9, 0.999), resample_seeds=False, on_step=report).fit(objective)
+    calibrator = Calibrator(space, method="adam", steps=iterations, lr=lr, lr_final=lr_final,
+                            seeds_per_step=len(seeds), seed=seeds[0], betas=(0.9, 0.999), resample_seeds=False,
+                            on_step=report).fit(objective)
     history = list(calibrator.loss_history_)
     values = calibrator.space_.values()
     with torch.no_grad():

@@ -33,9 +33,8 @@ import time
 
 import torch
 
-from lpm_llm.core.behavior import PerArchetype
+from lpm_llm.core.behavior import PerArchetype, change_text
 from lpm_llm.core.interventions import nyc_2020
-from lpm_llm.core.sim import _trend
 from lpm_llm.data.observed import load_covid
 from lpm_llm.llm import LLMDecision, LLMSettings, open_client
 from lpm_llm.llm.prompts import PromptSpec
@@ -66,7 +65,7 @@ def contexts(archetypes, steps: int) -> list[dict]:
             "step": step * 7,
             "date": date.isoformat(),
             "cases_week": PerArchetype(f"{round(float(week.get(b, 0))):,}" for b in homes),
-            "cases_trend": PerArchetype(_trend(float(week.get(b, 0)), float(before.get(b, 0))) for b in homes),
+            "cases_trend": PerArchetype(change_text(float(week.get(b, 0)), float(before.get(b, 0))) for b in homes),
             "policies": "; ".join(policies) if policies else "none",
         })
     return out

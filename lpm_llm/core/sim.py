@@ -207,6 +207,8 @@ class Simulation:
                 self.home = majority_area(self.index, population["borough"], int(archetypes.k), len(self.areas))
         self.order = self._step_order()
         self.data: dict[str, Any] = {}
+        self._sizes: torch.Tensor | None = None
+        self._cell_sizes()
         self._observers = [m for m in self.models if set(m.observes) & self._read_by_others(m)]
         for model in self.models:
             model.setup(self)
@@ -340,6 +342,9 @@ class Simulation:
         states: dict[str, Any] = {}
         for model in self.models:  # 4. recording
             out = model.finish()
+            if set(out) != set(model.results):
+                raise ValueError(f"model {model.name!r} recorded {sorted(out)}, "
+                                 f"but declares results {sorted(model.results)}")
             clash = set(out) & set(series)
             if clash:
                 raise ValueError(f"series {sorted(clash)} recorded by two models")
@@ -391,14 +396,20 @@ class Simulation:
         gen = day_generator(self.seed ^ zlib.crc32(name.encode()), t, self.device)
         return broadcast(aligned, self.index, generator=gen, straight_through=torch.is_grad_enabled())
 
+    def _cell_sizes(self) -> torch.Tensor:
+        """(areas x age bands,) float32 agents per cell (computed once)."""
+        if getattr(self, "_sizes", None) is None:
+            pop, a = self.population, len(self.age_bands)
+            area = pop["borough"].long().cpu() if "borough" in pop else torch.zeros(pop.n, dtype=torch.long)
+            band = pop["age_band"].long().cpu() if "age_band" in pop else torch.zeros_like(area)
+            self._sizes = torch.bincount(area * a + band, minlength=len(self.areas) * a).to(torch.float32)
+        return self._sizes
+
     def _frame(self, series: Mapping[str, torch.Tensor]) -> pd.DataFrame:
         """The (days, areas, age bands) series as one long table."""
         b, a, t = len(self.areas), len(self.age_bands), self.days
         cells = [k for k, v in series.items() if tuple(v.shape) == (t, b, a)]
-        area = self.population["borough"].long().cpu() if "borough" in self.population else torch.zeros(
-            self.population.n, dtype=torch.long)
-        band = self.population["age_band"].long().cpu() if "age_band" in self.population else torch.zeros_like(area)
-        size = torch.bincount(area * a + band, minlength=b * a).to(torch.float32)
+        size = self._cell_sizes()
         data: dict[str, Any] = {
             "date": np.repeat(np.array(self.dates, dtype="datetime64[ns]"), b * a),
             "area": pd.Categorical.from_codes(np.tile(np.repeat(np.arange(b), a), t), categories=list(self.areas)),

@@ -245,18 +245,6 @@ class EpidemicModel:
         borough: (N,) int borough code per agent.
     """
 
-    reads: tuple[str, ...] = ("borough", "age_band", "household", "school", "workplace")
-    writes: tuple[str, ...] = ("disease", "next_day", "flags")
-    records: tuple[str, ...] = (
-        "new_infections",
-        "new_symptomatic",
-        "reported_cases",
-        "hospitalized",
-        "deaths",
-        *STATES,
-    )
-    decisions: tuple[str, ...] = ("isolate",)
-
     def __init__(
         self, params: EpidemicParams, contacts: ContactLayers, age_band: torch.Tensor, borough: torch.Tensor
     ):

@@ -11,11 +11,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from lpm_llm.calibrate.labor_fit import calibrate_labor
 from lpm_llm.core.behavior import ConstantDecision, PerArchetype
 from lpm_llm.core.parameters import ParameterSpace
 from lpm_llm.data.observed import load_unemployment
 from lpm_llm.models import labor as L
-from lpm_llm.models.labor_fit import calibrate_labor
 from lpm_llm.population import AGE_BANDS, BOROUGHS, SEXES, Population
 from lpm_llm.population.industry import INDUSTRIES, assign_industry, load_industry_shares, working_age_mask
 

@@ -482,7 +482,7 @@ class CalibrationReport:
         """Observed vs fitted vs forecast weekly cases and deaths per borough (one PNG per target), and
         the loss of both methods against fitting time."""
         from lpm_llm.data.observed import load_covid
-        from lpm_llm.runner.plots import plot_epidemic, plot_loss_curves
+        from lpm_llm.plots import plot_epidemic, plot_loss_curves
 
         out_dir = Path(out_dir)
         start, stop = self.daily["date"].min(), self.daily["date"].max()

@@ -19,7 +19,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lpm_llm.models.contacts import LAYERS
+LAYERS: tuple[str, ...] = ("household", "school", "workplace", "community")
+"""The contact layers a policy can scale, in the order of every per-layer tensor."""
 
 __all__ = [
     "InterventionSchedule",

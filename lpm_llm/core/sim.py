@@ -113,7 +113,7 @@ class Simulation:
 
     Args:
         population: the agents (areas from the ``borough`` codebook, age bands from ``age_band``).
-        models: the models, each with a unique ``name`` (default: one ``Epidemic()``).
+        models: the models (for example ``[Epidemic(params)]``), each with a unique ``name``.
         archetypes: has ``.index`` (N,) and ``.k``; needed when `decisions` are given.
         decisions: decision name -> source; every decision must be consumed by a model.
         decision_every: days between the steps of the decisions taken every n days: one value for
@@ -133,7 +133,7 @@ class Simulation:
     def __init__(
         self,
         population: Population,
-        models: Sequence[Model] | None = None,
+        models: Sequence[Model],
         *,
         archetypes: Any = None,
         decisions: Mapping[str, DecisionSource] | None = None,
@@ -157,11 +157,7 @@ class Simulation:
             raise ValueError(f"days must be >= 1, got {days}")
         if checkpoint_days is not None and checkpoint_days < 1:
             raise ValueError(f"checkpoint_days must be >= 1 or None, got {checkpoint_days}")
-        if models is None:
-            from lpm_llm.models.epidemic import Epidemic
-
-            models = [Epidemic()]
-        self.models: list[Model] = list(models)
+        self.models: list[Model] = list(models or [])
         if not self.models:
             raise ValueError("a Simulation needs at least one model")
         names = [m.name for m in self.models]

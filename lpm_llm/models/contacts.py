@@ -36,11 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lpm_llm.core.interventions import LAYERS
 from lpm_llm.population import Population
 
 __all__ = ["LAYERS", "ContactLayers", "Pressure", "default_community_matrix"]
 
-LAYERS: tuple[str, ...] = ("household", "school", "workplace", "community")
 _REQUIRED = ("borough", "age_band", "household")
 
 

@@ -15,11 +15,9 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +28,7 @@ from lpm_llm.models.labor import LaborParams
 from lpm_llm.population.synthesis import HouseholdSettings, SchoolSettings, WorkplaceSettings
 from lpm_llm.resources import resolve_path
 from lpm_llm.runner.config import ConfigError, deep_merge, load_yaml, parse_set, validate
+from lpm_llm.runner.run import ExperimentResult, calibrate_experiment, run_experiment
 
 log = logging.getLogger(__name__)
 
@@ -245,18 +244,6 @@ def _device_problem(device: torch.device) -> str:
 # -- results ------------------------------------------------------------------------------------
 
 
-@dataclass
-class ExperimentResult:
-    """What a run produced (also written to ``out_dir``)."""
-
-    out_dir: Path
-    metrics: pd.DataFrame
-    decisions: pd.DataFrame
-    manifest: dict[str, Any]
-    labor: pd.DataFrame | None = None
-    plots: list[Path] = field(default_factory=list)
-
-
 class Experiment:
     """A validated experiment; :meth:`run` executes every scenario and seed and writes the folder.
 
@@ -294,15 +281,11 @@ class Experiment:
         A non-empty ``out_dir`` is refused unless ``overwrite``, which empties it first (a run
         folder only): files of two runs never mix.
         """
-        from lpm_llm.runner.run import run_experiment
-
         self.check_devices()
         out = Path(out_dir) if out_dir else Path("runs") / f"{self.config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         return run_experiment(self, out, overwrite)
 
     def calibrate(self, out_dir: str | Path | None = None, overwrite: bool = False):
-        from lpm_llm.runner.run import calibrate_experiment
-
         self.check_devices()
         out = Path(out_dir) if out_dir else Path("runs") / f"{self.config.name}-calib-{time.strftime('%Y%m%d-%H%M%S')}"
         return calibrate_experiment(self, out, overwrite)

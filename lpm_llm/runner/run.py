@@ -24,9 +24,21 @@ from lpm_llm.resources import resolve_path
 from lpm_llm.runner import outputs as _outputs
 
 if TYPE_CHECKING:
-    from lpm_llm.runner.experiment import Experiment, ExperimentConfig, ExperimentResult
+    from lpm_llm.runner.experiment import Experiment, ExperimentConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExperimentResult:
+    """What a run produced (also written to ``out_dir``)."""
+
+    out_dir: Path
+    metrics: pd.DataFrame
+    decisions: pd.DataFrame
+    manifest: dict[str, Any]
+    labor: pd.DataFrame | None = None
+    plots: list[Path] = field(default_factory=list)
 
 class _Announced:
     """A DecisionSource wrapper that tells the progress bar while the LLM is being asked."""
@@ -149,7 +161,6 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
 
 def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
     from lpm_llm.llm.client import open_client
-    from lpm_llm.runner.experiment import ExperimentResult
 
     cfg = exp.config
     configs = {"baseline": cfg, **exp.scenarios}
@@ -288,8 +299,8 @@ def _plots(cfg, per_area: pd.DataFrame | None, labor: pd.DataFrame | None, decis
 
     Simulated counts are divided by `scale` so that they read as counts of the real city.
     """
+    from lpm_llm import plots
     from lpm_llm.data.observed import load_covid, load_unemployment
-    from lpm_llm.runner import plots
 
     paths = []
     if labor is not None:
@@ -334,7 +345,7 @@ def ensemble_summary(per_area: pd.DataFrame) -> pd.DataFrame:
 
 
 def _decision_plots(decisions: pd.DataFrame, out_dir: Path) -> list[Path]:
-    from lpm_llm.runner import plots
+    from lpm_llm import plots
 
     paths = []
     if len(decisions):
@@ -353,7 +364,6 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
     """
     from lpm_llm.calibrate import calibrate_first_wave
     from lpm_llm.llm.client import open_client
-    from lpm_llm.runner.experiment import ExperimentResult
 
     cfg, cal = exp.config, exp.config.calibration
     if cfg.model_names == ["labor"]:  # the targets follow the model: monthly unemployment
@@ -414,11 +424,10 @@ def _calibrate_labor(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
     Writes labor_calibration.json (fitted parameters, loss history, errors against persistence),
     labor_fit.csv (fitted and forecast months) and unemployment_fit.png, with the usual config and manifest.
     """
+    from lpm_llm import plots
+    from lpm_llm.calibrate.labor_fit import calibrate_labor
     from lpm_llm.data.observed import load_unemployment
     from lpm_llm.llm.client import open_client
-    from lpm_llm.models.labor_fit import calibrate_labor
-    from lpm_llm.runner import plots
-    from lpm_llm.runner.experiment import ExperimentResult
 
     cfg, cal = exp.config, exp.config.calibration
     end = cfg.start_date + dt.timedelta(days=cfg.days - 1)

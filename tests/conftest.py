@@ -31,3 +31,21 @@ def epidemic_sim(population, params=None, *, tensors=None, initial_infected=None
 
     model = Epidemic(params, tensors=tensors, initial_infected=initial_infected, working=working)
     return Simulation(population, [model], **kwargs)
+
+
+def logprob_completion(model: str, p_yes: float, prompt_tokens: int = 50):
+    """An OpenAI chat completion (as an httpx.Response) whose first token is "Yes" with top
+    log-probabilities P(Yes) = p_yes and P(No) = 1 - p_yes: what a mocked endpoint answers."""
+    import math
+
+    import httpx
+
+    top = [{"token": "Yes", "logprob": math.log(p_yes), "bytes": None},
+           {"token": "No", "logprob": math.log(1 - p_yes), "bytes": None}]
+    return httpx.Response(200, json={
+        "id": "x", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "Yes"},
+                     "logprobs": {"content": [{"token": "Yes", "logprob": math.log(p_yes), "bytes": None,
+                                               "top_logprobs": top}]}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1},
+    })

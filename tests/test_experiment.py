@@ -19,6 +19,7 @@ import yaml
 
 from lpm_llm.runner.cli import main
 from lpm_llm.runner.experiment import Experiment, load_config
+from tests.conftest import logprob_completion
 
 ENDPOINT = "http://127.0.0.1:9/v1"  # never contacted: respx answers
 REPO = Path(__file__).resolve().parents[1]
@@ -28,17 +29,7 @@ def _logprob_answer(request: httpx.Request) -> httpx.Response:
     """P(yes) depends on the borough in the prompt, so that decisions differ by archetype."""
     body = json.loads(request.content)
     text = body["messages"][-1]["content"]
-    p_yes = 0.8 if "Manhattan" in text else 0.3
-    top = [{"token": "Yes", "logprob": math.log(p_yes), "bytes": None},
-           {"token": "No", "logprob": math.log(1 - p_yes), "bytes": None}]
-    return httpx.Response(200, json={
-        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "length",
-                     "message": {"role": "assistant", "content": "Yes"},
-                     "logprobs": {"content": [{"token": "Yes", "logprob": math.log(p_yes), "bytes": None,
-                                               "top_logprobs": top}]}}],
-        "usage": {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51},
-    })
+    return logprob_completion(body["model"], 0.8 if "Manhattan" in text else 0.3)
 
 
 @pytest.fixture

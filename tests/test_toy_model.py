@@ -12,7 +12,6 @@ endpoint, and through one Adam step of the calibration loop.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import httpx
@@ -30,6 +29,7 @@ from lpm_llm.models import Epidemic, register_model
 from lpm_llm.population.archetypes import ArchetypeSpec
 from lpm_llm.population.synthesis import synthesize_nyc
 from lpm_llm.runner.experiment import Experiment
+from tests.conftest import logprob_completion
 
 ENDPOINT = "http://127.0.0.1:9/v1"  # never contacted: respx answers
 
@@ -142,17 +142,7 @@ def test_the_habit_carries_wearers_over(city):
 
 
 def _mask_answer(request: httpx.Request) -> httpx.Response:
-    body = json.loads(request.content)
-    p = 0.7
-    top = [{"token": "Yes", "logprob": math.log(p), "bytes": None},
-           {"token": "No", "logprob": math.log(1 - p), "bytes": None}]
-    return httpx.Response(200, json={
-        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "Yes"},
-                     "logprobs": {"content": [{"token": "Yes", "logprob": math.log(p), "bytes": None,
-                                               "top_logprobs": top}]}}],
-        "usage": {"prompt_tokens": 30, "completion_tokens": 1, "total_tokens": 31},
-    })
+    return logprob_completion(json.loads(request.content)["model"], 0.7, prompt_tokens=30)
 
 
 def test_the_runner_runs_a_registered_toy_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

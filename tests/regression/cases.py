@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ import pandas as pd
 import respx
 
 from lpm_llm.runner.experiment import Experiment
+from tests.conftest import logprob_completion
 
 BASELINE = Path(__file__).resolve().parent
 ENDPOINT = "http://127.0.0.1:9/v1"  # never contacted: respx answers
@@ -37,16 +37,7 @@ def _answer(request: httpx.Request) -> httpx.Response:
     body = json.loads(request.content)
     text = "\n".join(m["content"] for m in body["messages"])
     p = 0.05 + 0.9 * int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    top = [{"token": "Yes", "logprob": math.log(p), "bytes": None},
-           {"token": "No", "logprob": math.log(1 - p), "bytes": None}]
-    return httpx.Response(200, json={
-        "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "length",
-                     "message": {"role": "assistant", "content": "Yes"},
-                     "logprobs": {"content": [{"token": "Yes", "logprob": math.log(p), "bytes": None,
-                                               "top_logprobs": top}]}}],
-        "usage": {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51},
-    })
+    return logprob_completion(body["model"], p)
 
 
 def run_case(name: str, out_dir: Path) -> dict[str, pd.DataFrame]:

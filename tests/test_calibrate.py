@@ -22,6 +22,7 @@ from lpm_llm.calibrate.targets import forecast_scores, log_mse, observed_weekly,
 from lpm_llm.core.behavior import ConstantDecision
 from lpm_llm.core.interventions import nyc_2020
 from lpm_llm.core.parameters import Bounded, ParameterSpace
+from lpm_llm.core.sim import Simulation
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.population.archetypes import ArchetypeSpec
 from lpm_llm.population.synthesis import synthesize_nyc
@@ -378,3 +379,40 @@ def test_calibrate_first_wave_on_bundled_data(tiny_nyc, tmp_path):
     assert (tmp_path / "calibration_loss.png").stat().st_size > 0
     with pytest.raises(ValueError, match="complete week"):
         calibrate_first_wave(pop, None, None, EpidemicParams(), None, start=START, end="2020-03-07")
+
+
+def test_one_calibration_loop_fits_the_coupled_epidemic_and_labour_models():
+    """The parameter space of a coupled simulation collects both models' declarations and both
+    decisions' alignment maps; one Adam step of the shared Calibrator gives every one of them a
+    finite gradient and moves them (cases by borough and unemployment by borough in one loss)."""
+    from lpm_llm.models import Epidemic, Labor, LaborParams
+    from lpm_llm.population.industry import assign_industry
+
+    pop = synthesize_nyc(scale=0.002, seed=5)
+    pop = assign_industry(pop, torch.Generator().manual_seed(0))
+    arch = ArchetypeSpec.from_yaml("nyc_age_sex_borough.yaml").assign(pop)
+    sim = Simulation(pop, [Epidemic(EpidemicParams(initial_infections_per_100k=(500.0,) * 5)), Labor(LaborParams())],
+                     archetypes=arch, decisions={"isolate": ConstantDecision(0.3, arch.k),
+                                                 "work": ConstantDecision(0.9, arch.k)},
+                     interventions=nyc_2020(), start_date="2020-03-01", days=62, seed=0)
+    declared = sim.parameters()
+    names = ("beta_scale", "job_finding", "shock", "isolate_alignment_a", "isolate_alignment_b",
+             "work_alignment_a", "work_alignment_b")
+    assert set(names) <= set(declared)
+    space = ParameterSpace({n: declared[n] for n in names})
+
+    def objective(values, seeds):
+        sim.set_parameters(values)
+        sim.seed = seeds[0]
+        s = sim.run().series
+        cases = s["reported_cases"].sum((0, 2))  # by borough
+        return ((cases / 100.0 - 1.0) ** 2).mean() + ((s["labor_unemployment_rate"][1:] - 10.0) ** 2).mean()
+
+    loss = objective(space.values(), [0])
+    loss.backward()
+    for name in names:
+        grad = space.raw[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and bool((grad != 0).any()), name
+    before = space.get_vector().clone()
+    fit = Calibrator(space, method="adam", steps=1, lr=0.05).fit(objective)
+    assert not torch.equal(fit.space_.get_vector(), before)

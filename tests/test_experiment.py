@@ -333,3 +333,23 @@ def test_calibrated_parameters_are_checked_by_name(experiment_file: Path):
     assert cfg.calibration.parameters == ["beta_scale", "ascertainment"]
     with pytest.raises(ConfigError, match="beta_scle.*known: beta_scale, transmission_change"):
         load_config(experiment_file, overrides=["calibration.parameters=[beta_scle]"])
+
+
+def test_the_manifest_names_the_model_the_server_reported_for_fresh_and_cached_answers(
+    experiment_file: Path, tmp_path: Path
+):
+    """The cache key holds the requested model name (and llm.cache_namespace); what the server says
+    it ran is stored with each answer and counted in the manifest, cached answers included."""
+
+    def dated(request: httpx.Request) -> httpx.Response:
+        text = json.loads(request.content)["messages"][-1]["content"]
+        return logprob_completion("mock-model-2026-01-01", 0.8 if "Manhattan" in text else 0.3)
+
+    with respx.mock(assert_all_mocked=True) as mock:
+        route = mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=dated)
+        assert main(["run", str(experiment_file), "--out", str(tmp_path / "run1"), "--quiet"]) == 0
+        assert main(["run", str(experiment_file), "--out", str(tmp_path / "run2"), "--quiet"]) == 0
+    asked = route.call_count
+    first, second = (_manifest(tmp_path / r)["llm"]["usage"] for r in ("run1", "run2"))
+    assert first["reported_models"] == {"mock-model-2026-01-01": asked}
+    assert second["requests"] == 0 and second["reported_models"] == {"mock-model-2026-01-01": asked}

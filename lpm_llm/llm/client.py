@@ -81,12 +81,14 @@ class LLMClient:
             cached = self.cache.get(request)
             if cached is not None:
                 self.usage.cache_hits += 1
+                self.usage.count_model(cached)
                 return cached
         key = request_key(request, None if self.cache is None else self.cache.fingerprint)
         shared = self._inflight.get(key)
         if shared is not None:  # the same request is being asked: ask once
             answer = await asyncio.shield(shared)
             self.usage.cache_hits += 1
+            self.usage.count_model(answer)
             return dataclasses.replace(answer, cache_hit=True)
         self._inflight[key] = asyncio.get_running_loop().create_future()
         try:
@@ -103,6 +105,7 @@ class LLMClient:
         self._inflight.pop(key).set_result(answer)
         self.usage.prompt_tokens += answer.prompt_tokens
         self.usage.completion_tokens += answer.completion_tokens
+        self.usage.count_model(answer)
         if self.cache is not None:
             self.cache.put(request, answer)
         return answer

@@ -166,6 +166,8 @@ def _answer(response) -> ChatAnswer:
         usage = getattr(response, "usage", None)
         tokens = {"prompt_tokens": int(usage.prompt_tokens or 0) if usage else 0,
                   "completion_tokens": int(usage.completion_tokens or 0) if usage else 0}
+        reported = getattr(response, "model", None)
+        tokens["model"] = str(reported) if reported else None  # the model as the server names it
         if not choices or choices[0].message is None:
             return ChatAnswer(text="", finish_reason=choices[0].finish_reason if choices else None, empty=True,
                               **tokens)

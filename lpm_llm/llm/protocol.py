@@ -59,12 +59,15 @@ class ChatAnswer:
     completion_tokens: int = 0
     empty: bool = False
     cache_hit: bool = False
+    model: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("cache_hit")
         if not self.empty:  # stored only when set: the stored form of ordinary answers is unchanged
             data.pop("empty")
+        if self.model is None:
+            data.pop("model")
         if self.top_logprobs is not None:
             data["top_logprobs"] = [[t, lp] for t, lp in self.top_logprobs]
         return data
@@ -80,6 +83,7 @@ class ChatAnswer:
             completion_tokens=int(data.get("completion_tokens", 0)),
             empty=bool(data.get("empty", False)),
             cache_hit=cache_hit,
+            model=data.get("model"),
         )
 
 
@@ -110,6 +114,8 @@ class Usage:
         reasks: answers asked again because the previous one was unusable.
         fallbacks: archetype probabilities replaced by ``fallback_probability``.
         wall_s: seconds spent waiting for answers.
+        reported_models: model name as the server reported it in its response -> answers used
+            (cached answers included): what produced the run's answers, whatever name was asked for.
     """
 
     calls: int = 0
@@ -123,6 +129,11 @@ class Usage:
     reasks: int = 0
     fallbacks: int = 0
     wall_s: float = 0.0
+    reported_models: dict[str, int] = field(default_factory=dict)
+
+    def count_model(self, answer: ChatAnswer) -> None:
+        if answer.model:
+            self.reported_models[answer.model] = self.reported_models.get(answer.model, 0) + 1
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

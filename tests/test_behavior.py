@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lpm_llm.core.behavior import AlignmentMap, ConstantDecision, DecisionSource, broadcast
+from lpm_llm.core.behavior import AlignmentMap, ConstantDecision, DecisionSource, broadcast, broadcast_persistent
 
 N = 200_000
 P = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0, 0.33])
@@ -94,3 +94,35 @@ def test_constant_decision():
         ConstantDecision(0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         ConstantDecision(torch.tensor([0.5, 1.5]))
+
+
+@pytest.mark.parametrize("r", [0.0, 0.5, 0.9])
+def test_persistent_draws_keep_the_marginal_and_have_the_configured_correlation(r: float):
+    """P(yes) = p at every step; the latent propensity is N(0, 1) with lag-1 correlation r; at
+    p = 1/2 the share deciding yes twice is the bivariate-normal orthant 1/4 + asin(r) / (2 pi)."""
+    n = 400_000
+    index = torch.zeros(n, dtype=torch.int64)
+    g = torch.Generator().manual_seed(7)
+    half = torch.tensor([0.5])
+    first, z1 = broadcast_persistent(half, index, None, r, generator=g)
+    second, z2 = broadcast_persistent(half, index, z1, r, generator=g)
+    third, _ = broadcast_persistent(torch.tensor([0.2]), index, z2, r, generator=g)
+    se = 0.5 / math.sqrt(n)
+    assert float(first.mean()) == pytest.approx(0.5, abs=5 * se)
+    assert float(second.mean()) == pytest.approx(0.5, abs=5 * se)
+    assert float(third.mean()) == pytest.approx(0.2, abs=5 * se)  # the marginal follows p, whatever came before
+    assert float(z2.std()) == pytest.approx(1.0, abs=0.01)
+    assert float(torch.corrcoef(torch.stack([z1, z2]))[0, 1]) == pytest.approx(r, abs=0.01)
+    both = float((first * second).mean())
+    assert both == pytest.approx(0.25 + math.asin(r) / (2 * math.pi), abs=5 * se)
+
+
+def test_persistent_draws_are_straight_through():
+    p = torch.tensor([0.3, 0.7], requires_grad=True)
+    index = torch.arange(2).repeat(1000)
+    drawn, z = broadcast_persistent(p, index, None, 0.8, generator=torch.Generator().manual_seed(0),
+                                    straight_through=True)
+    drawn.sum().backward()
+    assert torch.equal(p.grad, torch.tensor([1000.0, 1000.0]))  # d E[sum] / dp, per archetype
+    with pytest.raises(ValueError, match="persistence"):
+        broadcast_persistent(p.detach(), index, z, 1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -274,3 +276,43 @@ def test_small_nyc_runs_with_all_layers(small_nyc):
     assert a > 0.05 * pop.n and b < 0.7 * a
     ba = free.by_area()
     assert float(ba[ba["area"] == "NYC"]["population"].iloc[0]) == pop.n
+
+
+class DrawRecorder(FakeLabour):
+    """A second consumer of the isolation decision that keeps every step's per-agent draws."""
+
+    name = "draw_recorder"
+    decisions = (DecisionUse("isolate", every_days=7),)
+    publishes = ()
+    reads = ()
+
+    def __init__(self):
+        self.draws = []
+
+    def context(self, decision, day, date):
+        return {}
+
+    def step(self, day, date, inputs):
+        if "isolate" in inputs.decided:
+            self.draws.append(inputs.decisions["isolate"].clone())
+        return {}
+
+
+@pytest.mark.parametrize("r", [0.0, 0.9])
+def test_persistent_isolation_keeps_the_same_people_isolating(pop, r):
+    arch = Arch(pop)
+    recorder = DrawRecorder()
+    with torch.no_grad():
+        Simulation(pop, [Epidemic(), recorder], archetypes=arch, decisions={"isolate": ConstantDecision(0.5, k=50)},
+                   days=15, seed=3, persistence={"isolate": r}).run()
+    first, second, third = recorder.draws
+    assert float(second.mean()) == pytest.approx(0.5, abs=0.03)
+    both = float((first * second).mean())
+    expected = 0.25 + math.asin(r) / (2 * math.pi)  # 0.25 for independent draws, 0.428 at r = 0.9
+    assert both == pytest.approx(expected, abs=0.02)
+    if r == 0.0:  # no persistence: exactly the independent draws of before
+        with torch.no_grad():
+            plain = DrawRecorder()
+            Simulation(pop, [Epidemic(), plain], archetypes=arch, decisions={"isolate": ConstantDecision(0.5, k=50)},
+                       days=15, seed=3).run()
+        assert all(torch.equal(a, b) for a, b in zip(plain.draws, recorder.draws, strict=True))

@@ -8,6 +8,7 @@ estimator lets gradients of a loss reach ``a`` and ``b`` through the discrete dr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -141,3 +142,40 @@ def broadcast(
     if straight_through and p.requires_grad:
         return hard + (p - p.detach())
     return hard
+
+
+def broadcast_persistent(
+    probs: torch.Tensor,
+    index: torch.Tensor,
+    latent: torch.Tensor | None,
+    persistence: float,
+    *,
+    generator: torch.Generator | None = None,
+    straight_through: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw N agent decisions from K archetype probabilities with a per-agent latent propensity
+    that persists from one decision step to the next.
+
+    Each agent carries a standard normal ``z``: ``z = eps`` at the first step and ``z = r z + sqrt(1
+    - r^2) eps`` after (``r = persistence``, ``eps ~ N(0, 1)`` fresh), so ``z`` stays N(0, 1) and
+    consecutive values have correlation ``r``. The agent decides yes when ``Phi(z) < p`` of its
+    archetype: P(yes) is exactly ``p`` at every step (as with :func:`broadcast`), and with the same
+    ``p`` the same agents tend to decide alike (for p = 1/2, P(yes twice) = 1/4 + asin(r) / (2 pi)).
+
+    Returns:
+        (N,) float32 decisions (straight-through like :func:`broadcast`), and the new latent (N,).
+    """
+    if probs.dim() != 1:
+        raise ValueError(f"probs must have shape (K,), got {tuple(probs.shape)}")
+    if not 0.0 <= persistence < 1.0:
+        raise ValueError(f"persistence must lie in [0, 1), got {persistence}")
+    if index.dtype not in (torch.int32, torch.int64):
+        index = index.to(torch.int32)
+    p = torch.index_select(probs.to(device=index.device, dtype=torch.float32), 0, index)
+    eps = torch.randn(p.shape, generator=generator, device=index.device, dtype=torch.float32)
+    z = eps if latent is None else persistence * latent + math.sqrt(1.0 - persistence**2) * eps
+    u = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    hard = (u < p.detach()).to(torch.float32)
+    if straight_through and p.requires_grad:
+        return hard + (p - p.detach()), z
+    return hard, z

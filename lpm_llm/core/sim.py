@@ -28,7 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm_llm.core.behavior import AlignmentMap, DecisionSource, align, broadcast, majority_area
+from lpm_llm.core.behavior import (
+    AlignmentMap,
+    DecisionSource,
+    align,
+    broadcast,
+    broadcast_persistent,
+    majority_area,
+)
 from lpm_llm.core.interventions import InterventionSchedule
 from lpm_llm.core.model import DecisionUse, Model, StepInputs, decision_day
 from lpm_llm.core.parameters import Bounded
@@ -128,6 +135,9 @@ class Simulation:
         on_day: called as ``on_day(t, days)`` after each day (progress bars live in the runner).
         checkpoint_days: with gradients on, models that support it run their steps in chunks of up
             to this many days under ``torch.utils.checkpoint``. None: keep every activation.
+        persistence: decision name -> week-to-week correlation in [0, 1) of each agent's latent
+            propensity (:func:`~lpm_llm.core.behavior.broadcast_persistent`); 0 or absent: a fresh
+            independent draw at every step (:func:`~lpm_llm.core.behavior.broadcast`).
     """
 
     def __init__(
@@ -147,6 +157,7 @@ class Simulation:
         alignment: AlignmentMap | Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
         on_day: Callable[[int, int], None] | None = None,
         checkpoint_days: int | None = None,
+        persistence: Mapping[str, float] | None = None,
     ):
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
@@ -191,6 +202,14 @@ class Simulation:
                 raise KeyError(
                     f"alignment for {name!r} but no such decision; decisions: {', '.join(self.decisions)}"
                 )
+        self.persistence = {k: float(v) for k, v in (persistence or {}).items() if float(v) != 0.0}
+        for name, r in self.persistence.items():
+            if name not in self.decisions:
+                raise KeyError(f"persistence for {name!r} but no such decision; "
+                               f"decisions: {', '.join(self.decisions)}")
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"persistence of {name!r} must lie in [0, 1), got {r}")
+        self._latent: dict[str, torch.Tensor] = {}
         self.index: torch.Tensor | None = None
         self.home: list[int] = []
         if archetypes is not None:
@@ -301,6 +320,7 @@ class Simulation:
         t_start = time.perf_counter()
         for model in self.models:
             model.init(self)
+        self._latent = {}
         timings = dict.fromkeys(("decisions", "step", "record"), 0.0)
         held: dict[str, torch.Tensor] = {}
         rows: list[tuple] = []
@@ -390,6 +410,11 @@ class Simulation:
         if not self.uses[name][0].as_draws:
             return aligned
         gen = day_generator(self.seed ^ zlib.crc32(name.encode()), t, self.device)
+        if name in self.persistence:
+            drawn, self._latent[name] = broadcast_persistent(
+                aligned, self.index, self._latent.get(name), self.persistence[name], generator=gen,
+                straight_through=torch.is_grad_enabled())
+            return drawn
         return broadcast(aligned, self.index, generator=gen, straight_through=torch.is_grad_enabled())
 
     def _cell_sizes(self) -> torch.Tensor:

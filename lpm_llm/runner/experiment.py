@@ -56,6 +56,9 @@ class DecisionConfig(_Strict):
     prompt: str
     every_days: int = Field(7, ge=1, description="days between isolation decisions; decisions hold in between")
     enabled: bool = True
+    persistence: float = Field(
+        0.0, ge=0.0, lt=1.0, description="week-to-week correlation of each agent's latent propensity "
+        "(0: independent draws at every step; 0.9: the same people keep deciding alike)")
     alignment: tuple[float, float] | None = Field(
         None, description="(a, b) of the alignment map logit(p') = a*logit(p) + b applied to the LLM's answers, "
                           "e.g. as fitted by lpm-llm calibrate; None: the answers as they are")

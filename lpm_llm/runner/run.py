@@ -120,6 +120,7 @@ def _simulate(cfg: ExperimentConfig, population: Population, archetypes: Archety
             alignment={name: AlignmentMap(a=dc.alignment[0], b=dc.alignment[1]) for name, dc in cfg.decisions.items()
                        if dc.enabled and dc.alignment is not None and name in decisions},
             on_day=lambda *_: tick(1),
+            persistence={name: dc.persistence for name, dc in cfg.decisions.items() if name in decisions},
         )
         return sim.run()
 

@@ -3,12 +3,12 @@
 Scenarios (each in its own subprocess, so that peak RSS is its own):
 
 - ``random``: N agents, 100 days, one well-mixed layer, beta 0.5/day, exponential latent 4 d and
-  infectious 7 d (R0 about 3.8), 0.1% seeded: the peers' scenario (/work/shared/bench/peers/).
+  infectious 7 d (R0 about 3.8), 0.1% seeded: the peers' scenario (``../shared/bench/peers/`` beside the repository).
 - ``full``: synthetic NYC scaled to N agents, all four layers, the NYC 2020 interventions, weekly
   isolation decisions for 100 archetypes from a constant source (a stand-in for a cached LLM).
 - ``nyc``: the same at full scale (8,336,817 agents).
 
-Peers run through their own virtual environments (``bash /work/shared/bench/peers/setup.sh``);
+Peers run through their own virtual environments (``bash ../shared/bench/peers/setup.sh``);
 a missing one is skipped with a note. Usage::
 
     python bench/bench_engine.py                       # everything, 1 thread
@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", "/tmp/lpm-peers"))
-PEER_SCRIPTS = Path(os.environ.get("PEER_SCRIPTS", "/work/shared/bench/peers"))
+REPO = Path(__file__).resolve().parents[1]
+PEER_SCRIPTS = Path(os.environ.get("PEER_SCRIPTS", REPO.parent / "shared" / "bench" / "peers"))
 NYC_AGENTS = 8_336_817
 
 

@@ -165,7 +165,7 @@ def test_gradient_agrees_with_finite_differences_for_every_group(tiny_nyc):
     spread between seeds is 3-4x the gradient's, so that with 6 seeds its own error is 12-15% for
     seeding and the alignment terms), and h = 0.2 halves its variance against 0.1. Many seeds also
     settle which side was biased before the group terms of the estimator (see "Gradients" in
-    lpm_llm.models.epidemic): the gradient, at 0.79 of a 100-seed finite difference for seeding.
+    lpm_llm.models.seirm): the gradient, at 0.79 of a 100-seed finite difference for seeding.
     """
     weeks, seeds, h = 7, range(32), 0.2
     zeros = {"cases": torch.zeros(weeks, 5), "deaths": torch.zeros(weeks, 5)}

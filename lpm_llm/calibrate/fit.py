@@ -11,7 +11,7 @@ parameters: :class:`FrozenDecisions` fetches each decision step's probabilities 
 in every later simulation, so that calibration makes no LLM request after the first run and the loss
 is a deterministic function of (parameters, seed). Gradients reach the parameters through the
 simulation's discrete draws by the path-weight (score-function) estimator described in
-:mod:`lpm_llm.models.epidemic`; :class:`Calibrator` with ``method="nelder-mead"`` is the
+:mod:`lpm_llm.models.seirm`; :class:`Calibrator` with ``method="nelder-mead"`` is the
 gradient-free baseline over the same unconstrained vector.
 
 :func:`calibrate_first_wave` is the entry point the experiment runner calls: New York's first wave,
@@ -39,7 +39,7 @@ from lpm_llm.calibrate.targets import SERIES_OF, forecast_scores, log_mse, obser
 from lpm_llm.core.behavior import DecisionSource
 from lpm_llm.core.interventions import InterventionSchedule
 from lpm_llm.core.parameters import Bounded, ParameterSpace
-from lpm_llm.core.sim import months_between
+from lpm_llm.core.sim import alignment_specs, months_between
 from lpm_llm.models.epidemic import Epidemic, EpidemicParams
 from lpm_llm.models.epidemic_params import calibrated_specs
 from lpm_llm.population import BOROUGHS, Population
@@ -160,10 +160,7 @@ def first_wave_space(
     specs = calibrated_specs(params, n_months, n_boroughs, seeding_by_borough=seeding_by_borough)
     if alignment is not False:
         a, b = (1.0, 0.0) if alignment is True else alignment
-        specs["isolate_alignment_a"] = Bounded(0.25, 4.0, float(np.clip(a, 0.25, 4.0)), log=True,
-                                               doc="slope of the isolation alignment map")
-        specs["isolate_alignment_b"] = Bounded(-4.0, 4.0, float(np.clip(b, -4.0, 4.0)),
-                                               doc="shift (logit) of the isolation alignment map")
+        specs.update(alignment_specs("isolate", a, b, label="isolation"))
     if include is not None:
         unknown = sorted(set(include) - set(specs))
         if unknown:

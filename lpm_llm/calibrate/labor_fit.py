@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 
 from lpm_llm.core.behavior import DecisionSource
-from lpm_llm.core.parameters import Bounded
 from lpm_llm.data.observed import load_unemployment
 from lpm_llm.models.labor import (
     INDUSTRIES,
@@ -25,7 +24,6 @@ from lpm_llm.models.labor import (
     LaborInputs,
     LaborParams,
     _rate_table,
-    labor_specs,
     month_range,
     observed_labor_inputs,
 )
@@ -125,13 +123,7 @@ def calibrate_labor(
                           start_date=dates[0], days=days)
 
     train_sim, full_sim = simulation(n_train), simulation(len(dates))
-    specs = {**labor_specs(params), **{k: v for k, v in train_sim.parameters().items() if k.startswith("work_")}}
-    if alignment is not None:
-        a, b = alignment
-        specs["work_alignment_a"] = Bounded(0.25, 4.0, min(max(a, 0.25), 4.0), log=True,
-                                            doc="slope of the work alignment map")
-        specs["work_alignment_b"] = Bounded(-4.0, 4.0, min(max(b, -4.0), 4.0),
-                                            doc="shift (logit) of the work alignment map")
+    specs = train_sim.parameters(alignment={"work": alignment} if alignment is not None else None)
     space = ParameterSpace(specs, device=population.device)
 
     def rates(sim: Simulation, values: Any, seed: int) -> torch.Tensor:

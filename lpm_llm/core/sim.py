@@ -42,9 +42,21 @@ from lpm_llm.core.parameters import Bounded
 from lpm_llm.core.rng import day_generator
 from lpm_llm.population import Population
 
-__all__ = ["Results", "Simulation", "months_between"]
+__all__ = ["Results", "Simulation", "alignment_specs", "months_between"]
 
 log = logging.getLogger(__name__)
+
+
+def alignment_specs(decision: str, a: float = 1.0, b: float = 0.0, label: str | None = None) -> dict[str, Bounded]:
+    """``<decision>_alignment_a`` (slope, 0.25-4, log) and ``_b`` (shift of the logit, -4-4) of a
+    decision's alignment map ``logit(p') = a * logit(p) + b``, starting at (a, b) clipped into range."""
+    label = label or decision
+    return {
+        f"{decision}_alignment_a": Bounded(0.25, 4.0, min(max(float(a), 0.25), 4.0), log=True,
+                                           doc=f"slope of the {label} alignment map"),
+        f"{decision}_alignment_b": Bounded(-4.0, 4.0, min(max(float(b), -4.0), 4.0),
+                                           doc=f"shift (logit) of the {label} alignment map"),
+    }
 
 
 def months_between(start: dt.date, date: dt.date) -> int:
@@ -210,6 +222,7 @@ class Simulation:
             if not 0.0 < r < 1.0:
                 raise ValueError(f"persistence of {name!r} must lie in [0, 1), got {r}")
         self._latent: dict[str, torch.Tensor] = {}
+        self.day_multipliers: list[Mapping[str, float]] = []
         self.index: torch.Tensor | None = None
         self.home: list[int] = []
         if archetypes is not None:
@@ -221,6 +234,7 @@ class Simulation:
             if "borough" in population:
                 self.home = majority_area(self.index, population["borough"], int(archetypes.k), len(self.areas))
         self.order = self._step_order()
+        self._consumes = [(m, frozenset(u.name for u in m.decisions)) for m in self.order]
         self.data: dict[str, Any] = {}
         self._sizes: torch.Tensor | None = None
         self._cell_sizes()
@@ -283,9 +297,9 @@ class Simulation:
         raise KeyError(f"no model {name!r}; models: {', '.join(m.name for m in self.models)}")
 
     # -- parameters -----------------------------------------------------------------------------
-    def parameters(self) -> dict[str, Bounded]:
-        """Every calibratable parameter: the models' declarations and ``<decision>_alignment_a`` /
-        ``_b`` for each decision (slope 0.25-4 log, shift -4-4; starting at the identity)."""
+    def parameters(self, alignment: Mapping[str, tuple[float, float]] | None = None) -> dict[str, Bounded]:
+        """Every calibratable parameter: the models' declarations and :func:`alignment_specs` for
+        each decision (starting at the identity, or at ``alignment[decision]``)."""
         out: dict[str, Bounded] = {}
         for model in self.models:
             for name, spec in model.parameters().items():
@@ -293,8 +307,7 @@ class Simulation:
                     raise ValueError(f"parameter {name!r} is declared by two models")
                 out[name] = spec
         for name in self.decisions:
-            out[f"{name}_alignment_a"] = Bounded(0.25, 4.0, 1.0, log=True, doc=f"slope of the {name} alignment map")
-            out[f"{name}_alignment_b"] = Bounded(-4.0, 4.0, 0.0, doc=f"shift (logit) of the {name} alignment map")
+            out.update(alignment_specs(name, *(alignment or {}).get(name, (1.0, 0.0))))
         return out
 
     def set_parameters(self, values: Mapping[str, torch.Tensor]) -> None:
@@ -308,7 +321,8 @@ class Simulation:
             if a is not None:
                 self.alignment[name] = lambda p, a=a, b=b: align(p, a, b)
         for model in self.models:
-            mine = {k: values.pop(k) for k in list(values) if k in model.parameters()}
+            declared = model.parameters()
+            mine = {k: values.pop(k) for k in list(values) if k in declared}
             if mine:
                 model.set_parameters(mine)
         if values:
@@ -318,6 +332,8 @@ class Simulation:
     def run(self) -> Results:
         """Run all days; see the class docstring for the order of a day."""
         t_start = time.perf_counter()
+        # the policy calendar of this run, once: layer -> contact multiplier, per day
+        self.day_multipliers = [self.interventions.multipliers(d) for d in self.dates]
         for model in self.models:
             model.init(self)
         self._latent = {}
@@ -338,9 +354,8 @@ class Simulation:
                 held[name] = self._decide(name, context, t, date, rows)
             t1 = time.perf_counter()
             timings["decisions"] += t1 - t0
-            multipliers = self.interventions.multipliers(date)
-            for model in self.order:  # 3. step
-                mine = {u.name for u in model.decisions}
+            multipliers = self.day_multipliers[t]
+            for model, mine in self._consumes:  # 3. step
                 inputs = StepInputs(
                     decisions={k: v for k, v in held.items() if k in mine},
                     decided=frozenset(n for n in due if n in mine),

@@ -3,7 +3,7 @@
 ``EpidemicParams`` is the validated, immutable set a run is configured with (the ``epidemic:`` block of
 an experiment); ``TENSOR_PARAMS`` names the float parameters that a simulation may also take as
 tensors (for example ``nn.Parameter`` values being calibrated), with their shapes. The dynamics that
-use them are in :mod:`lpm_llm.models.epidemic`.
+use them are in :mod:`lpm_llm.models.seirm`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,21 @@
 """Benchmark calibration: one gradient step on a large city, and gradient vs gradient-free on the first wave.
 
-    python bench/bench_calibrate.py step --agents 1000000 --days 120 [--checkpoint-days 10]
+    python bench/bench_calibrate.py step --agents 1000000 8336817 --days 120 [--checkpoint-days 7]
+        [--before a43a8bd] [--before-max-agents 1000000] [--threads 2]
+    python bench/bench_calibrate.py profile --agents 100000 --days 56
     python bench/bench_calibrate.py wave --scale 0.01 --steps 20 --out runs/bench_calibrate
 
 ``step``: one forward and backward pass of the first-wave loss (every calibrated parameter requires
-grad) on a synthetic city of about ``--agents`` agents over ``--days`` days: seconds and peak RSS
-(``resource.getrusage``, the whole process, so run one configuration per process).
+grad) on a synthetic city of about ``--agents`` agents over ``--days`` days, by this tree's code
+("after") and by the code of git revision ``--before`` ("before": the gradient path before the
+compact segments, extracted with ``git archive``), each configuration in its own child process: wall
+and CPU seconds of the forward and backward passes, and the child's peak RSS (``os.wait4``: the
+kernel's high-water mark of that process, allocator fragmentation included). "before" runs only up
+to ``--before-max-agents`` (it needs about 5 GiB per million agents); larger cities print its linear
+extrapolation from the largest measured one, marked as such. Both codes print their gradient; the
+"after" rows give its largest relative difference from "before" on the same city.
+``profile``: bytes autograd saves per agent-day, by line of code, with every activation kept
+(``checkpoint_days`` None) and with segments: where the memory of a gradient step goes.
 ``wave``: :func:`lpm_llm.calibrate.calibrate_first_wave` on the bundled NYC data (constant isolation
 decisions, no LLM): the loss on common evaluation seeds of gradient descent and of Nelder-Mead
 (given as much wall time as Adam took) against fitting time, when Adam's fit first scored at or
@@ -15,10 +25,14 @@ below Nelder-Mead's final loss, and the forecast errors against persistence.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import resource
+import os
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -39,33 +53,128 @@ from lpm_llm.population.synthesis import synthesize_nyc
 
 START = "2020-03-01"
 PARAMS = EpidemicParams(initial_infections_per_100k=(100.0,) * 5, beta_scale=1.5)
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def bench_step(agents: int, days: int, checkpoint_days: int | None) -> dict:
+def _objective(agents: int, days: int, checkpoint_days: int | None, seed: int = 0):
     from lpm_llm.calibrate.targets import observed_weekly
 
-    pop = synthesize_nyc(scale=agents / NYC_POPULATION, seed=0)
+    pop = synthesize_nyc(scale=agents / NYC_POPULATION, seed=seed)
     arch = ArchetypeSpec.from_yaml("nyc_age_sex_borough.yaml").assign(pop)
-    before = _rss_gib()
     weeks = days // 7
     decisions = {"isolate": FrozenDecisions(ConstantDecision(0.3, arch.k))}
     sim = Simulation(pop, [Epidemic(PARAMS)], archetypes=arch, decisions=decisions, interventions=nyc_2020(),
-                     start_date=START, days=days, seed=0, checkpoint_days=checkpoint_days)
+                     start_date=START, days=days, seed=seed, checkpoint_days=checkpoint_days)
     obs = observed_weekly(START, weeks, ("cases", "deaths"))
-    objective = SimulationObjective(sim, obs, weeks=weeks, scale=pop.n / NYC_POPULATION)
+    return pop, SimulationObjective(sim, obs, weeks=weeks, scale=pop.n / NYC_POPULATION)
+
+
+def bench_step(agents: int, days: int, checkpoint_days: int | None) -> dict:
+    """One gradient step in this process (the child of :func:`step_table`)."""
+    pop, objective = _objective(agents, days, checkpoint_days)
     space = first_wave_space(PARAMS, n_months=5)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     loss = objective(space.values(), [0])
-    t1 = time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
     loss.backward()
-    t2 = time.perf_counter()
-    return {"agents": pop.n, "days": days, "checkpoint_days": checkpoint_days, "forward_s": round(t1 - t0, 1),
-            "backward_s": round(t2 - t1, 1), "total_s": round(t2 - t0, 1), "rss_before_gib": round(before, 2),
-            "peak_rss_gib": round(_rss_gib(), 2), "loss": float(loss.detach())}
+    c2, t2 = time.process_time(), time.perf_counter()
+    grad = torch.cat([space.raw[n].grad.reshape(-1) for n in space.names])
+    return {"agents": pop.n, "days": days, "checkpoint_days": checkpoint_days,
+            "forward_s": round(t1 - t0, 2), "backward_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
+            "cpu_s": round(c2 - c0, 2), "loss": float(loss.detach()), "grad": grad.tolist()}
+
+
+def _child(code: Path, agents: int, days: int, checkpoint_days: int | None, threads: int,
+           timeout: float) -> dict:
+    """Run :func:`bench_step` with the package at `code` in a child process; add its peak RSS."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_child", "--agents", str(agents), "--days", str(days),
+           "--threads", str(threads)]
+    if checkpoint_days:
+        cmd += ["--checkpoint-days", str(checkpoint_days)]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                return {"error": f"timed out after {timeout:.0f} s", "peak_rss_gib": usage.ru_maxrss / 2**20}
+            time.sleep(0.2)
+        out.seek(0)
+        text = out.read()
+    peak = round(usage.ru_maxrss / 2**20, 2)  # KiB on Linux
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"error": f"exit status {os.waitstatus_to_exitcode(status)}", "peak_rss_gib": peak}
+    return {**json.loads(text), "peak_rss_gib": peak}
+
+
+def _before_tree(rev: str, into: Path) -> Path:
+    """The package as of git revision `rev`, extracted under `into`."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "lpm_llm", "archetypes", "prompts",
+                              "experiments"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def step_table(agents: list[int], days: int, checkpoint_days: int, before: str, before_max: int,
+               threads: int, timeout: float) -> list[dict]:
+    """before/after rows of one gradient step per city size (see the module docstring)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old = _before_tree(before, Path(tmp))
+        largest = None
+        for n in agents:
+            ref = None
+            if n <= before_max:
+                ref = _child(old, n, days, checkpoint_days, threads, timeout)
+                rows.append({"code": f"before ({before})", **{k: v for k, v in ref.items() if k != "grad"}})
+                print(json.dumps(rows[-1]), flush=True)
+                if "error" not in ref:
+                    largest = ref
+            elif largest is not None:
+                k = n / largest["agents"]
+                rows.append({"code": f"before ({before}), extrapolated linearly from {largest['agents']} agents",
+                             "agents": n, "days": days,
+                             "peak_rss_gib": round(largest["peak_rss_gib"] * k, 1),
+                             "total_s": round(largest["total_s"] * k, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+            new = _child(ROOT, n, days, checkpoint_days, threads, timeout)
+            row = {"code": "after", **{k: v for k, v in new.items() if k != "grad"}}
+            if ref is not None and "grad" in ref and "grad" in new:
+                a, b = torch.tensor(new["grad"]), torch.tensor(ref["grad"])
+                row["grad_max_rel_diff"] = float(((a - b).abs() / b.abs().clamp(min=1e-6)).max())
+                row["loss_diff"] = new["loss"] - ref["loss"]
+            rows.append(row)
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def profile_saved(agents: int, days: int, checkpoint_days: int | None) -> dict:
+    """Bytes per agent-day that autograd saves during the forward pass, by line of code (unique
+    storages of at least N/4 elements; run with checkpoint_days None to see every day's activations)."""
+    pop, objective = _objective(agents, days, checkpoint_days)
+    space = first_wave_space(PARAMS, n_months=5)
+    seen: dict = {}
+    by: collections.Counter = collections.Counter()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen and t.numel() >= pop.n // 4:
+            seen[key] = t
+            frame = [f for f in traceback.extract_stack(limit=14) if "lpm_llm" in f.filename][-1]
+            where = f"{Path(frame.filename).name}:{frame.lineno} {frame.line.strip()[:60]}"
+            by[f"{where} [{str(t.dtype).replace('torch.', '')}]"] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        objective(space.values(), [0])
+    per = {k: round(v / pop.n / days, 2) for k, v in by.most_common()}
+    return {"agents": pop.n, "days": days, "checkpoint_days": checkpoint_days,
+            "saved_bytes_per_agent_day": round(sum(by.values()) / pop.n / days, 1), "by_line": per}
 
 
 def bench_wave(scale: float, steps: int, seeds_per_step: int, lr: float, lr_final: float | None,
@@ -102,9 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     s = sub.add_parser("step")
-    s.add_argument("--agents", type=int, default=1_000_000)
+    s.add_argument("--agents", type=int, nargs="+", default=[1_000_000])
     s.add_argument("--days", type=int, default=120)
-    s.add_argument("--checkpoint-days", type=int, default=None)
+    s.add_argument("--checkpoint-days", type=int, default=7)
+    s.add_argument("--before", default="a43a8bd", help="git revision of the code to compare with")
+    s.add_argument("--before-max-agents", type=int, default=1_000_000)
+    s.add_argument("--threads", type=int, default=torch.get_num_threads())
+    s.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    c = sub.add_parser("_child")
+    c.add_argument("--agents", type=int)
+    c.add_argument("--days", type=int)
+    c.add_argument("--checkpoint-days", type=int, default=None)
+    c.add_argument("--threads", type=int)
+    p = sub.add_parser("profile")
+    p.add_argument("--agents", type=int, default=100_000)
+    p.add_argument("--days", type=int, default=56)
     w = sub.add_parser("wave")
     w.add_argument("--scale", type=float, default=0.01)
     w.add_argument("--steps", type=int, default=20)
@@ -113,9 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--lr-final", type=float, default=0.02)
     w.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.what == "_child":
+        torch.set_num_threads(args.threads)
+        print(json.dumps(bench_step(args.agents, args.days, args.checkpoint_days)))
+        return 0
     if args.what == "step":
-        result = bench_step(args.agents, args.days, args.checkpoint_days)
+        result = step_table(args.agents, args.days, args.checkpoint_days, args.before, args.before_max_agents,
+                            args.threads, args.timeout)
+    elif args.what == "profile":
+        result = [profile_saved(args.agents, args.days, None), profile_saved(args.agents, args.days, 7)]
     else:
         result = bench_wave(args.scale, args.steps, args.seeds_per_step, args.lr, args.lr_final, args.out)
     print(json.dumps(result, indent=2))

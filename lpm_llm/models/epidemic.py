@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 
 from lpm_llm.core.behavior import PerArchetype, change_text
 from lpm_llm.core.model import DecisionUse
 from lpm_llm.core.parameters import Bounded
+from lpm_llm.models._segments import run_segment
 from lpm_llm.models.contacts import LAYERS, ContactLayers
 from lpm_llm.models.epidemic_params import EpidemicParams, calibrated_specs
 from lpm_llm.models.seirm import (
@@ -154,8 +154,7 @@ class Epidemic:
             return
         days, self.pending = self.pending, []
         if self.chunked:
-            self.state_, outs = torch.utils.checkpoint.checkpoint(
-                self._advance, self.state_, days, use_reentrant=False)
+            self.state_, outs = run_segment(self.engine, self.state_, self.theta, days)
         else:
             self.state_, outs = self._advance(self.state_, days)
         for out in outs:

@@ -401,18 +401,20 @@ class EpidemicModel:
             hit |= (u < inputs.imports) & (disease == S)
         new_inf = hit.nonzero().squeeze(1)
         del hit
-        if grad:
+        group_weight = log_ratio = None
+        if grad or state.log_ratio is not None:  # the group terms' log-ratios (see _group_terms)
             susceptibility = self._susceptibility(theta)
-            p = -torch.expm1(-force * susceptibility)
-            if inputs.imports is not None:
-                p = 1.0 - (1.0 - p) * (1.0 - inputs.imports)
-            hard = torch.zeros(p.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
-            weight = torch.where(disease == S, state.weight * _score_weight(p, hard), state.weight)
             hazard = force.detach().index_select(0, new_inf).double() * susceptibility.detach().index_select(
                 0, new_inf
             )
             if inputs.imports is not None:
                 hazard = hazard - torch.log1p(-inputs.imports.detach().index_select(0, new_inf).double())
+        if grad:
+            p = -torch.expm1(-force * susceptibility)
+            if inputs.imports is not None:
+                p = 1.0 - (1.0 - p) * (1.0 - inputs.imports)
+            hard = torch.zeros(p.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
+            weight = torch.where(disease == S, state.weight * _score_weight(p, hard), state.weight)
             weight, group_weight, log_ratio = self._group_terms(
                 state, weight, new_inf, hazard, infectious, w_home.detach(), outside_factor, inputs,
                 susceptibility.detach(),
@@ -425,7 +427,10 @@ class EpidemicModel:
             new_infections = torch.bincount(c.cell.index_select(0, new_inf), minlength=b * a).to(
                 torch.float32
             )
-            weight = group_weight = log_ratio = None
+            weight = None
+            if state.log_ratio is not None:  # a checkpointed segment's forward pass keeps the log-ratios
+                log_ratio = self._group_terms(state, None, new_inf, hazard, infectious, w_home, outside_factor,
+                                              inputs, susceptibility)[2]
             threshold.index_fill_(0, new_inf, math.inf)
         del force
 
@@ -581,7 +586,8 @@ class EpidemicModel:
         transmission is), where the tangent (m's weight inside the force) would be biased low.
 
         Args:
-            weight: (N,) path weights after today's draws (own draws, community and large groups).
+            weight: (N,) path weights after today's draws (own draws, community and large groups), or
+                None to update ``log_ratio`` alone (no gradients).
             new_inf: (n,) today's infections; hazard: (n,) float64 their total hazard today.
             infectious: (n_I,) agents infectious today; w_home: (n_I,) their infectiousness (detached).
             susceptibility: (N,) detached.
@@ -628,9 +634,13 @@ class EpidemicModel:
             big_h = hazard.index_select(0, k)
             ratio = torch.where(h > 0, _log1mexp((big_h - h).clamp(min=0.0)) - _log1mexp(big_h), 0.0)
             log_ratio[layer].index_add_(0, m, ratio.to(torch.float32))
+            if weight is None:
+                continue
             coef = -torch.expm1(log_ratio[layer].index_select(0, m))
             w_m = group_weight[layer].index_select(0, m)
             terms.append(torch.zeros(new_inf.numel(), device=dev).index_add(0, k, coef * (w_m - w_m.detach())))
+        if weight is None:  # the log-ratios alone (a segment's forward pass, see lpm_llm.models._segments)
+            return None, None, log_ratio
         base = weight.index_select(0, new_inf)
         present = [x for x in terms if x is not None]
         total_term = sum(present, torch.zeros_like(base))

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_segment"]
+__all__ = ["Horizon", "run_segment"]
 
 _OUTS = ("new_infections", "new_symptomatic", "new_hospitalized", "deaths", "prevalence")
 _GRAD_STATE = ("weight", "fate", "group_weight", "counts")  # differentiable columns of EpidemicState
@@ -74,6 +74,21 @@ def _forward_values(flags: torch.Tensor, counts: torch.Tensor, n_layers: int) ->
     }
 
 
+class Horizon:
+    """Who is infected by the end of a run, shared by the run's segments: their recomputation scores
+    the infection draws of those agents only (``EpidemicInputs.scored``), since the path weight of an
+    agent never infected is never read. Until :meth:`close` every susceptible agent is scored."""
+
+    def __init__(self) -> None:
+        self.infected: torch.Tensor | None = None
+
+    def close(self, final_state: Any) -> None:
+        """Record the agents infected by the end of the run (the state after its last day)."""
+        from lpm_llm.models.seirm import S
+
+        self.infected = final_state.disease != S
+
+
 class _Segment(torch.autograd.Function):
     """One segment of days as one autograd node (see the module docstring).
 
@@ -114,6 +129,7 @@ class _Segment(torch.autograd.Function):
         with torch.enable_grad():
             state = _expand(saved, plan.template, state_leaves)
             _, theta, days = plan.unflatten([*(state_leaves[k] for k in _GRAD_STATE), *other], state)
+            days = [(t, replace(day, scored=plan.horizon.infected)) for t, day in days]
             new_state, outs = plan.advance(state, theta, days, gradients=True)
             results = [*(getattr(new_state, k) for k in _GRAD_STATE), *(o[k] for o in outs for k in _OUTS)]
         pairs = [(r, g) for r, g in zip(results, grads, strict=True) if g is not None and r.requires_grad]
@@ -129,8 +145,10 @@ class _Segment(torch.autograd.Function):
 class _Plan:
     """The non-tensor side of a segment: the engine, the days and how to rebuild their arguments."""
 
-    def __init__(self, engine: Any, state: Any, theta: dict[str, torch.Tensor], days: list[tuple[int, Any]]):
+    def __init__(self, engine: Any, state: Any, theta: dict[str, torch.Tensor], days: list[tuple[int, Any]],
+                 horizon: Horizon):
         self.engine = engine
+        self.horizon = horizon
         self.state = state
         self.template = replace(state, weight=None, fate=None, group_weight=None, log_ratio=None)
         self.n_layers = state.group_weight.shape[0]
@@ -183,13 +201,15 @@ class _Plan:
         return replace(fast, **values), outs
 
 
-def run_segment(engine: Any, state: Any, theta: dict[str, torch.Tensor], days: list[tuple[int, Any]]):
-    """Run `days` (``[(t, EpidemicInputs)]``) from `state` as one checkpointed segment.
+def run_segment(engine: Any, state: Any, theta: dict[str, torch.Tensor], days: list[tuple[int, Any]],
+                horizon: Horizon):
+    """Run `days` (``[(t, EpidemicInputs)]``) from `state` as one checkpointed segment of the run
+    whose end `horizon` will record.
 
     Returns the state after the last day (its float columns connected to the autograd graph through
     the segment) and the list of each day's outputs, as :meth:`EpidemicModel.step` gives them.
     """
-    plan = _Plan(engine, state, theta, days)
+    plan = _Plan(engine, state, theta, days, horizon)
     flat = _Segment.apply(plan, *plan.flat())
     k = len(_GRAD_STATE)
     columns = dict(zip(_GRAD_STATE, flat[:k], strict=True))

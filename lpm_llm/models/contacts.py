@@ -252,6 +252,7 @@ class ContactLayers:
         *,
         outside_factor: torch.Tensor | None = None,
         working: torch.Tensor | None = None,
+        agents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-agent force of infection on susceptible agents (own contribution 0).
 
@@ -260,23 +261,27 @@ class ContactLayers:
             outside_factor: optional (N,) float32 multiplier of school, work and community force
                 (``1 - compliance * isolating``).
             working: optional (N,) bool; agents not working get no workplace force.
+            agents: optional (n,) int64: the force on these agents only (the same values).
 
         Returns:
-            (N,) float32 force (daily hazard) before age-specific susceptibility.
+            (N,) float32 force (daily hazard) before age-specific susceptibility, or (n,) with `agents`.
         """
-        terms = [pressure.community_rate.index_select(0, self.cell)]
+        def at(x: torch.Tensor) -> torch.Tensor:
+            return x if agents is None else x.index_select(0, agents)
+
+        terms = [pressure.community_rate.index_select(0, at(self.cell))]
         if pressure.school is not None:
-            terms.append(pressure.school.index_select(0, self.school))
+            terms.append(pressure.school.index_select(0, at(self.school)))
         if pressure.workplace is not None:
-            work = pressure.workplace.index_select(0, self.workplace)
-            terms.append(work if working is None else work * working)
-        if torch.is_grad_enabled():
+            work = pressure.workplace.index_select(0, at(self.workplace))
+            terms.append(work if working is None else work * at(working))
+        if torch.is_grad_enabled() or agents is not None:
             outside = sum(terms[1:], terms[0])
             if outside_factor is not None:
-                outside = outside * outside_factor
+                outside = outside * at(outside_factor)
             if pressure.household is None:
                 return outside
-            return pressure.household.index_select(0, self.household) + outside
+            return pressure.household.index_select(0, at(self.household)) + outside
         # fast path: accumulate in place into the first N-sized buffer (no autograd here)
         outside = terms[0]
         for term in terms[1:]:

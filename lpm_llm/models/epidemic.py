@@ -15,7 +15,7 @@ import torch
 from lpm_llm.core.behavior import PerArchetype, change_text
 from lpm_llm.core.model import DecisionUse
 from lpm_llm.core.parameters import Bounded
-from lpm_llm.models._segments import run_segment
+from lpm_llm.models._segments import Horizon, run_segment
 from lpm_llm.models.contacts import LAYERS, ContactLayers
 from lpm_llm.models.epidemic_params import EpidemicParams, calibrated_specs
 from lpm_llm.models.seirm import (
@@ -139,6 +139,7 @@ class Epidemic:
         self.onsets: list[torch.Tensor] = []  # (B,) detached onsets per day, for contexts
         self.pending: list[tuple[int, EpidemicInputs]] = []  # days whose step has not run yet
         self.chunked = self.grad and sim.checkpoint_days is not None
+        self.horizon = Horizon()  # who is infected by the end: what the segments' gradients score
 
     # -- the day ----------------------------------------------------------------------------------
     def _advance(self, state: EpidemicState, days: list[tuple[int, EpidemicInputs]]):
@@ -154,7 +155,7 @@ class Epidemic:
             return
         days, self.pending = self.pending, []
         if self.chunked:
-            self.state_, outs = run_segment(self.engine, self.state_, self.theta, days)
+            self.state_, outs = run_segment(self.engine, self.state_, self.theta, days, self.horizon)
         else:
             self.state_, outs = self._advance(self.state_, days)
         for out in outs:
@@ -214,6 +215,8 @@ class Epidemic:
 
     def finish(self) -> dict[str, torch.Tensor]:
         self._flush()
+        if self.chunked:
+            self.horizon.close(self.state_)
         stacked = {k: torch.stack([d[k] for d in self.daily]) for k in self.daily[0]}
         series = self.engine.report(stacked, self.theta, self.month_index)
         series["isolating"] = torch.stack(self.isolating_days)

@@ -159,6 +159,10 @@ class EpidemicInputs:
         isolating: (N,) float32 1.0 for agents isolating (straight-through with grad), or None.
         working: (N,) bool agents working (labour model), or None (everyone in a workplace works).
         imports: (N,) float32 probability of an imported infection today, or None.
+        scored: (N,) bool agents whose infection draw of the day enters the gradient, or None (every
+            susceptible agent). The path weight of an agent who is never infected is never read, so
+            every agent infected by the end of the run gives the same gradient (checkpointed segments
+            pass those, see :mod:`lpm_llm.models._segments`); forward values do not depend on it.
     """
 
     rates: torch.Tensor
@@ -166,6 +170,7 @@ class EpidemicInputs:
     isolating: torch.Tensor | None = None
     working: torch.Tensor | None = None
     imports: torch.Tensor | None = None
+    scored: torch.Tensor | None = None
 
 
 def _duration_cdf(kind: str, mean: float, shape: float) -> torch.Tensor:
@@ -222,6 +227,21 @@ def _group_index(group: torch.Tensor, inv: torch.Tensor, slot_zero_is_none: bool
         small[0] = False
     order = torch.argsort(g, stable=True)
     return _GroupIndex(g, inv, small, order, torch.cumsum(size, 0) - size, torch.where(small, size, 0))
+
+
+def _members(index: _GroupIndex, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members of small groups: for `groups` (n,) group ids, pairs (position in `groups`, member)
+    over every member of each small group listed (other groups have none), as two (total,) int64."""
+    size = index.size.index_select(0, groups)
+    total = int(size.sum())
+    dev = groups.device
+    if total == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return empty, empty
+    j = torch.repeat_interleave(torch.arange(groups.numel(), device=dev), size, output_size=total)
+    first = torch.cumsum(size, 0) - size
+    offset = torch.arange(total, device=dev) - first.index_select(0, j)
+    return j, index.order.index_select(0, index.start.index_select(0, groups).index_select(0, j) + offset)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -391,10 +411,11 @@ class EpidemicModel:
         else:
             pressure = self._weighted_pressure(state.weight.index_select(0, infectious), infectious, w_home, w_out,
                                                inputs)
-        force = c.force(pressure, outside_factor=outside_factor, working=inputs.working)
+        with torch.no_grad():  # forward values; with gradients, the scored agents' force is taken below
+            force = c.force(pressure, outside_factor=outside_factor, working=inputs.working)
         # infection when the hazard accumulated since day 0 exceeds the agent's Exp(1) threshold:
         # P(infected on day t | susceptible before) = 1 - exp(-force_t), with no random number per day
-        threshold = state.threshold - force.detach() if grad else state.threshold.sub_(force)
+        threshold = state.threshold - force if grad else state.threshold.sub_(force)
         hit = threshold < 0
         if inputs.imports is not None:
             u = torch.rand(force.shape, generator=gen, device=self.device)
@@ -404,17 +425,13 @@ class EpidemicModel:
         group_weight = log_ratio = None
         if grad or state.log_ratio is not None:  # the group terms' log-ratios (see _group_terms)
             susceptibility = self._susceptibility(theta)
-            hazard = force.detach().index_select(0, new_inf).double() * susceptibility.detach().index_select(
+            hazard = force.index_select(0, new_inf).double() * susceptibility.detach().index_select(
                 0, new_inf
             )
             if inputs.imports is not None:
                 hazard = hazard - torch.log1p(-inputs.imports.detach().index_select(0, new_inf).double())
         if grad:
-            p = -torch.expm1(-force * susceptibility)
-            if inputs.imports is not None:
-                p = 1.0 - (1.0 - p) * (1.0 - inputs.imports)
-            hard = torch.zeros(p.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
-            weight = torch.where(disease == S, state.weight * _score_weight(p, hard), state.weight)
+            weight = self._infection_scores(state, pressure, new_inf, outside_factor, inputs, susceptibility)
             weight, group_weight, log_ratio = self._group_terms(
                 state, weight, new_inf, hazard, infectious, w_home.detach(), outside_factor, inputs,
                 susceptibility.detach(),
@@ -528,7 +545,34 @@ class EpidemicModel:
         }
         return new_state, out
 
-    # -- the gradient estimator's group terms (see "Gradients" in the module docstring) --------------
+    # -- the gradient estimator (see "Gradients" in the module docstring) ----------------------------
+    def _infection_scores(
+        self,
+        state: EpidemicState,
+        pressure: Pressure,
+        new_inf: torch.Tensor,
+        outside_factor: torch.Tensor | None,
+        inputs: EpidemicInputs,
+        susceptibility: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N,) path weights after today's infection draws: each scored susceptible agent's weight times
+        ``p / sg(p)`` if infected today (`new_inf`), ``(1 - p) / sg(1 - p)`` if not, with ``p = 1 -
+        exp(-force * susceptibility)`` (and the day's imports). Scored: every susceptible agent, or those
+        in ``inputs.scored``; the force (with the tangent of the infectious agents' weights, see
+        :meth:`_weighted_pressure`) is gathered at those agents only."""
+        scored = state.disease == S
+        if inputs.scored is not None:
+            scored &= inputs.scored
+        idx = scored.nonzero().squeeze(1)
+        del scored
+        f = self.contacts.force(pressure, outside_factor=outside_factor, working=inputs.working, agents=idx)
+        p = -torch.expm1(-f * susceptibility.index_select(0, idx))
+        if inputs.imports is not None:
+            p = 1.0 - (1.0 - p) * (1.0 - inputs.imports.index_select(0, idx))
+        hit = torch.zeros(state.disease.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
+        score = _score_weight(p, hit.index_select(0, idx))
+        return state.weight.index_copy(0, idx, state.weight.index_select(0, idx) * score)
+
     @cached_property
     def _small_groups(self) -> tuple[_GroupIndex, ...]:
         """Household, classroom and workplace membership (``LAYERS`` order, community excluded)."""
@@ -596,41 +640,52 @@ class EpidemicModel:
             weight (N,), group_weight (3, N), log_ratio (3, N) after today.
         """
         n, dev = self.contacts.n, self.device
-        log_ratio = state.log_ratio.clone()
+        # no gradients: the caller's state is updated in place (as the fast path does with the rest)
+        log_ratio = state.log_ratio.clone() if torch.is_grad_enabled() else state.log_ratio
         group_weight = state.group_weight
         disease = state.disease
         rates = inputs.rates.detach()
-        outside = torch.ones(n, device=dev) if outside_factor is None else outside_factor.detach()
-        working = torch.ones(n, device=dev) if inputs.working is None else inputs.working.to(torch.float32)
+        outside = None if outside_factor is None else outside_factor.detach()
+        working = None if inputs.working is None else inputs.working.to(torch.float32)
         survivors = disease == S
         survivors.index_fill_(0, new_inf, False)
         ever_infectious = disease >= I  # I, R, M and awaiting death: emitted before or today
-        receive = (susceptibility, susceptibility * outside, susceptibility * outside * working)
-        emit_factor = (torch.ones(n, device=dev), outside, outside * working)
+
+        def receive(layer: int, idx: torch.Tensor) -> torch.Tensor:
+            """(len(idx),) how much of a group's emission the agents `idx` receive in `layer`."""
+            r = susceptibility.index_select(0, idx)
+            if layer > 0 and outside is not None:
+                r = r * outside.index_select(0, idx)
+            if layer == 2 and working is not None:
+                r = r * working.index_select(0, idx)
+            return r
+
         terms = []
         for layer, index in enumerate(self._small_groups):
             g_inf = index.group.index_select(0, infectious)
-            emit = (rates[layer] * index.inv.index_select(0, g_inf) * w_home
-                    * emit_factor[layer].index_select(0, infectious) * index.small.index_select(0, g_inf))
-            # every member who stayed susceptible today took `emit * receive` from each emitter
-            exposed = torch.zeros(index.inv.numel(), device=dev).index_add_(
-                0, index.group, receive[layer] * survivors
-            )
-            log_ratio[layer].index_add_(0, infectious, emit * exposed.index_select(0, g_inf))
+            emit = rates[layer] * index.inv.index_select(0, g_inf) * w_home
+            factor = None  # outside the home: isolation, and work for those working
+            if layer > 0 and outside is not None:
+                factor = outside.index_select(0, infectious)
+            if layer == 2 and working is not None:
+                w_inf = working.index_select(0, infectious)
+                factor = w_inf if factor is None else factor * w_inf
+            emit = (emit if factor is None else emit * factor) * index.small.index_select(0, g_inf)
+            # every member who stayed susceptible today took `emit * receive` from each emitter: summed
+            # over the members of the emitters' groups only (not over every agent)
+            j, members = _members(index, g_inf)
+            exposed = torch.zeros(infectious.numel(), device=dev).index_add_(
+                0, j, receive(layer, members) * survivors.index_select(0, members))
+            log_ratio[layer].index_add_(0, infectious, emit * exposed)
             # members of the small groups of today's infections who have been infectious
-            g_new = index.group.index_select(0, new_inf)
-            size = index.size.index_select(0, g_new)
-            total = int(size.sum())
-            if total == 0:
+            k, m = _members(index, index.group.index_select(0, new_inf))
+            if k.numel() == 0:
                 terms.append(None)
                 continue
-            k = torch.repeat_interleave(torch.arange(new_inf.numel(), device=dev), size)
-            offset = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(size, 0) - size, size)
-            m = index.order.index_select(0, torch.repeat_interleave(index.start.index_select(0, g_new), size) + offset)
             keep = ever_infectious.index_select(0, m)
             k, m = k[keep], m[keep]
             emit_now = torch.zeros(n, device=dev).index_copy_(0, infectious, emit).index_select(0, m)
-            h = (receive[layer].index_select(0, new_inf.index_select(0, k)) * emit_now).double()
+            h = (receive(layer, new_inf.index_select(0, k)) * emit_now).double()
             big_h = hazard.index_select(0, k)
             ratio = torch.where(h > 0, _log1mexp((big_h - h).clamp(min=0.0)) - _log1mexp(big_h), 0.0)
             log_ratio[layer].index_add_(0, m, ratio.to(torch.float32))

@@ -2,6 +2,7 @@
 
     python bench/bench_calibrate.py step --agents 1000000 8336817 --days 120 [--checkpoint-days 7]
         [--before a43a8bd] [--before-max-agents 1000000] [--threads 2]
+    python bench/bench_calibrate.py adam --agents 416841 833682 --steps 3 [--before-max-agents 500000]
     python bench/bench_calibrate.py profile --agents 100000 --days 56
     python bench/bench_calibrate.py wave --scale 0.01 --steps 20 --out runs/bench_calibrate
 
@@ -14,6 +15,9 @@ kernel's high-water mark of that process, allocator fragmentation included). "be
 to ``--before-max-agents`` (it needs about 5 GiB per million agents); larger cities print its linear
 extrapolation from the largest measured one, marked as such. Both codes print their gradient; the
 "after" rows give its largest relative difference from "before" on the same city.
+``adam``: a few Adam steps of the first-wave fit as ``lpm-llm calibrate`` runs them (21 weeks, 2 seeds
+a step, ``--checkpoint-days`` 14 as the bundled fit), before and after, wall and CPU seconds per step,
+and one evaluation without gradients (the unit of the Nelder-Mead baseline).
 ``profile``: bytes autograd saves per agent-day, by line of code, with every activation kept
 (``checkpoint_days`` None) and with segments: where the memory of a gradient step goes.
 ``wave``: :func:`lpm_llm.calibrate.calibrate_first_wave` on the bundled NYC data (constant isolation
@@ -81,14 +85,44 @@ def bench_step(agents: int, days: int, checkpoint_days: int | None) -> dict:
     grad = torch.cat([space.raw[n].grad.reshape(-1) for n in space.names])
     return {"agents": pop.n, "days": days, "checkpoint_days": checkpoint_days,
             "forward_s": round(t1 - t0, 2), "backward_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
-            "cpu_s": round(c2 - c0, 2), "loss": float(loss.detach()), "grad": grad.tolist()}
+            "cpu_s": round(c2 - c0, 2), "forward_cpu_s": round(c1 - c0, 2), "backward_cpu_s": round(c2 - c1, 2),
+            "loss": float(loss.detach()), "grad": grad.tolist()}
+
+
+def bench_adam_steps(agents: int, steps: int, checkpoint_days: int | None) -> dict:
+    """`steps` Adam steps of the first-wave fit as ``lpm-llm calibrate`` runs them (21 weeks from
+    2020-03-01, 2 seeds a step, every parameter of :func:`first_wave_space`, constant isolation
+    decisions in place of the LLM's), then one evaluation without gradients (Nelder-Mead's unit)."""
+    from lpm_llm.calibrate import Calibrator
+
+    pop, objective = _objective(agents, 147, checkpoint_days)
+    space = first_wave_space(PARAMS, n_months=5)
+    times = []
+
+    def on_step(method, i, loss, seconds):
+        times.append((time.perf_counter(), time.process_time()))
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    fit = Calibrator(space, steps=steps, lr=0.1, seeds_per_step=2, on_step=on_step).fit(objective)
+    t1, c1 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        objective(fit.space_.values(), [10_000, 10_001])
+    t2, c2 = time.perf_counter(), time.process_time()
+    walls = [b[0] - a[0] for a, b in zip([(t0, c0), *times[:-1]], times, strict=True)]
+    cpus = [b[1] - a[1] for a, b in zip([(t0, c0), *times[:-1]], times, strict=True)]
+    return {"agents": pop.n, "steps": steps, "checkpoint_days": checkpoint_days,
+            "step_wall_s": [round(x, 2) for x in walls], "step_cpu_s": [round(x, 2) for x in cpus],
+            "adam_wall_s": round(t1 - t0, 2), "adam_cpu_s": round(c1 - c0, 2),
+            "no_grad_eval_2_seeds_wall_s": round(t2 - t1, 2), "no_grad_eval_2_seeds_cpu_s": round(c2 - c1, 2),
+            "losses": fit.loss_history_, "grad": []}
 
 
 def _child(code: Path, agents: int, days: int, checkpoint_days: int | None, threads: int,
-           timeout: float) -> dict:
-    """Run :func:`bench_step` with the package at `code` in a child process; add its peak RSS."""
+           timeout: float, adam_steps: int = 0) -> dict:
+    """Run :func:`bench_step` (or :func:`bench_adam_steps`) with the package at `code` in a child
+    process; add its peak RSS."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", "--agents", str(agents), "--days", str(days),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--adam-steps", str(adam_steps)]
     if checkpoint_days:
         cmd += ["--checkpoint-days", str(checkpoint_days)]
     env = {**os.environ, "PYTHONPATH": str(code)}
@@ -150,6 +184,22 @@ def step_table(agents: list[int], days: int, checkpoint_days: int, before: str, 
                 row["loss_diff"] = new["loss"] - ref["loss"]
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def adam_table(agents: list[int], steps: int, checkpoint_days: int, before: str, before_max: int,
+               threads: int, timeout: float) -> list[dict]:
+    """before/after Adam steps of the first-wave fit per city size (children as in :func:`step_table`)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old = _before_tree(before, Path(tmp))
+        for n in agents:
+            codes = ([(f"before ({before})", old)] if n <= before_max else []) + [("after", ROOT)]
+            for name, code in codes:
+                r = _child(code, n, 147, checkpoint_days, threads, timeout, adam_steps=steps)
+                r.pop("grad", None)
+                rows.append({"code": name, **r})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -223,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--days", type=int)
     c.add_argument("--checkpoint-days", type=int, default=None)
     c.add_argument("--threads", type=int)
+    c.add_argument("--adam-steps", type=int, default=0)
+    a = sub.add_parser("adam")
+    a.add_argument("--agents", type=int, nargs="+", default=[416_841, 833_682])
+    a.add_argument("--steps", type=int, default=3)
+    a.add_argument("--checkpoint-days", type=int, default=14)
+    a.add_argument("--before", default="a43a8bd")
+    a.add_argument("--before-max-agents", type=int, default=500_000)
+    a.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a.add_argument("--timeout", type=float, default=1800.0)
     p = sub.add_parser("profile")
     p.add_argument("--agents", type=int, default=100_000)
     p.add_argument("--days", type=int, default=56)
@@ -236,10 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.what == "_child":
         torch.set_num_threads(args.threads)
-        print(json.dumps(bench_step(args.agents, args.days, args.checkpoint_days)))
+        result = (bench_adam_steps(args.agents, args.adam_steps, args.checkpoint_days) if args.adam_steps
+                  else bench_step(args.agents, args.days, args.checkpoint_days))
+        print(json.dumps(result))
         return 0
     if args.what == "step":
         result = step_table(args.agents, args.days, args.checkpoint_days, args.before, args.before_max_agents,
+                            args.threads, args.timeout)
+    elif args.what == "adam":
+        result = adam_table(args.agents, args.steps, args.checkpoint_days, args.before, args.before_max_agents,
                             args.threads, args.timeout)
     elif args.what == "profile":
         result = [profile_saved(args.agents, args.days, None), profile_saved(args.agents, args.days, 7)]

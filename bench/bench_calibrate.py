@@ -18,8 +18,9 @@ extrapolation from the largest measured one, marked as such. Both codes print th
 ``adam``: a few Adam steps of the first-wave fit as ``lpm-llm calibrate`` runs them (21 weeks, 2 seeds
 a step, ``--checkpoint-days`` 14 as the bundled fit), before and after, wall and CPU seconds per step,
 and one evaluation without gradients (the unit of the Nelder-Mead baseline).
-``profile``: bytes autograd saves per agent-day, by line of code, with every activation kept
-(``checkpoint_days`` None) and with segments: where the memory of a gradient step goes.
+``profile``: bytes autograd saves per agent-day, by line of code, in the forward and the backward pass
+(the segments' recomputation), with every activation kept (``checkpoint_days`` None) and with
+segments of 7 days: where the memory of a gradient step goes.
 ``wave``: :func:`lpm_llm.calibrate.calibrate_first_wave` on the bundled NYC data (constant isolation
 decisions, no LLM): the loss on common evaluation seeds of gradient descent and of Nelder-Mead
 (given as much wall time as Adam took) against fitting time, when Adam's fit first scored at or
@@ -204,27 +205,34 @@ def adam_table(agents: list[int], steps: int, checkpoint_days: int, before: str,
 
 
 def profile_saved(agents: int, days: int, checkpoint_days: int | None) -> dict:
-    """Bytes per agent-day that autograd saves during the forward pass, by line of code (unique
-    storages of at least N/4 elements; run with checkpoint_days None to see every day's activations)."""
+    """Bytes per agent-day that autograd saves, by line of code (unique storages of at least N/4
+    elements): during the forward pass, and during the backward pass (the segments' recomputation,
+    whose saved tensors live one segment at a time)."""
     pop, objective = _objective(agents, days, checkpoint_days)
     space = first_wave_space(PARAMS, n_months=5)
     seen: dict = {}
-    by: collections.Counter = collections.Counter()
+    by: dict[str, collections.Counter] = {"forward": collections.Counter(), "backward": collections.Counter()}
+    phase = ["forward"]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen and t.numel() >= pop.n // 4:
+        key = (t.untyped_storage().data_ptr(), t.dtype, t.untyped_storage().nbytes())
+        if seen.get(key) is not t and t.numel() >= pop.n // 4:
             seen[key] = t
             frame = [f for f in traceback.extract_stack(limit=14) if "lpm_llm" in f.filename][-1]
             where = f"{Path(frame.filename).name}:{frame.lineno} {frame.line.strip()[:60]}"
-            by[f"{where} [{str(t.dtype).replace('torch.', '')}]"] += t.untyped_storage().nbytes()
+            by[phase[0]][f"{where} [{str(t.dtype).replace('torch.', '')}]"] += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        objective(space.values(), [0])
-    per = {k: round(v / pop.n / days, 2) for k, v in by.most_common()}
-    return {"agents": pop.n, "days": days, "checkpoint_days": checkpoint_days,
-            "saved_bytes_per_agent_day": round(sum(by.values()) / pop.n / days, 1), "by_line": per}
+        loss = objective(space.values(), [0])
+        seen.clear()
+        phase[0] = "backward"
+        loss.backward()
+    out = {"agents": pop.n, "days": days, "checkpoint_days": checkpoint_days}
+    for ph, counter in by.items():
+        out[f"{ph}_saved_bytes_per_agent_day"] = round(sum(counter.values()) / pop.n / days, 1)
+        out[f"{ph}_by_line"] = {k: round(v / pop.n / days, 2) for k, v in counter.most_common(12)}
+    return out
 
 
 def bench_wave(scale: float, steps: int, seeds_per_step: int, lr: float, lr_final: float | None,

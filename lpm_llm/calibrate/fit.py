@@ -529,7 +529,7 @@ def calibrate_first_wave(
     baseline_budget: int | None = None,
     eval_seeds: int = 4,
     curve_points: int = 8,
-    checkpoint_days: int | None = None,
+    checkpoint_days: int | None = 7,
     scale: float | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
@@ -558,8 +558,9 @@ def calibrate_first_wave(
         decisions: decision name -> source (``isolate``); each is wrapped in :class:`FrozenDecisions`.
         params: epidemic parameters; the calibrated ones start from their values here.
         scale: agents per resident (default: ``population.n / NYC_POPULATION``).
-        checkpoint_days: recompute the simulation's activations in chunks of this many days during
-            the backward pass (bounded memory on long horizons); None keeps them all.
+        checkpoint_days: run the simulation with gradients in checkpointed segments of at most this
+            many days (:mod:`lpm_llm.models._segments`: a compact saved state, recomputed in the backward
+            pass; less memory and time than keeping every activation, None, with the same gradient).
         observed: daily observations (date, area, targets); default: the bundled NYC data.
         parameters: names of :func:`first_wave_space` to calibrate (default: all of them; the
             alignment terms only with an ``isolate`` decision).

@@ -558,14 +558,18 @@ class EpidemicModel:
         """(N,) path weights after today's infection draws: each scored susceptible agent's weight times
         ``p / sg(p)`` if infected today (`new_inf`), ``(1 - p) / sg(1 - p)`` if not, with ``p = 1 -
         exp(-force * susceptibility)`` (and the day's imports). Scored: every susceptible agent, or those
-        in ``inputs.scored``; the force (with the tangent of the infectious agents' weights, see
-        :meth:`_weighted_pressure`) is gathered at those agents only."""
-        scored = state.disease == S
-        if inputs.scored is not None:
-            scored &= inputs.scored
-        idx = scored.nonzero().squeeze(1)
-        del scored
-        f = self.contacts.force(pressure, outside_factor=outside_factor, working=inputs.working, agents=idx)
+        in ``inputs.scored``, at whom alone the force (with the tangent of the infectious agents'
+        weights, see :meth:`_weighted_pressure`) is then gathered."""
+        c = self.contacts
+        if inputs.scored is None:  # every agent: dense (gathers at a subset save their indices)
+            f = c.force(pressure, outside_factor=outside_factor, working=inputs.working)
+            p = -torch.expm1(-f * susceptibility)
+            if inputs.imports is not None:
+                p = 1.0 - (1.0 - p) * (1.0 - inputs.imports)
+            hit = torch.zeros(p.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
+            return torch.where(state.disease == S, state.weight * _score_weight(p, hit), state.weight)
+        idx = ((state.disease == S) & inputs.scored).nonzero().squeeze(1)
+        f = c.force(pressure, outside_factor=outside_factor, working=inputs.working, agents=idx)
         p = -torch.expm1(-f * susceptibility.index_select(0, idx))
         if inputs.imports is not None:
             p = 1.0 - (1.0 - p) * (1.0 - inputs.imports.index_select(0, idx))

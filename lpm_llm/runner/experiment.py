@@ -107,7 +107,9 @@ class CalibrationConfig(_Strict):
     baseline_budget: int | None = Field(
         None, ge=1, description="simulations for the gradient-free baseline; default: as long as Adam ran"
     )
-    checkpoint_days: int | None = Field(None, ge=1, description="recompute activations in chunks of this many days")
+    checkpoint_days: int | None = Field(7, ge=1, description="with gradients, run the simulation in checkpointed "
+                                        "segments of at most this many days (recomputed in the backward pass; "
+                                        "null: keep every activation)")
     parameters: list[str] | None = Field(
         None, description="calibrated parameters (lpm_llm.calibrate.first_wave_space names); default: all"
     )

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lpm_llm.core.interventions import InterventionSchedule, Policy, nyc_2020
+from lpm_llm.distributed.group import DistributedSettings
 from lpm_llm.llm.settings import LLMSettings
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.models.labor import LaborParams
@@ -168,6 +169,9 @@ class ExperimentConfig(_Strict):
     )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings, description="how a run started on several ranks (--nproc, torchrun) "
+        "shares its work; ignored in one process")
 
 
     @field_validator("device")

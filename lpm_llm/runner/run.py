@@ -161,21 +161,34 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
 
 
 def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
+    """Every scenario and seed of ``exp`` into ``out_dir``.
+
+    Started by ``torchrun`` on several ranks (``distributed.shard: seed``), each rank runs its share
+    of the (scenario, seed) simulations, and rank 0 gathers the results and writes the run folder,
+    identical to a single process's but for timings and which answers were cache hits.
+    """
+    from lpm_llm.distributed import process_group
     from lpm_llm.llm.client import open_client
 
     cfg = exp.config
     configs = {"baseline": cfg, **exp.scenarios}
     bar = exp.progress
-    metrics, areas, labor, decisions_tables = [], [], [], []
-    with _run_folder(exp, out_dir, overwrite, scenarios=list(configs)) as run:
+    with process_group(cfg.distributed, cfg.device) as group, \
+            _run_folder(exp, out_dir, overwrite, scenarios=list(configs), write=group.is_main) as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
         with timer.phase("llm_start"):
             client = run.client = open_client(cfg.llm, http_client=exp.http_client)
         runs = [(name, c, seed) for name, c in configs.items() for seed in c.seeds]
-        for i, (name, c, seed) in enumerate(runs):
+        if group.world > 1:
+            run.manifest["distributed"] = {"ranks": group.world, "shard": cfg.distributed.shard,
+                                           "backend": cfg.distributed.backend}
+        outputs = []
+        for i, (name, c, seed) in group.deal(list(enumerate(runs))):
+            if group.world > 1 and torch.device(c.device).type == "cuda":
+                c = c.model_copy(update={"device": f"cuda:{group.local_rank}"})  # a GPU per rank
             desc = f"{name} seed {seed} ({i + 1}/{len(runs)})"
-            pbar = bar(total=c.days, desc=desc) if bar else None
+            pbar = bar(total=c.days, desc=desc) if bar and group.is_main else None
             decisions = build_decisions(c, client, archetypes)
             run.sources.append(decisions)
             if pbar:
@@ -185,12 +198,20 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
                                     pbar.update if pbar else (lambda n: None))
             if pbar:
                 pbar.close()
-            if len(results.daily.columns) > 4:  # models with daily series by area and age band
-                metrics.append(results.daily.assign(scenario=name, seed=seed))
-                areas.append(results.by_area().assign(scenario=name, seed=seed))
-            if "labor" in results.tables:
-                labor.append(results.tables["labor"].assign(scenario=name, seed=seed))
-            decisions_tables.append(_decisions_frame(decisions, name, seed))
+            daily = len(results.daily.columns) > 4  # models with daily series by area and age band
+            outputs.append((results.daily.assign(scenario=name, seed=seed) if daily else None,
+                            results.by_area().assign(scenario=name, seed=seed) if daily else None,
+                            results.tables["labor"].assign(scenario=name, seed=seed)
+                            if "labor" in results.tables else None,
+                            _decisions_frame(decisions, name, seed)))
+        if group.world > 1:
+            shares = group.gather((outputs, _rank_usage(run)))
+            if not group.is_main:
+                return ExperimentResult(out_dir=out_dir, metrics=pd.DataFrame(), decisions=pd.DataFrame(),
+                                        manifest={})
+            outputs = group.undeal([share for share, _ in shares])
+            run.other_ranks = [usage for _, usage in shares[1:]]
+        metrics, areas, labor, decisions_tables = ([o[j] for o in outputs if o[j] is not None] for j in range(4))
         with timer.phase("outputs"):
             labor_df = pd.concat(labor, ignore_index=True) if labor else None
             # metrics: the epidemic's daily series; for a labour-only run, the monthly labour series
@@ -208,6 +229,28 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
                             labor=labor_df, plots=plots)
 
 
+def _rank_usage(run: _Run) -> dict[str, Any]:
+    """This rank's LLM usage and answer masses, for rank 0's manifest."""
+    usage = run.client.usage
+    return {"usage": usage.as_dict() if hasattr(usage, "as_dict") else dict(vars(usage)),
+            "masses": [r.get("answer_mass") for source in run.sources for d in source.values()
+                       for r in getattr(d, "records", [])]}
+
+
+def _add_usage(total: dict[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """``total`` plus another rank's usage counters (numbers summed, reported models merged)."""
+    out = dict(total)
+    for key, value in other.items():
+        if isinstance(value, dict):
+            merged = dict(out.get(key) or {})
+            for k, v in value.items():
+                merged[k] = merged.get(k, 0) + v
+            out[key] = merged
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = out.get(key, 0) + value
+    return out
+
+
 @dataclass
 class _Run:
     """One run folder being written: its phase timer, its manifest, and the LLM client once opened."""
@@ -218,10 +261,11 @@ class _Run:
     manifest: dict[str, Any]
     client: Any = None
     sources: list[Mapping[str, Any]] = field(default_factory=list)  # decision sources, for the manifest
+    other_ranks: list[dict[str, Any]] = field(default_factory=list)  # the other ranks' LLM usage (rank 0)
 
 
 @contextmanager
-def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, **fields: Any):
+def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, write: bool = True, **fields: Any):
     """Create the folder and its config.yaml; on the way out, always write manifest.json.
 
     A non-empty ``out_dir`` is refused unless ``overwrite`` (see
@@ -230,6 +274,14 @@ def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, **field
     phase, so that a failed run still says what it did and what it cost; the LLM client is closed.
     """
     cfg = exp.config
+    if not write:  # a rank other than 0: no folder, its usage goes to rank 0
+        run = _Run(cfg, out_dir, _outputs.PhaseTimer(), {})
+        try:
+            yield run
+        finally:
+            if run.client is not None:
+                _close(run.client)
+        return
     _outputs.prepare_run_folder(out_dir, overwrite)
     manifest = _outputs.base_manifest(exp.config_path)
     manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device, **fields, "status": "running"})
@@ -255,6 +307,9 @@ def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, **field
             manifest["llm"] = _llm_manifest(cfg, run.client)
             masses = [r.get("answer_mass") for source in run.sources for d in source.values()
                       for r in getattr(d, "records", [])]
+            for other in run.other_ranks:
+                manifest["llm"]["usage"] = _add_usage(manifest["llm"]["usage"], other["usage"])
+                masses += other["masses"]
             if cfg.llm.probability_mode == "logprobs":
                 manifest["llm"]["answer_mass"] = _outputs.summarize_masses(masses, cfg.llm.min_answer_mass)
             _close(run.client)

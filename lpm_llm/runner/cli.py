@@ -40,9 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set population.scale=0.02 (repeatable)")
         s.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings only")
         s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-        if name == "run":
+        if name in ("run", "calibrate"):
             s.add_argument("--nproc", type=int, default=1, metavar="N",
-                           help="run on N local processes started by torchrun (see the config's `distributed:`)")
+                           help="N local processes started by torchrun: run shares its simulations (the config's "
+                                "`distributed:`); calibrate makes each a data holder (`privacy:`)")
     sub.add_parser("list", help="list the bundled experiments, archetypes and prompts")
     return p
 

@@ -22,6 +22,7 @@ from lpm_llm.population import Population
 from lpm_llm.population.archetypes import Archetypes, ArchetypeSpec
 from lpm_llm.resources import resolve_path
 from lpm_llm.runner import outputs as _outputs
+from lpm_llm.runner.config import ConfigError
 
 if TYPE_CHECKING:
     from lpm_llm.runner.experiment import Experiment, ExperimentConfig
@@ -422,6 +423,8 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
     from lpm_llm.llm.client import open_client
 
     cfg, cal = exp.config, exp.config.calibration
+    if cfg.privacy.mode != "none":
+        return _calibrate_private(exp, out_dir, overwrite)
     if cfg.model_names == ["labor"]:  # the targets follow the model: monthly unemployment
         return _calibrate_labor(exp, out_dir, overwrite)
     if cfg.model_names != ["epidemic"]:
@@ -530,3 +533,74 @@ def _calibrate_labor(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
         run.manifest["calibration"] = summary
     return ExperimentResult(out_dir=out_dir, metrics=table, decisions=decisions_df, manifest=run.manifest,
                             plots=paths)
+
+
+def _calibrate_private(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
+    """The first-wave calibration with each rank a data holder (``privacy:``; see :mod:`lpm_llm.privacy`).
+
+    Writes (rank 0) config.yaml, manifest.json (the privacy block: holders, rounds, epsilon and
+    delta with ``secure+dp``), calibration.json (fitted parameters, published losses) and, with
+    ``privacy.transcript``, transcript.jsonl: every message the coordinator received.
+    """
+    import json
+
+    from lpm_llm.calibrate.fit import FrozenDecisions, weeks_through
+    from lpm_llm.core.sim import Simulation
+    from lpm_llm.distributed import launched_by_torchrun, process_group
+    from lpm_llm.distributed.decisions import BroadcastDecisions
+    from lpm_llm.llm.client import open_client
+    from lpm_llm.models.epidemic import Epidemic
+    from lpm_llm.privacy.calibrate import calibrate_private
+
+    cfg, cal = exp.config, exp.config.calibration
+    if not launched_by_torchrun():
+        raise ConfigError(f"privacy.mode {cfg.privacy.mode} needs 2 or more data holders: start it with "
+                          "lpm-llm calibrate EXPERIMENT --nproc 5 (one holder per borough)")
+    if cfg.model_names != ["epidemic"]:
+        raise ValueError(f"privacy.mode {cfg.privacy.mode} calibrates the epidemic, not {cfg.model!r}")
+    with process_group(cfg.distributed, cfg.device) as group, \
+            _run_folder(exp, out_dir, overwrite, command_kind="calibrate", write=group.is_main) as run:
+        population, scale, archetypes = _prepare(exp, run.timer, run.manifest)
+        decisions = {}
+        if "isolate" in cfg.decisions and cfg.decisions["isolate"].enabled:
+            source = None
+            if group.is_main:  # only the coordinator talks to the LLM; the answers are broadcast
+                with run.timer.phase("llm_start"):
+                    client = run.client = open_client(cfg.llm, http_client=exp.http_client)
+                source = build_decisions(cfg, client, archetypes)["isolate"]
+                run.sources.append({"isolate": source})
+            decisions["isolate"] = FrozenDecisions(BroadcastDecisions(source, group))
+        weeks = weeks_through(cal.start, cal.end)
+        device = f"cuda:{group.local_rank}" if torch.device(cfg.device).type == "cuda" else cfg.device
+        simulation = Simulation(population, [Epidemic(cfg.epidemic)], archetypes=archetypes,
+                                decisions=decisions or None, interventions=cfg.interventions.schedule(),
+                                start_date=cal.start, days=7 * weeks, seed=cfg.seeds[0], device=device,
+                                **({"checkpoint_days": cal.checkpoint_days} if cal.checkpoint_days else {}))
+        pbar = exp.progress(total=cal.steps, desc="private calibration") if exp.progress and group.is_main else None
+
+        def on_step(method: str, index: int, loss: float, seconds: float) -> None:
+            log.info("private calibration step %d: published loss %.4f (%.1f s)", index, loss, seconds)
+            if pbar:
+                pbar.set_postfix(loss=f"{loss:.3f}")
+                pbar.update(1)
+
+        transcript = out_dir / "transcript.jsonl" if cfg.privacy.transcript and group.is_main else None
+        with run.timer.phase("calibration"):
+            fit = calibrate_private(
+                simulation, cfg.epidemic, group, cfg.privacy, start=cal.start, weeks=weeks, targets=cal.targets,
+                scale=scale, steps=cal.steps, lr=cal.lr, lr_final=cal.lr_final, seeds_per_step=cal.seeds_per_step,
+                seed=cfg.seeds[0], parameters=cal.parameters, transcript=transcript, on_step=on_step,
+                alignment=bool(decisions) and (tuple(cfg.decisions["isolate"].alignment)
+                                               if cfg.decisions["isolate"].alignment else True),
+            )
+        if pbar:
+            pbar.close()
+        if group.is_main:
+            summary = {"params": fit.params, "published_loss": fit.loss_history, "wall_time": fit.wall_times,
+                       "holders": fit.holders, "privacy": fit.privacy}
+            (out_dir / "calibration.json").write_text(json.dumps(summary, indent=2))
+            run.manifest["privacy"] = {**fit.privacy, "holders": fit.holders,
+                                       "transcript": transcript.name if transcript else None}
+            run.manifest["calibration"] = {"params": fit.params, "published_loss": fit.loss_history}
+    return ExperimentResult(out_dir=out_dir, metrics=pd.DataFrame(), decisions=pd.DataFrame(),
+                            manifest=run.manifest if group.is_main else {})

@@ -25,9 +25,9 @@ from lpm_llm.core.sim import Simulation, months_between
 from lpm_llm.distributed import Group
 from lpm_llm.models.epidemic import Epidemic, EpidemicParams
 from lpm_llm.population import BOROUGHS
-from lpm_llm.privacy.calibrate import HolderObjective
+from lpm_llm.privacy.calibrate import HolderObjective, holder_columns
 from lpm_llm.privacy.dp import GaussianNoise, epsilon
-from lpm_llm.privacy.secure_sum import FixedPoint, PairwiseMasks
+from lpm_llm.privacy.secure_sum import FixedPoint, PairwiseMasks, SecureSum
 from lpm_llm.runner.cli import main
 
 # -- secure sum -------------------------------------------------------------------------------------
@@ -121,7 +121,9 @@ def tiny_nyc():
     return synthesize_nyc(scale=0.002, seed=0)
 
 
-def test_holders_losses_and_gradients_sum_to_the_citys(tiny_nyc):
+@pytest.mark.parametrize("private", [None, ["cases"]])
+def test_holders_losses_and_gradients_sum_to_the_citys(tiny_nyc, private):
+    """Every target private (each holder its boroughs), or deaths published (held by rank 0 for all)."""
     targets = ("cases", "deaths")
     scale = tiny_nyc.scale
     space = first_wave_space(EpidemicParams(), months_between(START, START + dt.timedelta(days=7 * WEEKS - 1)) + 1,
@@ -131,23 +133,48 @@ def test_holders_losses_and_gradients_sum_to_the_citys(tiny_nyc):
         space.zero_grad()
         loss = objective(space.values(), [3, 4])
         loss.backward()
-        return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in space.parameters()])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in space.parameters()]
+        return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads])
 
     whole = SimulationObjective(_simulation(tiny_nyc), observed_weekly(START, WEEKS, targets), weeks=WEEKS,
                                 scale=scale)
     loss, grad = loss_and_grad(whole)
     losses, grads = [], []
     for rank in range(2):
-        mine = Group(rank, 2).deal(list(range(len(BOROUGHS))))
-        obs = observed_weekly(START, WEEKS, targets, areas=[BOROUGHS[b] for b in mine])
-        holder = HolderObjective(_simulation(tiny_nyc), obs, boroughs=mine, n_boroughs=len(BOROUGHS),
-                                 weeks=WEEKS, scale=scale)
+        columns = holder_columns(rank, 2, targets, private)
+        obs = {t: observed_weekly(START, WEEKS, [t], areas=[BOROUGHS[b] for b in c])[t] for t, c in columns.items()
+               if c}
+        holder = HolderObjective(_simulation(tiny_nyc), obs, columns=columns, n_boroughs=len(BOROUGHS),
+                                 n_targets=len(targets), weeks=WEEKS, scale=scale)
         part_loss, part_grad = loss_and_grad(holder)
         losses.append(part_loss)
         grads.append(part_grad)
     assert sum(losses) == pytest.approx(loss, rel=1e-5)
-    assert grad.abs().max() > 0
+    assert grad.abs().max() > 0 and all(g.abs().max() > 0 for g in grads)
     torch.testing.assert_close(sum(grads), grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()))
+
+
+def test_the_coordinators_view_does_not_depend_on_any_single_holder():
+    """Two holders' inputs change with their sum unchanged: the sum is identical and every message
+    is uniform on the ring either way (a chi-square test on its bytes)."""
+    from scipy.stats import chisquare
+
+    masks = _holders(3)
+    n = 16_384
+    rng = np.random.default_rng(0)
+    x = [rng.normal(0, 10, n) for _ in range(3)]
+    d = rng.normal(0, 1000, n)
+    changed = [x[0] + d, x[1] - d, x[2]]
+    views = []
+    for inputs in (x, changed):
+        sums = [SecureSum(Group(r, 3), masks=masks[r]) for r in range(3)]
+        messages = [s.message(v) for s, v in zip(sums, inputs, strict=True)]
+        for m in messages:
+            counts = np.bincount(m.view(np.uint8), minlength=256)
+            assert chisquare(counts).pvalue > 1e-4
+        views.append(sums[0].combine(messages))
+    assert np.allclose(views[0], views[1], rtol=0, atol=4 * 2.0**-32)
+    assert np.allclose(views[0], x[0] + x[1] + x[2], rtol=0, atol=1e-8)
 
 
 # -- holders as ranks: lpm-llm calibrate --nproc 2 ----------------------------------------------------
@@ -159,8 +186,7 @@ def _config(tmp_path: Path, mode: str, steps: int = 3) -> Path:
         "population": {"source": "nyc", "scale": 0.002, "seed": 1},
         "decisions": {"isolate": {"prompt": "isolation.yaml", "enabled": False}},
         "seeds": [5],
-        "calibration": {"start": "2020-03-01", "end": "2020-03-28", "steps": steps, "lr": 0.1,
-                        "seeds_per_step": 2},
+        "calibration": {"start": "2020-03-01", "end": "2020-03-28", "steps": steps, "lr": 0.1},
         "privacy": {"mode": mode, "noise_multiplier": 0.0 if mode == "secure" else 2.0, "clip": 10.0},
         "distributed": {"timeout_s": 60},
         "outputs": {"plots": False},
@@ -188,8 +214,12 @@ def test_two_holders_fit_what_one_process_fits_and_the_coordinator_sees_only_sum
     from lpm_llm.runner.experiment import Experiment
     from lpm_llm.runner.run import build_population
 
-    path = _config(tmp_path, "secure", steps=2)
+    path = _config(tmp_path, "secure", steps=10)
     private = _calibrate(path, tmp_path / "secure")
+    plain = _calibrate(_config(tmp_path, "plain", steps=10), tmp_path / "plain")
+    # the masks change nothing: the same fit, bit for bit, as the holders' sums in the clear
+    assert private["published_loss"] == plain["published_loss"]
+    assert private["params"] == plain["params"]
     # the same Adam fit in one process, on the whole city's loss
     cfg = Experiment.from_yaml(path).config
     population = build_population(cfg)
@@ -199,22 +229,27 @@ def test_two_holders_fit_what_one_process_fits_and_the_coordinator_sees_only_sum
                                     scale=population.scale)
     space = first_wave_space(cfg.epidemic, months_between(START, START + dt.timedelta(days=7 * WEEKS - 1)) + 1,
                              alignment=False)
-    fit = Calibrator(space, method="adam", steps=2, lr=0.1, seeds_per_step=2, seed=5).fit(objective)
-    assert private["published_loss"] == pytest.approx(fit.loss_history_, rel=1e-5)
+    fit = Calibrator(space, method="adam", steps=10, lr=0.1, seed=5).fit(objective)
+    # and the centralized fit: the same loss at the start; after 10 steps the float32 rounding of
+    # summing the holders' gradients instead of differentiating one sum (1e-7 relative) has moved a
+    # few agents' discrete draws, so the parameters agree to about 1e-4 (2e-4 measured), not 1e-6
+    assert private["published_loss"][0] == pytest.approx(fit.loss_history_[0], rel=1e-6)
+    assert private["published_loss"] == pytest.approx(fit.loss_history_, rel=1e-3)
     for name, value in fit.params_.items():
-        assert np.allclose(private["params"][name], value, rtol=1e-4), name
-    assert private["holders"]["0"] == [BOROUGHS[b] for b in (0, 2, 4)]  # dealt out in turn
-    assert sorted(private["holders"]["0"] + private["holders"]["1"]) == sorted(BOROUGHS)
+        assert np.allclose(private["params"][name], value, rtol=1e-3, atol=0), name
+    held = [private["holders"][r]["cases"] for r in ("0", "1")]
+    assert held[0] == [BOROUGHS[b] for b in (0, 2, 4)] and sorted(held[0] + held[1]) == sorted(BOROUGHS)
     # the transcript: public keys, then per step the masked vectors, which decode to noise, and their sum
     records = [json.loads(line) for line in (tmp_path / "secure" / "transcript.jsonl").read_text().splitlines()]
-    assert records[0]["kind"] == "public_keys" and len(records) == 1 + 2
+    assert records[0]["kind"] == "public_keys" and len(records) == 1 + 10
     codec = FixedPoint(32, parties=2)
     for step, record in enumerate(records[1:]):
         received = [np.array(m, dtype=np.uint64) for m in record["from_ranks"]]
-        assert all(abs(codec.decode(m)[0]) > 1e3 for m in received)  # a holder's loss is < 100
+        for m in received:  # a holder's loss and gradient are < 1e3 in magnitude; its message decodes to noise
+            assert (np.abs(codec.decode(m)) > 1e3).all()
         assert codec.decode(received[0] + received[1])[0] == pytest.approx(private["published_loss"][step])
     manifest = json.loads((tmp_path / "secure" / "manifest.json").read_text())
-    assert manifest["privacy"]["mode"] == "secure" and manifest["privacy"]["rounds"] == 2
+    assert manifest["privacy"]["mode"] == "secure" and manifest["privacy"]["rounds"] == 10
 
 
 @pytest.mark.slow

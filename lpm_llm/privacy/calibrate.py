@@ -22,39 +22,77 @@ import numpy as np
 import torch
 
 from lpm_llm.calibrate.fit import Calibrator, SimulationObjective, first_wave_space
-from lpm_llm.calibrate.targets import observed_weekly
+from lpm_llm.calibrate.targets import log_mse, observed_weekly
 from lpm_llm.core.sim import months_between
 from lpm_llm.distributed.group import Group
 from lpm_llm.population import BOROUGHS
 from lpm_llm.privacy.dp import GaussianNoise, epsilon
-from lpm_llm.privacy.secure_sum import SecureSum
+from lpm_llm.privacy.secure_sum import FixedPoint, SecureSum
 from lpm_llm.privacy.settings import PrivacySettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HolderObjective", "PrivateFit", "calibrate_private"]
+__all__ = ["HolderObjective", "PrivateFit", "calibrate_private", "holder_columns"]
 
 
 class HolderObjective(SimulationObjective):
-    """One holder's share of :class:`SimulationObjective`'s loss: its boroughs' terms only.
+    """One holder's share of :class:`SimulationObjective`'s loss: the terms of the series it holds.
 
-    ``observed`` holds the holder's boroughs (columns in ``boroughs`` order); the loss is that of
-    those columns times ``len(boroughs) / n_boroughs``, so that the holders' losses sum to the loss
-    of the whole city.
+    ``columns``: target -> the boroughs (indices) whose series of that target this holder holds;
+    ``observed``: target -> (weeks, len(columns[target])) in that order. Each target's term is
+    :func:`log_mse` over the held columns times ``len(columns) / n_boroughs``, divided by the
+    experiment's ``n_targets``, so that the holders' losses sum to the loss of the whole city.
+    Every holder runs the whole simulation at every call (its decision steps are collectives).
     """
 
-    def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *, boroughs: Sequence[int],
-                 n_boroughs: int, weeks: int, scale: float, debias: bool = True):
+    def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *,
+                 columns: Mapping[str, Sequence[int]], n_boroughs: int, n_targets: int, weeks: int, scale: float,
+                 debias: bool = True):
         super().__init__(simulation, observed, weeks=weeks, scale=scale, debias=debias)
-        self.columns = torch.tensor(list(boroughs), dtype=torch.long)
-        self.share = len(boroughs) / n_boroughs
-
-    def weekly(self, values: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-        full = super().weekly(values, seed)
-        return {t: x.index_select(1, self.columns.to(x.device)) for t, x in full.items()}
+        self.columns = {t: torch.tensor(list(c), dtype=torch.long) for t, c in columns.items() if len(c)}
+        self.n_boroughs = n_boroughs
+        self.n_targets = n_targets
 
     def __call__(self, values: Mapping[str, torch.Tensor], seeds: int | Sequence[int]) -> torch.Tensor:
-        return super().__call__(values, seeds) * self.share
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        runs = [super(HolderObjective, self).weekly(values, s) for s in seeds]
+        loss = torch.zeros((), device=self.simulation.device, requires_grad=True)
+        for t, cols in self.columns.items():
+            x = torch.stack([r[t].index_select(1, cols.to(r[t].device)) for r in runs])
+            debias = self.debias and len(seeds) > 1
+            variance = {t: x.var(0) / len(seeds)} if debias else None
+            term = log_mse({t: x.mean(0)}, {t: self.observed[t]}, self.scale, variance=variance)
+            loss = loss + term * (len(cols) / self.n_boroughs / self.n_targets)
+        return loss
+
+
+def holder_columns(rank: int, world: int, targets: Sequence[str], private: Sequence[str] | None,
+                   n_boroughs: int = len(BOROUGHS)) -> dict[str, list[int]]:
+    """target -> the boroughs whose series rank ``rank`` holds: its own boroughs (dealt out in turn) for
+    the private targets; every borough for the others (published data) on rank 0, none elsewhere."""
+    mine = Group(rank, world).deal(list(range(n_boroughs)))
+    private = list(targets) if private is None else list(private)
+    return {t: (mine if t in private else (list(range(n_boroughs)) if rank == 0 else [])) for t in targets}
+
+
+class PlainSum:
+    """The sums of :class:`SecureSum` sent in the clear (``privacy.mode: plain``): no protection at all,
+    the baseline that shows what the secure sum costs. Each holder's vector is rounded to the same
+    fixed-point grid, so that the two give bit-identical sums (the masks change nothing)."""
+
+    def __init__(self, group: Group, frac_bits: int = 32):
+        self.group = group
+        self.codec = FixedPoint(frac_bits, parties=group.world)
+        self.rounds = 0
+        self.bytes_sent = 0
+
+    def __call__(self, x: np.ndarray, what: str = "") -> np.ndarray:
+        x = self.codec.decode(self.codec.encode(x))  # exact in float64 sums below 2^(52 - frac_bits)
+        self.bytes_sent += x.nbytes
+        received = self.group.gather(x)
+        total = np.sum(received, axis=0) if self.group.is_main else None
+        self.rounds += 1
+        return np.asarray(self.group.broadcast(total), dtype=np.float64)
 
 
 @dataclass
@@ -103,14 +141,18 @@ def calibrate_private(
                          "start it with lpm-llm calibrate ... --nproc 5 (one holder per borough)")
     if group.world > len(BOROUGHS):
         raise ValueError(f"{group.world} ranks but {len(BOROUGHS)} boroughs: each holder needs a borough")
-    mine = group.deal(list(range(len(BOROUGHS))))
-    observed = observed_weekly(start, weeks, targets, areas=[BOROUGHS[b] for b in mine],
-                               device=simulation.device)
-    objective = HolderObjective(simulation, observed, boroughs=mine, n_boroughs=len(BOROUGHS), weeks=weeks,
-                                scale=scale)
+    unknown = sorted(set(settings.private or ()) - set(targets))
+    if unknown:
+        raise ValueError(f"privacy.private names {unknown}, which calibration.targets {list(targets)} do not fit")
+    columns = holder_columns(group.rank, group.world, targets, settings.private)
+    observed = {t: observed_weekly(start, weeks, [t], areas=[BOROUGHS[b] for b in c], device=simulation.device)[t]
+                for t, c in columns.items() if c}
+    objective = HolderObjective(simulation, observed, columns=columns, n_boroughs=len(BOROUGHS),
+                                n_targets=len(targets), weeks=weeks, scale=scale)
     space = first_wave_space(params, months_between(start, start + dt.timedelta(days=7 * weeks - 1)) + 1,
                              alignment=alignment, include=parameters, device=simulation.device)
-    secure = SecureSum(group, frac_bits=settings.frac_bits, transcript=transcript)
+    secure = (SecureSum(group, frac_bits=settings.frac_bits, transcript=transcript) if settings.mode != "plain"
+              else PlainSum(group, settings.frac_bits))
     noise = (GaussianNoise(settings.clip, settings.noise_multiplier, group.world)
              if settings.mode == "secure+dp" else None)
 
@@ -134,7 +176,10 @@ def calibrate_private(
         privacy.update(noise_multiplier=settings.noise_multiplier, clip=settings.clip, delta=settings.delta,
                        epsilon=epsilon(settings.noise_multiplier, secure.rounds, settings.delta),
                        accountant="opacus RDPAccountant (sampling rate 1, holder-level add/remove)")
-    holders = {r: [BOROUGHS[b] for b in Group(r, group.world).deal(list(range(len(BOROUGHS))))]
+    holders = {r: {t: [BOROUGHS[b] for b in c] for t, c in holder_columns(r, group.world, targets,
+                                                                           settings.private).items()}
                for r in range(group.world)}
+    privacy["private"] = list(targets) if settings.private is None else list(settings.private)
+    privacy["secure_sum_bytes_sent_by_rank0"] = secure.bytes_sent
     return PrivateFit(params=fit.params_, loss_history=fit.loss_history_, wall_times=fit.wall_times_,
                       holders=holders, privacy=privacy)

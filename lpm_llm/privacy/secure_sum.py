@@ -102,31 +102,50 @@ class SecureSum:
     """Sums of one vector per rank, learned by rank 0 (the coordinator) and sent back to every rank.
 
     Every rank of ``group`` is a holder. Rank 0 relays the public keys and receives only masked
-    vectors; with ``transcript`` every message it receives is appended to that JSON-lines file.
+    vectors (:meth:`message`), whose sum (:meth:`combine`) is the sum of the holders' vectors;
+    with ``transcript`` every message it receives is appended to that JSON-lines file. A holder
+    that stops answering makes the round fail (the group's timeout), never a wrong sum.
+
+    ``masks``: key pairs already agreed (tests and benchmarks that play every holder in one
+    process); by default each rank makes its own and they are exchanged through rank 0.
     """
 
-    def __init__(self, group: Group, *, frac_bits: int = 32, transcript: str | Path | None = None):
+    def __init__(self, group: Group, *, frac_bits: int = 32, transcript: str | Path | None = None,
+                 masks: PairwiseMasks | None = None):
         self.group = group
         self.codec = FixedPoint(frac_bits, parties=group.world)
-        self.masks = PairwiseMasks(group.rank)
         self.transcript = Path(transcript) if transcript is not None and group.is_main else None
         self.rounds = 0
-        public = group.gather(self.masks.public_bytes)
-        if group.is_main:
-            self._log({"kind": "public_keys", "from_ranks": [p.hex() for p in public]})
-        self.masks.agree(group.broadcast(public))
+        self.bytes_sent = 0  # by this rank, in masked vectors and public keys
+        if masks is None:
+            masks = PairwiseMasks(group.rank)
+            public = group.gather(masks.public_bytes)
+            self.bytes_sent += len(masks.public_bytes)
+            if group.is_main:
+                self._log({"kind": "public_keys", "from_ranks": [p.hex() for p in public]})
+            masks.agree(group.broadcast(public))
+        self.masks = masks
+
+    def message(self, x: np.ndarray) -> np.ndarray:
+        """What this holder sends for ``x`` in the current round: its encoding plus its masks."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        return self.codec.encode(x) + self.masks.mask(x.size, self.rounds)
+
+    def combine(self, received: list[np.ndarray]) -> np.ndarray:
+        """The coordinator's sum of every holder's message: the masks cancel."""
+        total = np.zeros(received[0].size, dtype=np.uint64)
+        for m in received:
+            total = total + m
+        return self.codec.decode(total)
 
     def __call__(self, x: np.ndarray, what: str = "") -> np.ndarray:
         """The sum over ranks of ``x`` ((n,) float64, the same n on every rank), on every rank."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1)
-        masked = self.codec.encode(x) + self.masks.mask(x.size, self.rounds)
+        masked = self.message(x)
+        self.bytes_sent += masked.nbytes
         received = self.group.gather(masked)
         total = None
         if self.group.is_main:
-            total = np.zeros(x.size, dtype=np.uint64)
-            for m in received:
-                total = total + m
-            total = self.codec.decode(total)
+            total = self.combine(received)
             self._log({"kind": "masked", "round": self.rounds, "what": what,
                        "from_ranks": [[int(v) for v in m] for m in received], "sum": total.tolist()})
         self.rounds += 1

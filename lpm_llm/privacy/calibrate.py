@@ -141,6 +141,9 @@ def calibrate_private(
                          "start it with lpm-llm calibrate ... --nproc 5 (one holder per borough)")
     if group.world > len(BOROUGHS):
         raise ValueError(f"{group.world} ranks but {len(BOROUGHS)} boroughs: each holder needs a borough")
+    if group.world == 2 and settings.mode != "plain":
+        log.warning("2 data holders: rank 0, the coordinator, is one of them and learns the other's vector "
+                    "(the sum minus its own); use 3 or more for the secure sum to hide anything")
     unknown = sorted(set(settings.private or ()) - set(targets))
     if unknown:
         raise ValueError(f"privacy.private names {unknown}, which calibration.targets {list(targets)} do not fit")

@@ -110,6 +110,8 @@ def epsilon_table(args: argparse.Namespace) -> None:
           f"NYC 1:{round(1 / args.scale)}, loss on seeds {seeds} (no noise)")
     print("| noise multiplier | epsilon | final loss |")
     print("|---|---|---|")
+    with torch.no_grad():
+        print(f"| (the start, no fit) | 0 | {float(objective(space.values(), seeds)):.4f} |")
     for noise in args.noise:
         mode = "secure" if noise == 0 else "secure+dp"
         r = _distributed(args.scale, mode, args.steps, args.holders, noise, tmp)

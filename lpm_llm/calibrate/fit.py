@@ -268,6 +268,11 @@ class Calibrator:
 
     ``time_limit`` (seconds) stops either method once its fit has run that long.
 
+    ``aggregate`` (``adam`` only): called after each backward pass as ``aggregate(loss, parameters)``;
+    it may replace the parameters' ``.grad`` in place and returns the loss to record. A fit whose
+    loss is a sum of terms held by several processes uses it to combine them (e.g. the secure sum of
+    :mod:`lpm_llm.privacy`), so that every process takes the same step.
+
     Fitted attributes:
         params_: name -> fitted value (float or list of floats). For ``adam`` the last iterate; for
             ``nelder-mead`` the best point found.
@@ -299,6 +304,7 @@ class Calibrator:
         seed: int = 0,
         time_limit: float | None = None,
         on_step: Callable[[str, int, float, float], None] | None = None,
+        aggregate: Callable[[torch.Tensor, list[torch.Tensor]], float] | None = None,
     ):
         self.space = space
         self.method = method
@@ -313,6 +319,7 @@ class Calibrator:
         self.seed = seed
         self.time_limit = time_limit
         self.on_step = on_step
+        self.aggregate = aggregate
 
     def _check(self) -> None:
         if self.method not in ("adam", "nelder-mead"):
@@ -323,6 +330,8 @@ class Calibrator:
             raise ValueError(f"budget {self.budget} < one evaluation ({self.seeds_per_step} simulations)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
+        if self.aggregate is not None and self.method != "adam":
+            raise ValueError("aggregate combines gradients: it needs method 'adam'")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be > 0 seconds or None, got {self.time_limit}")
 
@@ -379,7 +388,10 @@ class Calibrator:
             first = self.seed + (i * k if self.resample_seeds else 0)
             loss = objective(self.space_.values(), list(range(first, first + k)))
             loss.backward()
-            total = float(loss.detach())
+            if self.aggregate is None:
+                total = float(loss.detach())
+            else:
+                total = float(self.aggregate(loss.detach(), list(self.space_.parameters())))
             if total < self.best_loss_:
                 self.best_loss_, self.best_params_ = total, self.space_.to_dict()
             if not np.isfinite(total):
@@ -505,7 +517,7 @@ class CalibrationReport:
         return paths + (self.plot(out_dir) if plots else [])
 
 
-def _weeks_through(start: dt.date, end: dt.date) -> int:
+def weeks_through(start: dt.date, end: dt.date) -> int:
     """Complete 7-day weeks from `start` whose last day is on or before `end`."""
     return ((end - start).days + 1) // 7
 
@@ -576,7 +588,7 @@ def calibrate_first_wave(
 
     start = start if isinstance(start, dt.date) else dt.date.fromisoformat(str(start))
     end = end if isinstance(end, dt.date) else dt.date.fromisoformat(str(end))
-    weeks = _weeks_through(start, end)
+    weeks = weeks_through(start, end)
     if weeks < 2:
         raise ValueError(f"the fitted window {start} .. {end} holds {weeks} complete week(s); need 2 or more")
     if forecast_weeks < 0:

@@ -43,26 +43,30 @@ def observed_weekly(
     *,
     observed: pd.DataFrame | None = None,
     device: torch.device | str = "cpu",
+    areas: Sequence[str] = BOROUGHS,
 ) -> dict[str, torch.Tensor]:
     """Observed weekly counts by borough for weeks 0..weeks-1 from ``start``.
 
     Args:
         observed: daily rows (date, area, target columns); default: :func:`load_covid`.
+        areas: the boroughs to return, in this order (a data holder reads only its own rows).
 
     Returns:
-        target -> (weeks, B) float32 tensor (real city counts, not scaled).
+        target -> (weeks, len(areas)) float32 tensor (real city counts, not scaled).
     """
     _check_targets(targets)
+    areas = list(areas)
     start = pd.Timestamp(start)
     if observed is None:
         observed = load_covid(start, start + pd.Timedelta(days=7 * weeks - 1))
+    observed = observed[observed["area"].isin(areas)]
     cols = [OBSERVED_COLUMN[t] for t in targets]
     w = weekly(observed, cols, start)
-    w = w[(w["week"] < weeks) & w["area"].isin(BOROUGHS)]
+    w = w[w["week"] < weeks]
     out = {}
     for target, col in zip(targets, cols, strict=True):
         table = w.pivot(index="week", columns="area", values=col)
-        table = table.reindex(index=range(weeks), columns=list(BOROUGHS))
+        table = table.reindex(index=range(weeks), columns=areas)
         if table.isna().any().any():
             missing = sorted(int(x) for x in table.index[table.isna().any(axis=1)])
             raise ValueError(f"observed {col!r}: no complete data for week(s) {missing} from {start.date()}")

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set population.scale=0.02 (repeatable)")
         s.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings only")
         s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+        if name in ("run", "calibrate"):
+            s.add_argument("--nproc", type=int, default=1, metavar="N",
+                           help="N local processes started by torchrun: run shares its simulations (the config's "
+                                "`distributed:`); calibrate makes each a data holder (`privacy:`)")
     sub.add_parser("list", help="list the bundled experiments, archetypes and prompts")
     return p
 
@@ -77,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _terminate_on_sigterm()
     try:
         exp = Experiment.from_yaml(args.experiment, args.overrides, progress=_progress_factory(args.quiet))
+        if getattr(args, "nproc", 1) != 1:  # validated above: a bad config fails here, before any rank starts
+            from lpm_llm.distributed import launch
+
+            if args.nproc < 1:
+                raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+            launch(sys.argv[1:] if argv is None else list(argv), args.nproc)
         runner = exp.run if args.command == "run" else exp.calibrate
         result = runner(args.out, overwrite=args.overwrite)
     except (ConfigError, LLMError, FileNotFoundError) as e:

@@ -22,10 +22,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lpm_llm.core.interventions import InterventionSchedule, Policy, nyc_2020
+from lpm_llm.distributed.group import DistributedSettings
 from lpm_llm.llm.settings import LLMSettings
 from lpm_llm.models.epidemic import EpidemicParams
 from lpm_llm.models.labor import LaborParams
 from lpm_llm.population.synthesis import HouseholdSettings, SchoolSettings, WorkplaceSettings
+from lpm_llm.privacy.settings import PrivacySettings
 from lpm_llm.resources import resolve_path
 from lpm_llm.runner.config import ConfigError, deep_merge, load_yaml, parse_set, validate
 from lpm_llm.runner.run import ExperimentResult, calibrate_experiment, run_experiment
@@ -170,6 +172,12 @@ class ExperimentConfig(_Strict):
     )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings, description="how a run started on several ranks (--nproc, torchrun) "
+        "shares its work; ignored in one process")
+    privacy: PrivacySettings = Field(
+        default_factory=PrivacySettings, description="lpm-llm calibrate with data holders as ranks: secure sums "
+        "of their losses and gradients, optionally with differential privacy")
 
 
     @field_validator("device")

@@ -22,6 +22,7 @@ from lpm_llm.population import Population
 from lpm_llm.population.archetypes import Archetypes, ArchetypeSpec
 from lpm_llm.resources import resolve_path
 from lpm_llm.runner import outputs as _outputs
+from lpm_llm.runner.config import ConfigError
 
 if TYPE_CHECKING:
     from lpm_llm.runner.experiment import Experiment, ExperimentConfig
@@ -161,21 +162,34 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
 
 
 def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
+    """Every scenario and seed of ``exp`` into ``out_dir``.
+
+    Started by ``torchrun`` on several ranks (``distributed.shard: seed``), each rank runs its share
+    of the (scenario, seed) simulations, and rank 0 gathers the results and writes the run folder,
+    identical to a single process's but for timings and which answers were cache hits.
+    """
+    from lpm_llm.distributed import process_group
     from lpm_llm.llm.client import open_client
 
     cfg = exp.config
     configs = {"baseline": cfg, **exp.scenarios}
     bar = exp.progress
-    metrics, areas, labor, decisions_tables = [], [], [], []
-    with _run_folder(exp, out_dir, overwrite, scenarios=list(configs)) as run:
+    with process_group(cfg.distributed, cfg.device) as group, \
+            _run_folder(exp, out_dir, overwrite, scenarios=list(configs), write=group.is_main) as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
         with timer.phase("llm_start"):
             client = run.client = open_client(cfg.llm, http_client=exp.http_client)
         runs = [(name, c, seed) for name, c in configs.items() for seed in c.seeds]
-        for i, (name, c, seed) in enumerate(runs):
+        if group.world > 1:
+            run.manifest["distributed"] = {"ranks": group.world, "shard": cfg.distributed.shard,
+                                           "backend": cfg.distributed.backend}
+        outputs = []
+        for i, (name, c, seed) in group.deal(list(enumerate(runs))):
+            if group.world > 1 and torch.device(c.device).type == "cuda":
+                c = c.model_copy(update={"device": f"cuda:{group.local_rank}"})  # a GPU per rank
             desc = f"{name} seed {seed} ({i + 1}/{len(runs)})"
-            pbar = bar(total=c.days, desc=desc) if bar else None
+            pbar = bar(total=c.days, desc=desc) if bar and group.is_main else None
             decisions = build_decisions(c, client, archetypes)
             run.sources.append(decisions)
             if pbar:
@@ -185,12 +199,20 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
                                     pbar.update if pbar else (lambda n: None))
             if pbar:
                 pbar.close()
-            if len(results.daily.columns) > 4:  # models with daily series by area and age band
-                metrics.append(results.daily.assign(scenario=name, seed=seed))
-                areas.append(results.by_area().assign(scenario=name, seed=seed))
-            if "labor" in results.tables:
-                labor.append(results.tables["labor"].assign(scenario=name, seed=seed))
-            decisions_tables.append(_decisions_frame(decisions, name, seed))
+            daily = len(results.daily.columns) > 4  # models with daily series by area and age band
+            outputs.append((results.daily.assign(scenario=name, seed=seed) if daily else None,
+                            results.by_area().assign(scenario=name, seed=seed) if daily else None,
+                            results.tables["labor"].assign(scenario=name, seed=seed)
+                            if "labor" in results.tables else None,
+                            _decisions_frame(decisions, name, seed)))
+        if group.world > 1:
+            shares = group.gather((outputs, _rank_usage(run)))
+            if not group.is_main:
+                return ExperimentResult(out_dir=out_dir, metrics=pd.DataFrame(), decisions=pd.DataFrame(),
+                                        manifest={})
+            outputs = group.undeal([share for share, _ in shares])
+            run.other_ranks = [usage for _, usage in shares[1:]]
+        metrics, areas, labor, decisions_tables = ([o[j] for o in outputs if o[j] is not None] for j in range(4))
         with timer.phase("outputs"):
             labor_df = pd.concat(labor, ignore_index=True) if labor else None
             # metrics: the epidemic's daily series; for a labour-only run, the monthly labour series
@@ -208,6 +230,28 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
                             labor=labor_df, plots=plots)
 
 
+def _rank_usage(run: _Run) -> dict[str, Any]:
+    """This rank's LLM usage and answer masses, for rank 0's manifest."""
+    usage = run.client.usage
+    return {"usage": usage.as_dict() if hasattr(usage, "as_dict") else dict(vars(usage)),
+            "masses": [r.get("answer_mass") for source in run.sources for d in source.values()
+                       for r in getattr(d, "records", [])]}
+
+
+def _add_usage(total: dict[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
+    """``total`` plus another rank's usage counters (numbers summed, reported models merged)."""
+    out = dict(total)
+    for key, value in other.items():
+        if isinstance(value, dict):
+            merged = dict(out.get(key) or {})
+            for k, v in value.items():
+                merged[k] = merged.get(k, 0) + v
+            out[key] = merged
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = out.get(key, 0) + value
+    return out
+
+
 @dataclass
 class _Run:
     """One run folder being written: its phase timer, its manifest, and the LLM client once opened."""
@@ -218,10 +262,11 @@ class _Run:
     manifest: dict[str, Any]
     client: Any = None
     sources: list[Mapping[str, Any]] = field(default_factory=list)  # decision sources, for the manifest
+    other_ranks: list[dict[str, Any]] = field(default_factory=list)  # the other ranks' LLM usage (rank 0)
 
 
 @contextmanager
-def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, **fields: Any):
+def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, write: bool = True, **fields: Any):
     """Create the folder and its config.yaml; on the way out, always write manifest.json.
 
     A non-empty ``out_dir`` is refused unless ``overwrite`` (see
@@ -230,6 +275,14 @@ def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, **field
     phase, so that a failed run still says what it did and what it cost; the LLM client is closed.
     """
     cfg = exp.config
+    if not write:  # a rank other than 0: no folder, its usage goes to rank 0
+        run = _Run(cfg, out_dir, _outputs.PhaseTimer(), {})
+        try:
+            yield run
+        finally:
+            if run.client is not None:
+                _close(run.client)
+        return
     _outputs.prepare_run_folder(out_dir, overwrite)
     manifest = _outputs.base_manifest(exp.config_path)
     manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device, **fields, "status": "running"})
@@ -255,6 +308,9 @@ def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, **field
             manifest["llm"] = _llm_manifest(cfg, run.client)
             masses = [r.get("answer_mass") for source in run.sources for d in source.values()
                       for r in getattr(d, "records", [])]
+            for other in run.other_ranks:
+                manifest["llm"]["usage"] = _add_usage(manifest["llm"]["usage"], other["usage"])
+                masses += other["masses"]
             if cfg.llm.probability_mode == "logprobs":
                 manifest["llm"]["answer_mass"] = _outputs.summarize_masses(masses, cfg.llm.min_answer_mass)
             _close(run.client)
@@ -367,6 +423,8 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
     from lpm_llm.llm.client import open_client
 
     cfg, cal = exp.config, exp.config.calibration
+    if cfg.privacy.mode != "none":
+        return _calibrate_private(exp, out_dir, overwrite)
     if cfg.model_names == ["labor"]:  # the targets follow the model: monthly unemployment
         return _calibrate_labor(exp, out_dir, overwrite)
     if cfg.model_names != ["epidemic"]:
@@ -475,3 +533,74 @@ def _calibrate_labor(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
         run.manifest["calibration"] = summary
     return ExperimentResult(out_dir=out_dir, metrics=table, decisions=decisions_df, manifest=run.manifest,
                             plots=paths)
+
+
+def _calibrate_private(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
+    """The first-wave calibration with each rank a data holder (``privacy:``; see :mod:`lpm_llm.privacy`).
+
+    Writes (rank 0) config.yaml, manifest.json (the privacy block: holders, rounds, epsilon and
+    delta with ``secure+dp``), calibration.json (fitted parameters, published losses) and, with
+    ``privacy.transcript``, transcript.jsonl: every message the coordinator received.
+    """
+    import json
+
+    from lpm_llm.calibrate.fit import FrozenDecisions, weeks_through
+    from lpm_llm.core.sim import Simulation
+    from lpm_llm.distributed import launched_by_torchrun, process_group
+    from lpm_llm.distributed.decisions import BroadcastDecisions
+    from lpm_llm.llm.client import open_client
+    from lpm_llm.models.epidemic import Epidemic
+    from lpm_llm.privacy.calibrate import calibrate_private
+
+    cfg, cal = exp.config, exp.config.calibration
+    if not launched_by_torchrun():
+        raise ConfigError(f"privacy.mode {cfg.privacy.mode} needs 2 or more data holders: start it with "
+                          "lpm-llm calibrate EXPERIMENT --nproc 5 (one holder per borough)")
+    if cfg.model_names != ["epidemic"]:
+        raise ValueError(f"privacy.mode {cfg.privacy.mode} calibrates the epidemic, not {cfg.model!r}")
+    with process_group(cfg.distributed, cfg.device) as group, \
+            _run_folder(exp, out_dir, overwrite, command_kind="calibrate", write=group.is_main) as run:
+        population, scale, archetypes = _prepare(exp, run.timer, run.manifest)
+        decisions = {}
+        if "isolate" in cfg.decisions and cfg.decisions["isolate"].enabled:
+            source = None
+            if group.is_main:  # only the coordinator talks to the LLM; the answers are broadcast
+                with run.timer.phase("llm_start"):
+                    client = run.client = open_client(cfg.llm, http_client=exp.http_client)
+                source = build_decisions(cfg, client, archetypes)["isolate"]
+                run.sources.append({"isolate": source})
+            decisions["isolate"] = FrozenDecisions(BroadcastDecisions(source, group))
+        weeks = weeks_through(cal.start, cal.end)
+        device = f"cuda:{group.local_rank}" if torch.device(cfg.device).type == "cuda" else cfg.device
+        simulation = Simulation(population, [Epidemic(cfg.epidemic)], archetypes=archetypes,
+                                decisions=decisions or None, interventions=cfg.interventions.schedule(),
+                                start_date=cal.start, days=7 * weeks, seed=cfg.seeds[0], device=device,
+                                **({"checkpoint_days": cal.checkpoint_days} if cal.checkpoint_days else {}))
+        pbar = exp.progress(total=cal.steps, desc="private calibration") if exp.progress and group.is_main else None
+
+        def on_step(method: str, index: int, loss: float, seconds: float) -> None:
+            log.info("private calibration step %d: published loss %.4f (%.1f s)", index, loss, seconds)
+            if pbar:
+                pbar.set_postfix(loss=f"{loss:.3f}")
+                pbar.update(1)
+
+        transcript = out_dir / "transcript.jsonl" if cfg.privacy.transcript and group.is_main else None
+        with run.timer.phase("calibration"):
+            fit = calibrate_private(
+                simulation, cfg.epidemic, group, cfg.privacy, start=cal.start, weeks=weeks, targets=cal.targets,
+                scale=scale, steps=cal.steps, lr=cal.lr, lr_final=cal.lr_final, seeds_per_step=cal.seeds_per_step,
+                seed=cfg.seeds[0], parameters=cal.parameters, transcript=transcript, on_step=on_step,
+                alignment=bool(decisions) and (tuple(cfg.decisions["isolate"].alignment)
+                                               if cfg.decisions["isolate"].alignment else True),
+            )
+        if pbar:
+            pbar.close()
+        if group.is_main:
+            summary = {"params": fit.params, "published_loss": fit.loss_history, "wall_time": fit.wall_times,
+                       "holders": fit.holders, "privacy": fit.privacy}
+            (out_dir / "calibration.json").write_text(json.dumps(summary, indent=2))
+            run.manifest["privacy"] = {**fit.privacy, "holders": fit.holders,
+                                       "transcript": transcript.name if transcript else None}
+            run.manifest["calibration"] = {"params": fit.params, "published_loss": fit.loss_history}
+    return ExperimentResult(out_dir=out_dir, metrics=pd.DataFrame(), decisions=pd.DataFrame(),
+                            manifest=run.manifest if group.is_main else {})

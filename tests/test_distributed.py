@@ -1,0 +1,203 @@
+"""Runs on several ranks (``lpm-llm run --nproc 2``: torchrun, gloo on CPU).
+
+Seed-sharded runs must give the run folder of one process; a rank that dies must stop the run
+with an error, not a hang; the launcher's death must take its ranks with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from lpm_llm.distributed import Group
+from lpm_llm.distributed.launch import launch_command, strip_nproc
+from lpm_llm.runner.cli import main
+from tests.conftest import logprob_completion
+
+KEY_ENV = "LPM_DIST_TEST_KEY"
+
+
+# -- pieces -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_deal_and_undeal_are_inverse_and_cover_every_item_once(world):
+    items = list(range(11))
+    shares = [Group(rank=r, world=world).deal(items) for r in range(world)]
+    assert sorted(x for s in shares for x in s) == items
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1  # balanced
+    assert Group(world=world).undeal(shares) == items
+
+
+def test_the_launch_command_is_torchrun_on_this_python_without_nproc():
+    argv = ["run", "exp.yaml", "--nproc", "3", "--set", "days=5", "--nproc=3"]
+    assert strip_nproc(argv) == ["run", "exp.yaml", "--set", "days=5"]
+    cmd = launch_command(strip_nproc(argv), 3)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=3" in cmd and cmd[-5:] == ["lpm_llm", "run", "exp.yaml", "--set", "days=5"]
+    with pytest.raises(ValueError, match="at least 1"):
+        launch_command(argv, 0)
+
+
+def test_a_bad_config_fails_before_any_rank_starts(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "dayz": 3}))
+    assert main(["run", str(path), "--nproc", "2", "--quiet"]) == 2
+    assert "dayz" in capsys.readouterr().err
+
+
+# -- a local OpenAI-compatible endpoint shared by the ranks ---------------------------------------
+
+class _Endpoint(ThreadingHTTPServer):
+    """Answers every chat completion with P(yes) a fixed function of the prompt, after ``delay`` s."""
+
+    daemon_threads = True
+
+    def __init__(self, delay: float = 0.0):
+        self.asked = 0
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler) -> None:  # noqa: N805 - the server is `self` here
+                body = json.loads(handler.rfile.read(int(handler.headers.get("content-length", 0))))
+                with self.lock:
+                    self.asked += 1
+                time.sleep(delay)
+                text = "\n".join(m["content"] for m in body["messages"])
+                p = 0.05 + 0.9 * int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+                content = logprob_completion(body["model"], p).content
+                handler.send_response(200)
+                handler.send_header("content-type", "application/json")
+                handler.send_header("content-length", str(len(content)))
+                handler.end_headers()
+                handler.wfile.write(content)
+
+            def log_message(handler, *args) -> None:  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+def _experiment(tmp_path: Path, endpoint: _Endpoint, days: int = 15) -> Path:
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(
+        {"name": "sex_borough", "method": "group", "attributes": ["sex", "borough"]}))
+    config = {
+        "name": "dist",
+        "population": {"source": "nyc", "scale": 0.002, "seed": 1},
+        "archetypes": str(tmp_path / "arch.yaml"),
+        "llm": {"provider": "openai", "model": "mock-model", "base_url": endpoint.url, "api_key_env": KEY_ENV,
+                "probability_mode": "logprobs", "cache_mode": "off", "max_retries": 0},
+        "decisions": {"isolate": {"prompt": "isolation.yaml", "every_days": 7, "persistence": 0.5}},
+        "start_date": "2020-03-10",
+        "days": days,
+        "seeds": [0, 1, 2],
+        "scenarios": {"open_schools": {"interventions": {"remove": ["school_closure"]}}},
+        "outputs": {"plots": False},
+        "distributed": {"timeout_s": 60},
+    }
+    path = tmp_path / "dist.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, KEY_ENV: "sk-test-not-a-secret", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_run_folder_of_one_process(tmp_path, monkeypatch):
+    endpoint = _Endpoint()
+    path = _experiment(tmp_path, endpoint)
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
+    assert main(["run", str(path), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    asked_by_one = endpoint.asked
+    done = subprocess.run([sys.executable, "-m", "lpm_llm", "run", str(path), "--out", str(tmp_path / "two"),
+                           "--quiet", "--nproc", "2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    pd.testing.assert_frame_equal(pd.read_parquet(one / "metrics.parquet"), pd.read_parquet(two / "metrics.parquet"))
+    pd.testing.assert_frame_equal(pd.read_csv(one / "summary.csv"), pd.read_csv(two / "summary.csv"))
+    columns = ["scenario", "seed", "decision", "date", "archetype", "probability", "answer_mass"]
+    pd.testing.assert_frame_equal(pd.read_csv(one / "decisions.csv")[columns],
+                                  pd.read_csv(two / "decisions.csv")[columns])
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert m2["status"] == "ok" and m2["distributed"]["ranks"] == 2
+    # the other rank's questions are counted in rank 0's manifest
+    assert m2["llm"]["usage"]["calls"] == m1["llm"]["usage"]["calls"] == asked_by_one
+    assert endpoint.asked == 2 * asked_by_one
+    assert m2["llm"]["answer_mass"] == m1["llm"]["answer_mass"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _start_slow_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A 2-rank run whose LLM answers slowly; returns the launcher and its two ranks once both asked."""
+    endpoint = _Endpoint(delay=0.2)
+    path = _experiment(tmp_path, endpoint, days=60)
+    launcher = subprocess.Popen([sys.executable, "-m", "lpm_llm", "run", str(path), "--out", str(tmp_path / "run"),
+                                 "--quiet", "--nproc", "2"], env=_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while endpoint.asked < 6 and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.2)
+    assert endpoint.asked >= 6, "the ranks never asked the LLM"
+    ranks = _children(launcher.pid)
+    assert len(ranks) == 2, ranks
+    return launcher, ranks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_rank_killed_mid_run_stops_the_run_with_an_error(tmp_path):
+    launcher, ranks = _start_slow_run(tmp_path)
+    try:
+        os.kill(ranks[1], signal.SIGKILL)
+        launcher.wait(timeout=60)  # well within the configured collective timeout
+        assert launcher.returncode != 0
+        assert "lpm_llm" in launcher.stderr.read()  # torchrun names the failed command
+        deadline = time.monotonic() + 20
+        while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(r) for r in ranks)
+    finally:
+        launcher.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_ranks_die_with_the_launcher_however_it_is_stopped(tmp_path):
+    launcher, ranks = _start_slow_run(tmp_path)
+    launcher.kill()  # SIGKILL: no chance to clean up
+    launcher.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(r) for r in ranks)

@@ -279,8 +279,10 @@ def _llm_manifest(cfg: ExperimentConfig, client: Any) -> dict[str, Any]:
         from lpm_llm.llm.prompts import PromptSpec
 
         spec = PromptSpec.from_yaml(resolve_path(dc.prompt, "prompts"))
+        from lpm_llm.llm.elicitation import elicitation_tag
+
         prompts[name] = {"file": spec.source.name if hasattr(spec.source, "name") else str(spec.source),
-                         "version": spec.version}
+                         "version": spec.version + elicitation_tag(cfg.llm.elicitation)}
     cache = getattr(client, "cache", None)
     return {"provider": cfg.llm.provider, "model": cfg.llm.model_name, "probability_mode": cfg.llm.probability_mode,
             "cache_mode": cfg.llm.cache_mode, "usage": as_dict, "prompts": prompts,

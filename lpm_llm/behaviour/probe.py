@@ -180,3 +180,73 @@ def probe_decisions(cfg: Any, client: Any, population: Any, archetypes: Any) -> 
         frames.append(probe(prompt, client, archetypes, typical, start=cfg.start_date, end=end,
                             schedule=cfg.interventions.schedule(), settings=cfg.llm, decision=name))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
+
+
+def write_behaviour(cfg: Any, client: Any, population: Any, archetypes: Any, out_dir: Any,
+                    plots: bool = True) -> dict[str, Any]:
+    """Probe every decision of ``cfg``; write ``behaviour.csv`` and ``behaviour_<decision>.png``
+    into ``out_dir``. Returns the manifest's summary: the range of P(yes) per decision and
+    variable, the least answer mass, the questions asked and those sent to the model."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    before = (client.usage.calls, client.usage.cache_hits)
+    report = probe_decisions(cfg, client, population, archetypes)
+    report.to_csv(out_dir / "behaviour.csv", index=False)
+    if plots and len(report):
+        from lpm_llm.behaviour.plots import plot_probe
+
+        for name, d in report.groupby("decision", sort=False):
+            plot_probe(d, out_dir / f"behaviour_{name}.png",
+                       title=f"P({name}) as one variable moves, the others held (red ring: held level)")
+    s = spread(report)
+    return {
+        "questions": client.usage.calls - before[0],
+        "sent": (client.usage.calls - before[0]) - (client.usage.cache_hits - before[1]),
+        "range": {d: dict(zip(g["variable"], g["range"].round(4), strict=True)) for d, g in s.groupby("decision")},
+        "min_answer_mass": None if report["answer_mass"].isna().all() else float(report["answer_mass"].min()),
+    }
+
+
+def probe_experiment(exp: Any, out_dir: Any, overwrite: bool = False) -> dict[str, Any]:
+    """``lpm-llm probe``: the experiment's population and archetypes, its client, the probe of every
+    decision into ``out_dir`` (behaviour.csv, plots, config.yaml, manifest.json with the LLM usage)."""
+    import time
+    from pathlib import Path
+
+    from lpm_llm.llm.client import open_client
+    from lpm_llm.population.archetypes import ArchetypeSpec
+    from lpm_llm.runner import outputs
+    from lpm_llm.runner.run import build_models, build_population
+
+    cfg = exp.config
+    out_dir = Path(out_dir)
+    outputs.prepare_run_folder(out_dir, overwrite)
+    outputs.write_config(out_dir / "config.yaml", cfg.model_dump(mode="json"))
+    manifest = outputs.base_manifest(exp.config_path)
+    manifest.update({"name": cfg.name, "command_kind": "probe", "status": "running"})
+    start = time.perf_counter()
+    client = None
+    try:
+        population = build_population(cfg)
+        for model in build_models(cfg):
+            if hasattr(model, "prepare_population"):
+                population = model.prepare_population(population, cfg.population.seed)
+        archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
+        client = open_client(cfg.llm, http_client=exp.http_client)
+        manifest["behaviour"] = write_behaviour(cfg, client, population, archetypes, out_dir, cfg.outputs.plots)
+        manifest["status"] = "ok"
+    except BaseException as e:
+        manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        manifest["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if client is not None:
+            manifest["llm"] = {"model": cfg.llm.model_name, "elicitation": cfg.llm.elicitation.model_dump(),
+                               "usage": client.usage.as_dict() if hasattr(client.usage, "as_dict")
+                               else dict(vars(client.usage)),
+                               "fingerprint": getattr(getattr(client, "cache", None), "fingerprint", None)}
+            client.close()
+        manifest["wall_time_s"] = round(time.perf_counter() - start, 3)
+        outputs.write_manifest(out_dir / "manifest.json", manifest)
+    return manifest

@@ -191,6 +191,12 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
             if "labor" in results.tables:
                 labor.append(results.tables["labor"].assign(scenario=name, seed=seed))
             decisions_tables.append(_decisions_frame(decisions, name, seed))
+        if cfg.outputs.behaviour:  # the sensitivity report: the base config's decisions, same client
+            from lpm_llm.behaviour.probe import write_behaviour
+
+            with timer.phase("behaviour"):
+                run.manifest["behaviour"] = write_behaviour(cfg, client, population, archetypes, out_dir,
+                                                            plots=cfg.outputs.plots)
         with timer.phase("outputs"):
             labor_df = pd.concat(labor, ignore_index=True) if labor else None
             # metrics: the epidemic's daily series; for a labour-only run, the monthly labour series

@@ -86,4 +86,5 @@ def test_a_model_that_reads_cases_rises_along_the_cases_sweep(small_nyc, archety
     assert cases["probability"].tolist() == pytest.approx([0.1, 0.108, 0.18, 0.34, 0.9], abs=1e-6)
     others = report[report["variable"] != "cases_week"]
     assert others["probability"].to_numpy() == pytest.approx(0.18, abs=1e-6)  # held at 1,000 cases
-    assert isinstance(report, pd.DataFrame) and len(report) == 5 + 5 + 4 + 4 + 10 + 2 + 5 + archetypes.k  # dates: 4 spread + the middle
+    # dates: 4 spread + the middle; cases 5, trend 4, policies 4; age 10, sex 2, borough 5; K archetypes
+    assert isinstance(report, pd.DataFrame) and len(report) == 5 + 5 + 4 + 4 + 10 + 2 + 5 + archetypes.k

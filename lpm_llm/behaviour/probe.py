@@ -84,25 +84,31 @@ def short_label(text: str, width: int = 40) -> str:
     return " + ".join(out)
 
 
-def probe_points(prompt: Any, archetypes: Any, typical: Mapping[str, str], levels: Mapping[str, Levels]
-                 ) -> list[dict[str, Any]]:
+def probe_points(prompt: Any, archetypes: Any, typical: Mapping[str, str], levels: Mapping[str, Levels],
+                 variables: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The probe's points: dicts of ``variable``, ``kind``, ``level``, ``level_index``, ``held``,
-    ``profile`` (its fields) and ``context`` (every context variable), one variable moved each."""
+    ``profile`` (its fields) and ``context`` (every context variable), one variable moved each.
+    ``variables``: sweep only these (context variables, attributes, ``archetype``); default all."""
     held_context = {v: lv.held for v, lv in levels.items()}
     attributes = [a for a in archetypes.profiles[0] if a in ATTRIBUTES] if archetypes.k else []
     base = {a: typical[a] for a in attributes}
+    swept = set(variables) if variables is not None else {*levels, *attributes, "archetype"}
     points = []
     for v, lv in levels.items():
+        if v not in swept:
+            continue
         for i, value in enumerate(lv.values):
             points.append({"variable": v, "kind": "context", "level": value, "level_index": i,
                            "held": i == lv.typical, "profile": dict(base),
                            "context": {**held_context, v: value}})
     for a in attributes:
+        if a not in swept:
+            continue
         for i, label in enumerate(ATTRIBUTES[a]):
             points.append({"variable": a, "kind": "profile", "level": label, "level_index": i,
                            "held": label == base[a], "profile": {**base, a: label},
                            "context": dict(held_context)})
-    for k in range(archetypes.k):
+    for k in range(archetypes.k if "archetype" in swept else 0):
         points.append({"variable": "archetype", "kind": "archetype", "level": archetypes.descriptions[k],
                        "level_index": k, "held": False, "profile": dict(archetypes.profiles[k]),
                        "context": dict(held_context)})
@@ -111,7 +117,7 @@ def probe_points(prompt: Any, archetypes: Any, typical: Mapping[str, str], level
 
 def probe(prompt: Any, client: Any, archetypes: Any, typical: Mapping[str, str], *, start: dt.date,
           end: dt.date, schedule: Any, settings: Any = None, decision: str | None = None,
-          n_dates: int = 4) -> pd.DataFrame:
+          n_dates: int = 4, variables: Sequence[str] | None = None) -> pd.DataFrame:
     """The sensitivity report of one decision (see the module docstring); one row per point.
 
     Args:
@@ -122,13 +128,15 @@ def probe(prompt: Any, client: Any, archetypes: Any, typical: Mapping[str, str],
         start, end: the window whose dates, months and policies are probed.
         schedule: the run's intervention schedule (``active(date)``).
         settings: :class:`~lpm_llm.llm.settings.LLMSettings` (default: the client's).
+        n_dates: dates (and months) probed, besides the middle of the window.
+        variables: sweep only these (default: every variable, attribute and the archetypes).
     """
     from lpm_llm.llm.decision import LLMDecision
 
     profile_fields = {"description", *(archetypes.profiles[0] if archetypes.k else {})}
     context_vars = [v for v in prompt.input_variables if v not in profile_fields]
     levels = context_levels(context_vars, start, end, schedule, n_dates=n_dates)
-    points = probe_points(prompt, archetypes, typical, levels)
+    points = probe_points(prompt, archetypes, typical, levels, variables)
     asked = _Points(profiles=[p["profile"] for p in points],
                     descriptions=[describe(p["profile"]) for p in points])
     source = LLMDecision(prompt, client, asked, settings)

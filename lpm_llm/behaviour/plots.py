@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +37,8 @@ def plot_probe(report: pd.DataFrame, path: str | Path, *, title: str | None = No
             ax.set_xlabel(f"{len(d)} {'archetypes, sorted' if v == 'archetype' else 'levels'}", fontsize=8)
         else:
             ax.set_xticks(x)
-            ax.set_xticklabels(d["label"], rotation=30, ha="right", fontsize=7)
+            ax.set_xticklabels([textwrap.fill(textwrap.shorten(str(t), 60, placeholder="..."), 20)
+                                for t in d["label"]], fontsize=6)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(variables):]:
         ax.set_visible(False)

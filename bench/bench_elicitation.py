@@ -1,6 +1,7 @@
 """Elicitation variants of the embedded model, compared on the sensitivity probe (issue 14).
 
     python bench/bench_elicitation.py [EXPERIMENT] [--out DIR] [--variants none,cf,fs2,fs2+cf,fs4,fs4+cf]
+        [--set llm.provider=openai --set llm.model=... --set llm.base_url=...]
 
 For each variant, ``lpm-llm probe`` of the experiment with ``llm.elicitation`` set accordingly
 (answers cached: a rerun asks nothing), then one line per variant: the range of P(isolate) across
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("experiment", nargs="?", default="covid_nyc.yaml")
     ap.add_argument("--out", default="runs/bench_elicitation")
     ap.add_argument("--variants", default="none,cf,fs2,fs2+cf,fs4,fs4+cf")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every variant, e.g. --set llm.provider=openai (repeatable)")
     args = ap.parse_args()
     from lpm_llm.behaviour.probe import probe_experiment
     from lpm_llm.runner.experiment import Experiment
@@ -63,7 +66,7 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         out = Path(args.out) / variant
-        exp = Experiment.from_yaml(args.experiment, ["outputs.plots=true", *_settings(variant)])
+        exp = Experiment.from_yaml(args.experiment, ["outputs.plots=true", *args.overrides, *_settings(variant)])
         t = time.perf_counter()
         manifest = probe_experiment(exp, out, overwrite=out.exists())
         usage = manifest["llm"]["usage"]

@@ -165,7 +165,8 @@ def spread(report: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def probe_decisions(cfg: Any, client: Any, population: Any, archetypes: Any) -> pd.DataFrame:
+def probe_decisions(cfg: Any, client: Any, population: Any, archetypes: Any,
+                    variables: Sequence[str] | None = None) -> pd.DataFrame:
     """The sensitivity report of every enabled decision of an experiment config (its window,
     schedule, prompts and elicitation); decisions whose prompts have variables without probe
     levels are skipped with a warning."""
@@ -186,12 +187,13 @@ def probe_decisions(cfg: Any, client: Any, population: Any, archetypes: Any) -> 
                         name, unknown)
             continue
         frames.append(probe(prompt, client, archetypes, typical, start=cfg.start_date, end=end,
-                            schedule=cfg.interventions.schedule(), settings=cfg.llm, decision=name))
+                            schedule=cfg.interventions.schedule(), settings=cfg.llm, decision=name,
+                            variables=variables))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
 
 
 def write_behaviour(cfg: Any, client: Any, population: Any, archetypes: Any, out_dir: Any,
-                    plots: bool = True) -> dict[str, Any]:
+                    plots: bool = True, variables: Sequence[str] | None = None) -> dict[str, Any]:
     """Probe every decision of ``cfg``; write ``behaviour.csv`` and ``behaviour_<decision>.png``
     into ``out_dir``. Returns the manifest's summary: the range of P(yes) per decision and
     variable, the least answer mass, the questions asked and those sent to the model."""
@@ -199,7 +201,7 @@ def write_behaviour(cfg: Any, client: Any, population: Any, archetypes: Any, out
 
     out_dir = Path(out_dir)
     before = (client.usage.calls, client.usage.cache_hits)
-    report = probe_decisions(cfg, client, population, archetypes)
+    report = probe_decisions(cfg, client, population, archetypes, variables)
     report.to_csv(out_dir / "behaviour.csv", index=False)
     if plots and len(report):
         from lpm_llm.behaviour.plots import plot_probe
@@ -216,7 +218,8 @@ def write_behaviour(cfg: Any, client: Any, population: Any, archetypes: Any, out
     }
 
 
-def probe_experiment(exp: Any, out_dir: Any, overwrite: bool = False) -> dict[str, Any]:
+def probe_experiment(exp: Any, out_dir: Any, overwrite: bool = False,
+                     variables: Sequence[str] | None = None) -> dict[str, Any]:
     """``lpm-llm probe``: the experiment's population and archetypes, its client, the probe of every
     decision into ``out_dir`` (behaviour.csv, plots, config.yaml, manifest.json with the LLM usage)."""
     import time
@@ -242,7 +245,8 @@ def probe_experiment(exp: Any, out_dir: Any, overwrite: bool = False) -> dict[st
                 population = model.prepare_population(population, cfg.population.seed)
         archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
         client = open_client(cfg.llm, http_client=exp.http_client)
-        manifest["behaviour"] = write_behaviour(cfg, client, population, archetypes, out_dir, cfg.outputs.plots)
+        manifest["behaviour"] = write_behaviour(cfg, client, population, archetypes, out_dir, cfg.outputs.plots,
+                                                variables)
         manifest["status"] = "ok"
     except BaseException as e:
         manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

@@ -63,6 +63,9 @@ def _behaviour_parsers(sub) -> None:
                        help="override a config value (repeatable)")
         s.add_argument("--quiet", "-q", action="store_true", help="warnings only")
         s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+        if name == "probe":
+            s.add_argument("--variables", help="sweep only these, comma-separated (e.g. cases_week,policies,"
+                                               "archetype); default: every variable, attribute and archetype")
         if name == "fidelity":
             s.add_argument("--sample", type=int, default=500, help="agents in the stratified sample (default 500)")
             s.add_argument("--dates", type=int, default=3, help="decision dates asked (default 3)")
@@ -80,7 +83,8 @@ def _behaviour(args, exp):
     if args.command == "probe":
         from lpm_llm.behaviour.probe import probe_experiment
 
-        probe_experiment(exp, out, overwrite=args.overwrite)
+        probe_experiment(exp, out, overwrite=args.overwrite,
+                         variables=args.variables.split(",") if args.variables else None)
     else:
         from lpm_llm.behaviour.fidelity import fidelity_experiment
 

@@ -87,3 +87,24 @@ def test_metrics_by_hand():
     assert m["r2"] == pytest.approx(1 - 0.25 * (0.01 + 0.01 + 0.09 + 0.09) / ss)
     # member means of archetype 0: 0.3 and 0.5
     assert m["r2_partition"] == pytest.approx(1 - 0.25 * (0.04 + 0.04 + 0.04 + 0.04) / ss)
+
+
+def test_profile_share_counts_the_members_a_profile_describes(small_nyc):
+    pop = small_nyc
+    attrs = ["age_band", "sex", "borough", "race"]
+    group = ArchetypeSpec(name="g", method="group", attributes=["sex", "borough"]).assign(pop)
+    assert group.profile_share.tolist() == [1.0] * group.k
+    spec = dict(name="k", method="kmeans", attributes=attrs, k=12, sample_size=20_000)
+    modal = ArchetypeSpec(**spec).assign(pop)
+    common = ArchetypeSpec(**spec, profile="most_common").assign(pop)
+    assert torch.equal(modal.index, common.index)  # the same clusters, other profiles
+    codes = {a: pop[a].to(torch.int64) for a in attrs}
+    for arch in (modal, common):
+        for k in range(arch.k):
+            members = arch.index == k
+            match = members.clone()
+            for a in attrs:
+                match &= codes[a] == pop.codebooks[a].index(arch.profiles[k][a])
+            assert arch.profile_share[k].item() == pytest.approx(match.sum().item() / members.sum().item())
+    # the most common combination describes at least as many members as the modal labels do
+    assert (common.profile_share >= modal.profile_share).all() and (common.profile_share > 0).all()

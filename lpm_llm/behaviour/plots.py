@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -62,6 +63,8 @@ def plot_fidelity(table: pd.DataFrame, path: str | Path, *, title: str | None = 
             ax.annotate(r["set"], (r["requests_per_run"], r[col]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("LLM requests per run (K x decision steps)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

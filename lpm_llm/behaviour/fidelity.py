@@ -106,6 +106,8 @@ def fidelity_metrics(p_ind: np.ndarray, p_arch: np.ndarray, weights: np.ndarray,
     diff = p_arch - p_ind
     date_mean = (w * p_ind).sum(0) / w.sum(0)
     ss_tot = float((w * (p_ind - date_mean) ** 2).sum())
+    if ss_tot <= 1e-12 * total:  # individuals that do not differ (float noise): nothing to explain
+        ss_tot = 0.0
     member_mean = np.empty_like(p_ind)
     for g in np.unique(groups):
         rows = groups == g

@@ -47,6 +47,7 @@ def experiment_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "start_date": "2020-03-01",
         "days": 15,
         "seeds": [0],
+        "outputs": {"behaviour": False},  # the decisions' requests alone (the probe: tests/test_behaviour_run.py)
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))

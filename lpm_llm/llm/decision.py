@@ -10,6 +10,12 @@ the messages, its own seed, the attempt index in the cache key); if none is usab
 archetype. Every re-ask and fallback is counted in the client's ``usage`` and in ``records``.
 HTTP failures (after the SDK's retries) and replay cache misses always raise.
 
+Elicitation (``llm.elicitation``, :mod:`~lpm_llm.llm.elicitation`): ``few_shot`` worked examples
+go before each question; with ``calibrate: content_free`` the content-free question is asked once
+(cached like every answer, counted in the usage) and every probability has its bias divided out;
+the raw probability is kept in the records (``raw_probability``), and ``prompt_version`` carries
+the elicitation (e.g. ``a6c5bc73c8e8+fs2+cf``).
+
 Unusable answers: text that does not parse (see :mod:`~lpm_llm.llm.parsing`); in ``logprobs``
 mode, a first token whose yes+no probability mass is below ``min_answer_mass``; and a completion
 without choices. A re-ask of a logprobs answer differs from it by its messages (the first token
@@ -30,6 +36,7 @@ import torch
 
 from lpm_llm.core.behavior import PerArchetype
 from lpm_llm.llm.client import LLMClient
+from lpm_llm.llm.elicitation import calibrate, elicitation_tag
 from lpm_llm.llm.errors import AnswerError, LLMSetupError, PromptError
 from lpm_llm.llm.parsing import (
     PROBABILITY_FIELD,
@@ -82,6 +89,7 @@ class _Outcome:
     answer: str = ""
     error: str = ""
     answer_mass: float | None = None
+    raw_probability: float = float("nan")
 
 
 @dataclass
@@ -113,7 +121,9 @@ class LLMDecision:
             ``archetype``, ``description``, ``probability``, ``prompt``, ``prompt_version``,
             ``model``, ``mode``, ``cache_hit`` (every request for it came from the cache),
             ``requests`` (sent to the server), ``reasks``, ``fallback``, ``answer`` (a summary of
-            the raw answers), ``answer_mass`` (logprobs mode: the first token's probability of
+            the raw answers), ``raw_probability`` (before contextual calibration; equal to
+            ``probability`` without it), ``content_free_probability`` (P(yes) of the content-free
+            question, or None), ``answer_mass`` (logprobs mode: the first token's probability of
             reading yes or no in the answer used, or in the last answer when none was usable;
             None in the other modes) and ``error`` (why a fallback was used).
     """
@@ -131,6 +141,9 @@ class LLMDecision:
         self.settings = settings if settings is not None else client.settings
         self.records: list[dict[str, Any]] = []
         self._calls = 0
+        self.elicitation = self.settings.elicitation
+        self.prompt_version = prompt.version + elicitation_tag(self.elicitation)
+        self._content_free: float | None = None
         mode = self.settings.probability_mode
         if prompt.answer == "choice":
             raise ValueError(
@@ -156,8 +169,9 @@ class LLMDecision:
     # -- the DecisionSource interface ------------------------------------------------------------
     def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
         """(K,) float32 probabilities of "yes", one per archetype, for this step's ``context``."""
+        few = self.elicitation.few_shot
         try:
-            messages = [self.prompt.render(self.variables(context, k)) for k in range(self.archetypes.k)]
+            messages = [self.prompt.render(self.variables(context, k), few) for k in range(self.archetypes.k)]
         except KeyError as e:  # a template variable that neither the profile nor the context holds
             raise PromptError(
                 f"{e.args[0]}; this run supplies the archetype profile fields and the model's context: remove "
@@ -165,7 +179,17 @@ class LLMDecision:
                 "this model"
             ) from None
         usage_before = (self.client.usage.calls, self.client.usage.cache_hits)
-        outcomes = self.client.run(_gather_or_cancel([self._ask(k, m) for k, m in enumerate(messages)]))
+        asks = [self._ask(k, m) for k, m in enumerate(messages)]
+        if self.elicitation.calibrate == "content_free" and self._content_free is None:
+            asks.append(self._ask(-1, self.prompt.content_free(few)))  # once per decision, with the first step
+        outcomes = self.client.run(_gather_or_cancel(asks))
+        if len(outcomes) > self.archetypes.k:
+            free = outcomes.pop()  # a fallback (on_failure: fallback) calibrates nothing: 1/2 shifts no logit
+            self._content_free = 0.5 if free.fallback else free.probability
+        for o in outcomes:
+            o.raw_probability = o.probability
+            if self._content_free is not None:
+                o.probability = calibrate(o.probability, self._content_free)
         self._record(context, outcomes)
         u = self.client.usage
         log.info(
@@ -203,10 +227,8 @@ class LLMDecision:
     async def _ask(self, k: int, messages: list[dict[str, str]]) -> _Outcome:
         s = self.settings
         base = tuple((m["role"], m["content"]) for m in messages)
-        label = (
-            f"prompt {self.prompt.name!r} (version {self.prompt.version}), archetype {k} "
-            f"({self.archetypes.descriptions[k]!r})"
-        )
+        who = "the content-free question" if k < 0 else f"archetype {k} ({self.archetypes.descriptions[k]!r})"
+        label = f"prompt {self.prompt.name!r} (version {self.prompt_version}), {who}"
         if s.probability_mode == "samples":
             samples = [self._chain(base, label, i, _yes_no) for i in range(s.n_samples)]
             chains = await _gather_or_cancel(samples)
@@ -320,8 +342,10 @@ class LLMDecision:
                 "archetype": k,
                 "description": self.archetypes.descriptions[k],
                 "probability": o.probability,
+                "raw_probability": o.raw_probability,
+                "content_free_probability": self._content_free,
                 "prompt": self.prompt.name,
-                "prompt_version": self.prompt.version,
+                "prompt_version": self.prompt_version,
                 "model": self.settings.model_name,
                 "mode": self.settings.probability_mode,
                 "cache_hit": o.hits == o.calls,

@@ -10,6 +10,8 @@ A prompt file holds::
       ...
     user: |
       ...
+    examples:                        # optional: worked examples for few-shot framing
+      - {description: ..., date: ..., answer: "Yes"}   # every input variable, and the answer
 
 Its ``version`` is the first 12 hex digits of the sha256 of the file's bytes: computed, never
 written in the file, so that any edit changes it (and every decision record carries it).
@@ -29,7 +31,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from lpm_llm.resources import resolve_path
 
 ANSWER_KINDS: tuple[str, ...] = ("yes_no", "probability", "choice")
-_KEYS = {"name", "description", "answer", "options", "input_variables", "system", "user"}
+_KEYS = {"name", "description", "answer", "options", "input_variables", "system", "user", "examples"}
 _REQUIRED = ("name", "answer", "input_variables", "user")
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
@@ -47,6 +49,8 @@ class PromptSpec:
         system, user: the f-string templates.
         version: short sha256 of the file's content.
         source: the file it was loaded from (for error messages).
+        examples: worked examples, each a mapping of every input variable and ``answer`` (the
+            assistant's reply), used by ``few_shot`` (see :mod:`~lpm_llm.llm.elicitation`).
     """
 
     name: str
@@ -58,6 +62,7 @@ class PromptSpec:
     options: tuple[str, ...] = ()
     version: str = ""
     source: str = "<inline>"
+    examples: tuple[dict[str, str], ...] = ()
     _template: ChatPromptTemplate = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,12 @@ class PromptSpec:
                 f"{where}: input_variables {sorted(declared - used)} are declared but no template uses them"
             )
         object.__setattr__(self, "_template", template)
+        for i, ex in enumerate(self.examples):
+            missing = sorted(declared - set(ex))
+            extra = sorted(set(ex) - declared - {"answer"})
+            if missing or extra or "answer" not in ex:
+                raise ValueError(f"{where}: examples[{i}] must give every input variable and `answer`; "
+                                 f"missing {missing + ([] if 'answer' in ex else ['answer'])}, unknown {extra}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PromptSpec:
@@ -105,6 +116,9 @@ class PromptSpec:
         missing = [k for k in _REQUIRED if k not in data]
         if missing:
             raise ValueError(f"prompt {file}: missing key(s) {missing}")
+        examples = data.get("examples") or []
+        if not isinstance(examples, list) or not all(isinstance(e, dict) for e in examples):
+            raise ValueError(f"prompt {file}: examples must be a list of mappings (variables and answer)")
         variables = data["input_variables"]
         if not isinstance(variables, list) or not all(isinstance(v, str) for v in variables):
             raise ValueError(f"prompt {file}: input_variables must be a list of names")
@@ -118,19 +132,39 @@ class PromptSpec:
             user=str(data["user"]),
             version=hashlib.sha256(raw).hexdigest()[:12],
             source=str(file),
+            examples=tuple({str(k): str(v) for k, v in e.items()} for e in examples),
         )
 
-    def render(self, variables: Mapping[str, Any]) -> list[dict[str, str]]:
+    def render(self, variables: Mapping[str, Any], few_shot: int = 0) -> list[dict[str, str]]:
         """Fill the templates: ``[{"role": "system", "content": ...}, {"role": "user", ...}]``.
 
         ``variables`` may hold more keys than the prompt needs (the whole simulation context);
         a declared variable that is missing raises a ``KeyError`` naming it and the prompt file.
+        ``few_shot``: the first that many ``examples``, each a user turn and the assistant's
+        answer, go between the system message and the question.
         """
         missing = [v for v in self.input_variables if v not in variables]
         if missing:
             raise KeyError(
                 f"prompt {self.source} needs variable(s) {missing}; given: {sorted(variables)}"
             )
+        if few_shot > len(self.examples):
+            raise ValueError(f"prompt {self.source} has {len(self.examples)} examples; few_shot {few_shot} "
+                             "asks for more: lower llm.elicitation.few_shot or add examples to the prompt")
+        messages = self._messages(variables)
+        shots = []
+        for ex in self.examples[:few_shot]:
+            shots += [m for m in self._messages(ex) if m["role"] == "user"]
+            shots.append({"role": "assistant", "content": ex["answer"]})
+        return messages[:-1] + shots + messages[-1:]
+
+    def content_free(self, few_shot: int = 0) -> list[dict[str, str]]:
+        """The question with every variable ``N/A`` (contextual calibration), examples included."""
+        from lpm_llm.llm.elicitation import CONTENT_FREE
+
+        return self.render(dict.fromkeys(self.input_variables, CONTENT_FREE), few_shot)
+
+    def _messages(self, variables: Mapping[str, Any]) -> list[dict[str, str]]:
         values = {v: variables[v] for v in self.input_variables}
         messages = self._template.format_messages(**values)
         return [{"role": _ROLES[m.type], "content": str(m.content).strip()} for m in messages]

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lpm_llm.llm.elicitation import Elicitation
+
 #: Model name sent to the embedded llama.cpp server (it serves one model under this alias).
 LOCAL_MODEL = "SmolLM2-135M-Instruct"
 
@@ -77,6 +79,10 @@ class LLMSettings(BaseModel):
         "machine is idle when the model loads (1-minute load average below 0.5), else 1",
     )
     seed: int | None = Field(0, ge=0, description="base seed sent with requests; None sends none")
+    elicitation: Elicitation = Field(
+        default_factory=Elicitation,
+        description="few-shot framing and contextual calibration (lpm_llm.llm.elicitation); default: neither",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LLMSettings:

@@ -6,7 +6,10 @@ An :class:`ArchetypeSpec` (YAML in ``archetypes/``) says how to form them:
   the attributes' codes (first attribute slowest);
 - ``method: kmeans`` / ``minibatch_kmeans``: scikit-learn k-means on the one-hot encoded
   attributes, fitted on a random sample of agents; the profile of a cluster is the modal label of
-  each attribute among its members.
+  each attribute among its members (``profile: modal``, the default), which may describe few real
+  members or none, or its most common full combination of labels (``profile: most_common``), which
+  describes real members. ``Archetypes.profile_share`` says which share of each archetype's members
+  its profile describes exactly.
 
 Every attribute is categorical, so agents with the same attribute combination ("cell") have the
 same one-hot vector. Both methods therefore work on the (few hundred) distinct cells, weighted by
@@ -55,6 +58,8 @@ class ArchetypeSpec(BaseModel):
         k: number of clusters (clustering methods only).
         sample_size: agents drawn (without replacement) to fit the clustering; all if larger than N.
         seed: seeds the sample and scikit-learn.
+        profile: a cluster's profile: the modal label of each attribute (``modal``) or the most
+            common combination of labels among its members (``most_common``).
         description: free text for people reading the file.
     """
 
@@ -66,6 +71,7 @@ class ArchetypeSpec(BaseModel):
     k: int | None = Field(None, ge=1)
     sample_size: int = Field(100_000, ge=1)
     seed: int = 0
+    profile: Literal["modal", "most_common"] = "modal"
     description: str = ""
     _source: Path | None = None  # the YAML file it came from, for error messages
 
@@ -130,15 +136,19 @@ class ArchetypeSpec(BaseModel):
         lut = torch.as_tensor(cell_archetype, dtype=torch.int32, device=cell.device)
         index = lut[cell]
         counts = torch.bincount(index.long(), minlength=len(profile_cells)).cpu()
-        profiles = []
+        profiles, share = [], []
         for cells in profile_cells:
-            # modal label of each attribute, weighting cells by their agents
             codes = np.unravel_index(cells, shape)
             w = cell_counts[cells]
-            profiles.append({
-                a: ATTRIBUTES[a][int(np.argmax(np.bincount(c, weights=w, minlength=len(ATTRIBUTES[a]))))]
-                for a, c in zip(self.attributes, codes, strict=True)
-            })
+            if self.profile == "most_common":  # the combination with most members (ties: the lowest cell)
+                best = int(np.argmax(w))
+                picked = [int(c[best]) for c in codes]
+            else:  # modal label of each attribute, weighting cells by their agents
+                picked = [int(np.argmax(np.bincount(c, weights=w, minlength=len(ATTRIBUTES[a]))))
+                          for a, c in zip(self.attributes, codes, strict=True)]
+            profiles.append({a: ATTRIBUTES[a][c] for a, c in zip(self.attributes, picked, strict=True)})
+            exact = int(np.ravel_multi_index(tuple(picked), shape))
+            share.append(float(cell_counts[exact] / max(w.sum(), 1)) if exact in set(cells.tolist()) else 0.0)
         return Archetypes(
             name=self.name,
             attributes=tuple(self.attributes),
@@ -146,6 +156,7 @@ class ArchetypeSpec(BaseModel):
             counts=counts.to(torch.int64),
             profiles=profiles,
             descriptions=[describe(p) for p in profiles],
+            profile_share=torch.tensor(share, dtype=torch.float64),
         )
 
     def _cluster(self, cell: torch.Tensor, cell_counts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -200,6 +211,8 @@ class Archetypes:
         counts: (K,) int64 agents per archetype (CPU).
         profiles: K dicts attribute -> label (modal label among members for clusters).
         descriptions: K human-readable profiles, e.g. "a 35-44 year old woman in Queens".
+        profile_share: (K,) float64 share of each archetype's members whose attributes are exactly
+            its profile (1 for groups; None when not known).
     """
 
     name: str
@@ -208,6 +221,7 @@ class Archetypes:
     counts: torch.Tensor
     profiles: list[dict[str, str]]
     descriptions: list[str]
+    profile_share: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         k = len(self.profiles)

@@ -3,6 +3,8 @@
     lpm-llm run experiments/covid_nyc.yaml [--out DIR [--overwrite]] [--set key.path=value ...] [--quiet]
     lpm-llm calibrate experiments/covid_nyc.yaml [--out DIR [--overwrite]] [--set ...]
     lpm-llm list                      # the bundled experiments, archetypes and prompts
+    lpm-llm probe experiments/covid_nyc.yaml [--out DIR]         # P(yes) as each prompt variable moves
+    lpm-llm fidelity experiments/covid_nyc.yaml [--sample 500]   # archetypes against individuals
 
 Exit status: 0 done; 2 an expected failure (a bad config or path, an unusable --out or cache
 folder, a missing API key, an unreachable or misbehaving endpoint, unusable answers, a missing
@@ -45,7 +47,54 @@ def _parser() -> argparse.ArgumentParser:
                            help="N local processes started by torchrun: run shares its simulations (the config's "
                                 "`distributed:`); calibrate makes each a data holder (`privacy:`)")
     sub.add_parser("list", help="list the bundled experiments, archetypes and prompts")
+    _behaviour_parsers(sub)
     return p
+
+
+# -- behaviour reports (issue 14): lpm-llm probe, lpm-llm fidelity --------------------------------
+def _behaviour_parsers(sub) -> None:
+    texts = {"probe": "the sensitivity report: P(yes) of each decision as one prompt variable moves, the others "
+                      "held (behaviour.csv and a plot)",
+             "fidelity": "how well the archetypes stand in for individuals: a stratified sample of agents asked "
+                         "with their own attributes, compared with their archetype's answer, for several "
+                         "archetype sets (fidelity.csv, fidelity_sets.csv, a plot of fidelity against cost)"}
+    for name, text in texts.items():
+        s = sub.add_parser(name, help=text, description=text, epilog=_EPILOG)
+        s.add_argument("experiment", help="experiment YAML (a path, or the name of a bundled one)")
+        s.add_argument("--out", help=f"output folder (default: runs/NAME-{name}-TIMESTAMP); must be new or empty")
+        s.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out run folder")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (repeatable)")
+        s.add_argument("--quiet", "-q", action="store_true", help="warnings only")
+        s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+        if name == "probe":
+            s.add_argument("--variables", help="sweep only these, comma-separated (e.g. cases_week,policies,"
+                                               "archetype); default: every variable, attribute and archetype")
+        if name == "fidelity":
+            s.add_argument("--sample", type=int, default=500, help="agents in the stratified sample (default 500)")
+            s.add_argument("--dates", type=int, default=3, help="decision dates asked (default 3)")
+            s.add_argument("--sets", default="default",
+                           help="archetype sets: 'default' (the experiment's, grouping, k-means K=10,30,64,100,"
+                                "300) or a comma-separated list of archetype YAML files")
+
+
+def _behaviour(args, exp):
+    import time
+    from pathlib import Path
+
+    out = Path(args.out) if args.out else Path("runs") / f"{exp.config.name}-{args.command}-" \
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.command == "probe":
+        from lpm_llm.behaviour.probe import probe_experiment
+
+        probe_experiment(exp, out, overwrite=args.overwrite,
+                         variables=args.variables.split(",") if args.variables else None)
+    else:
+        from lpm_llm.behaviour.fidelity import fidelity_experiment
+
+        fidelity_experiment(exp, out, overwrite=args.overwrite, sample=args.sample, n_dates=args.dates,
+                            sets=args.sets)
+    return type("Result", (), {"out_dir": out})
 
 
 def _progress_factory(quiet: bool):
@@ -87,8 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.nproc < 1:
                 raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
             launch(sys.argv[1:] if argv is None else list(argv), args.nproc)
-        runner = exp.run if args.command == "run" else exp.calibrate
-        result = runner(args.out, overwrite=args.overwrite)
+        if args.command in ("probe", "fidelity"):
+            exp.check_devices()
+            result = _behaviour(args, exp)
+        else:
+            runner = exp.run if args.command == "run" else exp.calibrate
+            result = runner(args.out, overwrite=args.overwrite)
     except (ConfigError, LLMError, FileNotFoundError) as e:
         sys.stderr.write(f"lpm-llm: error: {_one_line(e)}\n")
         return 2

@@ -93,6 +93,8 @@ class OutputsConfig(_Strict):
     plots: bool = True
     parquet: bool = True
     observed: bool = Field(True, description="plot the bundled NYC observations beside the simulation")
+    behaviour: bool = Field(True, description="write behaviour.csv: P(yes) as each prompt variable moves, the "
+                            "others held (lpm_llm.behaviour.probe; about 64 questions, cached)")
 
 
 class CalibrationConfig(_Strict):

@@ -213,6 +213,12 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
             outputs = group.undeal([share for share, _ in shares])
             run.other_ranks = [usage for _, usage in shares[1:]]
         metrics, areas, labor, decisions_tables = ([o[j] for o in outputs if o[j] is not None] for j in range(4))
+        if cfg.outputs.behaviour:  # the sensitivity report: the base config's decisions, same client (rank 0)
+            from lpm_llm.behaviour.probe import write_behaviour
+
+            with timer.phase("behaviour"):
+                run.manifest["behaviour"] = write_behaviour(cfg, client, population, archetypes, out_dir,
+                                                            plots=cfg.outputs.plots)
         with timer.phase("outputs"):
             labor_df = pd.concat(labor, ignore_index=True) if labor else None
             # metrics: the epidemic's daily series; for a labour-only run, the monthly labour series
@@ -335,8 +341,10 @@ def _llm_manifest(cfg: ExperimentConfig, client: Any) -> dict[str, Any]:
         from lpm_llm.llm.prompts import PromptSpec
 
         spec = PromptSpec.from_yaml(resolve_path(dc.prompt, "prompts"))
+        from lpm_llm.llm.elicitation import elicitation_tag
+
         prompts[name] = {"file": spec.source.name if hasattr(spec.source, "name") else str(spec.source),
-                         "version": spec.version}
+                         "version": spec.version + elicitation_tag(cfg.llm.elicitation)}
     cache = getattr(client, "cache", None)
     return {"provider": cfg.llm.provider, "model": cfg.llm.model_name, "probability_mode": cfg.llm.probability_mode,
             "cache_mode": cfg.llm.cache_mode, "usage": as_dict, "prompts": prompts,

@@ -159,6 +159,10 @@ class EpidemicInputs:
         isolating: (N,) float32 1.0 for agents isolating (straight-through with grad), or None.
         working: (N,) bool agents working (labour model), or None (everyone in a workplace works).
         imports: (N,) float32 probability of an imported infection today, or None.
+        susceptibility: (N,) float32 multiplier of each agent's force of infection today (e.g.
+            ``1 - VE`` of a vaccine, 0 for immune agents), or None (1 for all).
+        severity: (N,) float32 multiplier of the hospitalisation and death probabilities of the
+            agents whose symptoms start today, or None (1 for all).
     """
 
     rates: torch.Tensor
@@ -166,6 +170,8 @@ class EpidemicInputs:
     isolating: torch.Tensor | None = None
     working: torch.Tensor | None = None
     imports: torch.Tensor | None = None
+    susceptibility: torch.Tensor | None = None
+    severity: torch.Tensor | None = None
 
 
 def _duration_cdf(kind: str, mean: float, shape: float) -> torch.Tensor:
@@ -392,9 +398,13 @@ class EpidemicModel:
             pressure = self._weighted_pressure(state.weight.index_select(0, infectious), infectious, w_home, w_out,
                                                inputs)
         force = c.force(pressure, outside_factor=outside_factor, working=inputs.working)
+        # the per-agent multiplier (vaccines) scales the hazard taken today; it enters p and the
+        # gradient estimator's hazards below alike
+        taken = force if inputs.susceptibility is None else force * inputs.susceptibility.detach()
         # infection when the hazard accumulated since day 0 exceeds the agent's Exp(1) threshold:
         # P(infected on day t | susceptible before) = 1 - exp(-force_t), with no random number per day
-        threshold = state.threshold - force.detach() if grad else state.threshold.sub_(force)
+        threshold = state.threshold - taken.detach() if grad else state.threshold.sub_(taken)
+        del taken
         hit = threshold < 0
         if inputs.imports is not None:
             u = torch.rand(force.shape, generator=gen, device=self.device)
@@ -403,6 +413,8 @@ class EpidemicModel:
         del hit
         if grad:
             susceptibility = self._susceptibility(theta)
+            if inputs.susceptibility is not None:
+                susceptibility = susceptibility * inputs.susceptibility
             p = -torch.expm1(-force * susceptibility)
             if inputs.imports is not None:
                 p = 1.0 - (1.0 - p) * (1.0 - inputs.imports)
@@ -450,6 +462,9 @@ class EpidemicModel:
         p_s = theta["p_symptomatic"].index_select(0, age)
         p_h = (theta["ihr"] / psymp).clamp(max=1.0).index_select(0, age)
         p_d = (theta["fatality_scale"] * theta["ifr"] / psymp).clamp(max=1.0).index_select(0, age)
+        if inputs.severity is not None:  # per-agent multiplier (vaccines) of the severe outcomes
+            severity = inputs.severity.detach().index_select(0, onset)
+            p_h, p_d = (p_h * severity).clamp(max=1.0), (p_d * severity).clamp(max=1.0)
         u3 = torch.rand((3, onset.numel()), generator=gen, device=self.device)
         symp = u3[0] < p_s.detach()
         hosp = symp & (u3[1] < p_h.detach())

@@ -12,12 +12,14 @@ schedule, the approximations and every number with its source are in
 One week (on the decision's days, every 7 days from day 0):
 
 1. at risk: agents eligible today (``eligible_day <= t``) who have no first dose (given or scheduled);
-2. willingness: agent i of archetype k says yes with probability ``p_k``. With ``persistence`` r > 0
-   each agent carries a latent standard normal z (AR(1) from week to week, correlation r) and says
-   yes when ``Phi(z) < p_k`` (as :func:`~lpm_llm.core.behavior.broadcast_persistent`): the share
-   saying yes is ``p_k`` every week, but the same people keep refusing (hesitancy), so coverage
-   levels off instead of creeping to 100%. Given last week's z, the draw is a Bernoulli of
-   probability ``Phi((Phi^-1(p_k) - r z) / sqrt(1 - r^2))``;
+2. willingness: agent i of archetype k says yes with probability ``p_k`` (every agent answers every
+   week, eligible or not). With ``persistence`` r > 0 the answers of an agent form a two-state
+   Markov chain with stationary share ``p_k`` and week-to-week correlation r: yes with probability
+   ``p_k + r (1 - p_k)`` after a yes, ``p_k (1 - r)`` after a no. The share saying yes stays ``p_k``
+   (when ``p_k`` does not change), but the same people keep refusing (hesitancy), so coverage levels
+   off instead of creeping to 100%. (A latent Gaussian propensity, as
+   :func:`~lpm_llm.core.behavior.broadcast_persistent`, has no tractable likelihood of the answers,
+   which the gradient estimator needs: its score-function gradient was measured 47% too large.)
 3. supply: with S first doses for the week (see ``VaccinationParams.supply_scale``) and expected
    demand D (the sum of those probabilities over the agents at risk), each willing agent is served
    with probability ``min(1, S / D)``, and if more are served than S (chance) a random S of them
@@ -72,14 +74,6 @@ def _score(p: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
     return torch.where(hard, p / torch.where(pd > 0, pd, one), (1.0 - p) / torch.where(pd < 1, 1.0 - pd, one))
 
 
-def _probit(p: torch.Tensor) -> torch.Tensor:
-    return math.sqrt(2.0) * torch.erfinv(2.0 * p.clamp(1e-6, 1 - 1e-6) - 1.0)
-
-
-def _phi(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
 def prior_infected_share(date: dt.date, residents: Mapping[str, float], spring_ratio: float,
                          later_ratio: float) -> dict[str, float]:
     """Borough -> share of residents infected before `date`: reported cases (cases + probable) to
@@ -112,7 +106,7 @@ class Vaccination:
     observes = ()
     publishes = ("susceptibility", "severity")
     reads = ("cases_week",)
-    state = ("age_years", "eligible_day", "dose1_day", "full_day", "product", "latent", "weight")
+    state = ("age_years", "eligible_day", "dose1_day", "full_day", "product", "last_yes", "weight")
     results = ("vaccinated_1", "vaccinated_full", "doses", "eligible")
 
     def __init__(self, params: VaccinationParams | Mapping[str, Any] | None = None):
@@ -185,6 +179,11 @@ class Vaccination:
                                                        strict=True)}
         agents_per_person = n / sum(self.residents.values())
         self.supply_day = torch.tensor(city_first_doses(sim.start_date, sim.days)) * agents_per_person  # (T,)
+        first_day = self.eligible_day.clamp(min=0)
+        soon = first_day < sim.days
+        eligible_cells = torch.zeros(sim.days, self.n_cells, device=dev).index_put_(
+            (first_day[soon], self.cell[soon]), torch.ones(int(soon.sum()), device=dev), accumulate=True)
+        self.eligible_cells = eligible_cells.cumsum(0)  # (T, cells) agents eligible on each day
         self.prior = torch.zeros(n, dtype=torch.bool, device=dev)
         if p.prior_immunity:
             share = prior_infected_share(sim.start_date, self.residents, p.spring_ratio, p.later_ratio)
@@ -200,11 +199,17 @@ class Vaccination:
         self.dose2_day = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.full_day = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.product = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.latent: torch.Tensor | None = None
+        self.scheduled = torch.zeros(0, dtype=torch.int64, device=dev)  # agents given (or booked) dose 1
+        self.last_yes: torch.Tensor | None = None  # (N,) bool each agent's last answer
         self.grad = torch.is_grad_enabled()
         self.weight = torch.ones(n, device=dev) if self.grad else None
-        self.daily: dict[str, list[torch.Tensor]] = {k: [] for k in self.results}
+        # (days + 35, cells) doses by the day they are given, booked at the decision (a booked agent's
+        # path weight no longer changes); the extra rows take doses booked past the last day
+        rows = sim.days + 35
+        self.booked = {k: torch.zeros(rows, self.n_cells, device=dev) for k in ("first", "full", "doses")}
         self.weeks: list[dict[str, float]] = []  # per decision step: at risk, demand, supply, served
+        # whether a model reads the protection (else it is not computed)
+        self.publish = any(set(self.publishes) & set(m.reads) for m in sim.models if m is not self)
 
     # -- context ----------------------------------------------------------------------------------
     def eligible_groups(self, date: dt.date) -> str:
@@ -247,32 +252,25 @@ class Vaccination:
         at_risk = (self.eligible_day <= day) & (self.dose1_day < 0)
         q = probs.to(dev).index_select(0, sim.index.long())
         r = p.persistence
-        if r > 0:
-            eps = torch.randn(q.shape, generator=gen, device=dev)
-            if self.latent is None:
-                cut, z = _probit(q), eps
-            else:
-                cut = (_probit(q) - r * self.latent) / math.sqrt(1 - r * r)
-                z = r * self.latent + math.sqrt(1 - r * r) * eps
-            yes = eps < cut.detach()
-            p_yes = _phi(cut)
-            self.latent = z
+        if r > 0 and self.last_yes is not None:  # a two-state Markov chain: stationary share q, correlation r
+            p_yes = torch.where(self.last_yes, q + r * (1.0 - q), q * (1.0 - r))
         else:
-            yes = torch.rand(q.shape, generator=gen, device=dev) < q.detach()
             p_yes = q
+        yes = torch.rand(q.shape, generator=gen, device=dev) < p_yes.detach()
+        self.last_yes = yes
         supply = self.supply_day[day:day + 7].sum().to(dev) * self.supply_scale.to(dev)
         demand = (p_yes * at_risk).sum()
         share = torch.clamp(supply / demand.clamp(min=1e-9), max=1.0)
         served = at_risk & yes & (torch.rand(q.shape, generator=gen, device=dev) < share.detach())
-        if self.weight is not None:
-            factor = _score(p_yes, yes) * torch.where(yes, _score(share.expand_as(q), served), 1.0)
-            self.weight = torch.where(at_risk, self.weight * factor, self.weight)
+        if self.weight is not None:  # every unvaccinated agent's answer shapes its next ones: all are scored
+            factor = _score(p_yes, yes) * torch.where(at_risk & yes, _score(share.expand_as(q), served), 1.0)
+            self.weight = torch.where(self.dose1_day < 0, self.weight * factor, self.weight)
         cap = int(math.floor(float(supply) + float(torch.rand((), generator=gen, device=dev))))
         idx = served.nonzero().squeeze(1)
         if idx.numel() > cap:  # more served than doses by chance: keep a random `cap` of them
             idx = idx[torch.randperm(idx.numel(), generator=gen, device=dev)[:cap]]
-        self.weeks.append({"day": day, "at_risk": float(at_risk.sum()), "demand": float(demand),
-                           "supply": float(supply), "served": float(idx.numel())})
+        self.weeks.append({"day": day, "at_risk": float(at_risk.sum()), "demand": float(demand.detach()),
+                           "supply": float(supply.detach()), "served": float(idx.numel())})
         if idx.numel() == 0:
             return
         offset = torch.randint(0, 7, (idx.numel(),), generator=gen, device=dev)
@@ -287,54 +285,58 @@ class Vaccination:
         d2 = torch.where(product == _JANSSEN, -1, d1 + interval)
         self.dose1_day = self.dose1_day.index_copy(0, idx, d1)
         self.dose2_day = self.dose2_day.index_copy(0, idx, d2)
-        self.full_day = self.full_day.index_copy(0, idx, torch.where(product == _JANSSEN, d1, d2))
+        self.full_day = self.full_day.index_copy(0, idx, torch.where(product == _JANSSEN, d1, d2))  # as `full`
         self.product = self.product.index_copy(0, idx, product)
+        self.scheduled = torch.cat([self.scheduled, idx])
+        w = self.weight.index_select(0, idx) if self.weight is not None else torch.ones(idx.numel(), device=dev)
+        cell = self.cell.index_select(0, idx)
+        full = torch.where(product == _JANSSEN, d1, d2)
+        mrna = product != _JANSSEN
+        for name, when, who in (("first", d1, None), ("full", full, None), ("doses", d1, None), ("doses", d2, mrna)):
+            at, c, v = (when, cell, w) if who is None else (when[who], cell[who], w[who])
+            self.booked[name] = self.booked[name].index_put((at, c), v, accumulate=True)
 
     # -- protection -------------------------------------------------------------------------------
-    def protection(self, day: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) vaccine effectiveness against infection and against severe outcomes on `day`, by
-        dose and time since full protection (see :mod:`~lpm_llm.models.vaccination_params`)."""
+    def protection(self, day: int, who: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vaccine effectiveness against infection and against severe outcomes on `day` of the agents
+        `who` (indices; None: all (N,)), by dose and time since full protection (see
+        :mod:`~lpm_llm.models.vaccination_params`)."""
         p = self.params
         onset1, onset2, onset_j = p.onset_days
-        mrna = (self.product == _PFIZER) | (self.product == _MODERNA)
-        jans = self.product == _JANSSEN
-        partial = mrna & (self.dose1_day >= 0) & (day >= self.dose1_day + onset1)
-        start = torch.where(jans, self.full_day + onset_j, self.full_day + onset2)
-        full = (self.full_day >= 0) & (day >= start)
+        pick = (lambda x: x) if who is None else (lambda x: x.index_select(0, who))
+        product, dose1, full_day = pick(self.product), pick(self.dose1_day), pick(self.full_day)
+        jans = product == _JANSSEN
+        partial = (product >= 0) & ~jans & (dose1 >= 0) & (day >= dose1 + onset1)
+        start = full_day + torch.where(jans, onset_j, onset2)
+        full = (full_day >= 0) & (day >= start)
         tau = (day - start).clamp(min=0).to(torch.float32)
-        ve0_inf = torch.where(jans, p.ve_infection[2], p.ve_infection[1])
-        ve0_sev = torch.where(jans, p.ve_severe[2], p.ve_severe[1])
-        ve_inf = torch.where(full, ve0_inf * torch.exp(-p.waning_infection * tau),
-                             torch.where(partial, p.ve_infection[0], 0.0))
-        ve_sev = torch.where(full, ve0_sev * torch.exp(-p.waning_severe * tau),
-                             torch.where(partial, p.ve_severe[0], 0.0))
+        ve_inf = torch.where(full, torch.where(jans, p.ve_infection[2], p.ve_infection[1])
+                             * torch.exp(-p.waning_infection * tau), torch.where(partial, p.ve_infection[0], 0.0))
+        ve_sev = torch.where(full, torch.where(jans, p.ve_severe[2], p.ve_severe[1])
+                             * torch.exp(-p.waning_severe * tau), torch.where(partial, p.ve_severe[0], 0.0))
         return ve_inf, ve_sev
 
     # -- the day ----------------------------------------------------------------------------------
     def step(self, day: int, date: dt.date, inputs: Any) -> dict[str, Any]:
         if "vaccinate" in inputs.decided:
             self._decide(day, date, inputs.decisions["vaccinate"])
-        ones = torch.ones(self.cell.shape, device=self.sim.device)
-        w = self.weight if self.weight is not None else ones
-
-        def per_cell(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(self.n_cells, device=self.sim.device).index_add(0, self.cell[mask], values[mask])
-
-        first = self.dose1_day == day
-        self.daily["vaccinated_1"].append(per_cell(first, w))
-        self.daily["vaccinated_full"].append(per_cell(self.full_day == day, w))
-        self.daily["doses"].append(per_cell(first | (self.dose2_day == day), w))
-        self.daily["eligible"].append(per_cell(self.eligible_day <= day, ones))
-        ve_inf, ve_sev = self.protection(day)
-        susceptibility = torch.where(self.prior, 0.0, 1.0 - ve_inf)
-        severity = ((1.0 - ve_sev) / (1.0 - ve_inf).clamp(min=1e-6)).clamp(max=1.0)
-        return {"susceptibility": susceptibility.to(torch.float32), "severity": severity.to(torch.float32)}
+        if not self.publish:
+            return {}
+        ve_inf, ve_sev = self.protection(day, self.scheduled)
+        susceptibility = (~self.prior).to(torch.float32).index_copy(
+            0, self.scheduled, torch.where(self.prior.index_select(0, self.scheduled), 0.0, 1.0 - ve_inf))
+        severity = torch.ones_like(susceptibility).index_copy(
+            0, self.scheduled, ((1.0 - ve_sev) / (1.0 - ve_inf).clamp(min=1e-6)).clamp(max=1.0))
+        return {"susceptibility": susceptibility, "severity": severity}
 
     def finish(self) -> dict[str, torch.Tensor]:
-        b, a = len(self.sim.areas), len(self.sim.age_bands)
-        out = {k: torch.stack(v).view(-1, b, a) for k, v in self.daily.items()}
-        out["vaccinated_1"] = out["vaccinated_1"].cumsum(0)
-        out["vaccinated_full"] = out["vaccinated_full"].cumsum(0)
+        t, b, a = self.sim.days, len(self.sim.areas), len(self.sim.age_bands)
+        out = {
+            "vaccinated_1": self.booked["first"][:t].cumsum(0).view(t, b, a),
+            "vaccinated_full": self.booked["full"][:t].cumsum(0).view(t, b, a),
+            "doses": self.booked["doses"][:t].view(t, b, a),
+            "eligible": self.eligible_cells.view(t, b, a),
+        }
         self.final_state = {"dose1_day": self.dose1_day, "dose2_day": self.dose2_day, "full_day": self.full_day,
                             "product": self.product, "eligible_day": self.eligible_day, "prior": self.prior}
         return out

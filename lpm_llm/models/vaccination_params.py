@@ -150,7 +150,7 @@ class VaccinationParams(BaseModel):
     supply_scale: float = Field(1.0, gt=0, description="weekly first doses at most this times the city's "
                                 "observed weekly increase of people with >= 1 dose (calibrated)")
     persistence: float = Field(0.9, ge=0.0, lt=1.0, description="week-to-week correlation of each agent's "
-                               "latent willingness (0: a fresh draw every week)")
+                               "answers (a two-state Markov chain; 0: a fresh draw every week)")
     share_health_care: float = Field(0.10, ge=0, le=1, description="employed 18-64 who are health care workers")
     share_essential: float = Field(0.10, ge=0, le=1, description="employed 18-64 in phase 1b occupations")
     share_public_facing: float = Field(0.05, ge=0, le=1, description="employed 18-64, public-facing (2021-03-17)")

@@ -99,25 +99,39 @@ def simulated(results, start: dt.date) -> dict[str, pd.DataFrame]:
     return out
 
 
+def markdown(frame: pd.DataFrame, index: bool = True, digits: int = 1) -> str:
+    """A DataFrame as a markdown table (no optional dependency)."""
+    f = frame.reset_index() if index else frame
+    def cell(x):
+        return f"{x:.{digits}f}" if isinstance(x, float | np.floating) else str(x)
+    lines = ["| " + " | ".join(map(str, f.columns)) + " |", "|" + "---|" * len(f.columns)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in f.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", nargs="?", default=str(ROOT / "experiments" / "covid_vaccination_nyc.yaml"))
     ap.add_argument("--steps", type=int, default=25, help="Adam steps per fit")
     ap.add_argument("--seeds", type=int, default=3, help="evaluation seeds")
     ap.add_argument("--lr", type=float, default=0.15)
+    ap.add_argument("--decisions", help="decisions.csv of a run of the experiment (skips step 1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     # 1. the experiment's answers
     t0 = time.perf_counter()
     exp = Experiment.from_yaml(args.experiment)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = exp.run(Path(tmp) / "run")
     cfg = exp.config
-    dec = run.decisions[run.decisions["decision"] == "vaccinate"]
-    llm = run.manifest.get("llm", {})
-    print(f"experiment run: {time.perf_counter() - t0:.0f} s; LLM requests {llm.get('requests')}, "
-          f"cache hits {llm.get('cache_hits')}")
+    if args.decisions:
+        decisions = pd.read_csv(args.decisions)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = exp.run(Path(tmp) / "run")
+        decisions = run.decisions
+        llm = run.manifest.get("llm", {})
+        print(f"experiment run: {time.perf_counter() - t0:.0f} s; LLM usage {llm}")
+    dec = decisions[decisions["decision"] == "vaccinate"]
     from lpm_llm.population.archetypes import ArchetypeSpec
     from lpm_llm.runner.run import build_population
 
@@ -212,8 +226,8 @@ def main() -> None:
     for dim in ("borough", "age"):
         for d in DATES:
             frame = pd.DataFrame({"observed": obs[dim][d], **{n: r[dim][d] for n, r in runs.items()}})
-            print(f"\n{dim}, {d}\n" + frame.round(1).to_markdown())
-    print("\nsummary\n" + summary.round(3).to_markdown(index=False))
+            print(f"\n{dim}, {d}\n" + markdown(frame.rename_axis(dim)))
+    print("\nsummary\n" + markdown(summary, index=False, digits=2))
 
 
 if __name__ == "__main__":

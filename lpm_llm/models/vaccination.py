@@ -265,7 +265,7 @@ class Vaccination:
         if self.weight is not None:  # every unvaccinated agent's answer shapes its next ones: all are scored
             factor = _score(p_yes, yes) * torch.where(at_risk & yes, _score(share.expand_as(q), served), 1.0)
             self.weight = torch.where(self.dose1_day < 0, self.weight * factor, self.weight)
-        cap = int(math.floor(float(supply) + float(torch.rand((), generator=gen, device=dev))))
+        cap = int(math.floor(float(supply.detach()) + float(torch.rand((), generator=gen, device=dev))))
         idx = served.nonzero().squeeze(1)
         if idx.numel() > cap:  # more served than doses by chance: keep a random `cap` of them
             idx = idx[torch.randperm(idx.numel(), generator=gen, device=dev)[:cap]]

@@ -82,6 +82,27 @@ def test_the_eligible_series_moves_only_on_schedule_dates(city):
     assert changed == {e.date for e in ELIGIBILITY}
 
 
+def test_answers_persist_as_a_markov_chain(city):
+    """Every agent answers every week; with persistence r the share saying yes stays p and the share
+    saying yes twice is p^2 + r p (1 - p) (a two-state chain with stationary share p, correlation r)."""
+    p, r = 0.3, 0.8
+    sim = _vaccination_sim(city, p=p, days=8, params={"persistence": r})  # from 2020-12-01: nobody eligible
+    v = sim.model("vaccination")
+    seen, decide = [], v._decide
+
+    def spy(day, date, probs):
+        decide(day, date, probs)
+        seen.append(v.last_yes.clone().float())
+
+    v._decide = spy
+    with torch.no_grad():
+        sim.run()
+    n = sim.population.n
+    first, second = seen
+    for share, expected in ((first.mean(), p), (second.mean(), p), ((first * second).mean(), p * p + r * p * (1 - p))):
+        assert float(share) == pytest.approx(expected, abs=4 * math.sqrt(expected * (1 - expected) / n))
+
+
 # -- conservation -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def eager(city):

@@ -267,6 +267,33 @@ def test_efficacy_and_waning_reproduce_their_analytic_forms_in_the_epidemic():
     assert ratio_v == pytest.approx(0.5 * severity, abs=4 * math.sqrt(0.25 * severity / float(symp[:2].sum())) + 0.005)
 
 
+def test_protection_in_gradient_mode_has_the_same_forward_and_a_gradient():
+    """With gradients on, the susceptibility multiplier enters the infection probability of the score
+    weights: the forward is the fast path's, and d(infections)/d(beta) is finite and positive."""
+    from tests.test_epidemic import population
+
+    pop = population(2000, 3, school=50, work=100, seed=2)
+    g = torch.Generator().manual_seed(0)
+    susceptibility = torch.where(torch.rand(pop.n, generator=g) < 0.5, 0.2, 1.0)
+    severity = torch.full((pop.n,), 0.5)
+    index = torch.zeros(pop.n, dtype=torch.bool)
+    index[::50] = True
+
+    def run(beta):
+        sim = Simulation(pop, [_Protected(susceptibility, severity),
+                               Epidemic(EpidemicParams(), tensors={"beta_scale": beta}, initial_infected=index)],
+                         days=25, seed=1)
+        return sim.run().series["new_infections"]
+
+    with torch.no_grad():
+        fast = run(torch.tensor(1.5))
+    beta = torch.tensor(1.5, requires_grad=True)
+    slow = run(beta)
+    torch.testing.assert_close(slow.detach(), fast)
+    (grad,) = torch.autograd.grad(slow.sum(), beta)
+    assert math.isfinite(float(grad)) and float(grad) > 0
+
+
 # -- the runner with a mocked LLM ------------------------------------------------------------------------
 def _answer(request: httpx.Request) -> httpx.Response:
     return logprob_completion(json.loads(request.content)["model"], 0.6, prompt_tokens=40)

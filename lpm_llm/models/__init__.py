@@ -1,5 +1,6 @@
-"""Domain models, each a :class:`~lpm_llm.core.model.Model`: the SEIRM epidemic (``epidemic``) and
-the labour market (``labor``); the registry that lets an experiment name them (``model: epidemic+labor``).
+"""Domain models, each a :class:`~lpm_llm.core.model.Model`: the SEIRM epidemic (``epidemic``), the
+labour market (``labor``) and COVID-19 vaccination (``vaccination``); the registry that lets an
+experiment name them (``model: epidemic+labor``).
 
 A new model is one module with a class implementing the protocol, registered with
 :func:`register_model` (``tests/test_toy_model.py`` does this from outside the library).
@@ -12,6 +13,7 @@ from typing import Any
 
 from lpm_llm.models.epidemic import STATES, Epidemic, EpidemicInputs, EpidemicModel, EpidemicParams, EpidemicState
 from lpm_llm.models.labor import Labor, LaborModel, LaborParams
+from lpm_llm.models.vaccination import Vaccination, VaccinationParams
 
 __all__ = [
     "STATES",
@@ -23,6 +25,8 @@ __all__ = [
     "Labor",
     "LaborModel",
     "LaborParams",
+    "Vaccination",
+    "VaccinationParams",
     "make_model",
     "model_names",
     "register_model",
@@ -31,6 +35,7 @@ __all__ = [
 _REGISTRY: dict[str, Callable[[Any], Any]] = {
     "epidemic": lambda cfg: Epidemic(cfg.epidemic),
     "labor": lambda cfg: Labor(cfg.labor),
+    "vaccination": lambda cfg: Vaccination(cfg.model_params.get("vaccination")),
 }
 
 

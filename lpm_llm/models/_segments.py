@@ -158,7 +158,7 @@ class _Plan:
         self.day_fields: list[tuple[int, Any, dict[str, int]]] = []
         for t, day in days:
             fields = {}
-            for name in ("rates", "isolating", "imports"):
+            for name in ("rates", "isolating", "imports", "susceptibility", "severity"):
                 x = getattr(day, name)
                 if x is None:
                     continue

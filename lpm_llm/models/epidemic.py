@@ -45,7 +45,9 @@ class Epidemic:
 
     Consumes the ``isolate`` decision (per-agent draws, weekly by default): an isolating agent's
     outside contacts are scaled by ``1 - isolation_compliance``. Reads ``working`` (agents with
-    workplace contacts today) if a model publishes it. Observes ``cases_week``: (areas,) expected
+    workplace contacts today), and ``susceptibility`` and ``severity`` ((N,) multipliers of the
+    force of infection and of the severe outcomes, e.g. from vaccination), if a model publishes them.
+    Observes ``cases_week``: (areas,) expected
     reported cases of the last 7 days per 100,000 agents. Contributes ``cases_week`` (the
     archetype's majority borough's reported cases of the last 7 days, shown as a count for the real
     borough) and ``cases_trend`` (the change on the week before) to the isolation prompt.
@@ -61,7 +63,7 @@ class Epidemic:
     decisions = (DecisionUse("isolate", every_days=7),)
     observes = ("cases_week",)
     publishes = ()
-    reads = ("working",)
+    reads = ("working", "susceptibility", "severity")
     state = ("disease", "next_day", "flags", "threshold")
     results = (
         "new_infections", "new_symptomatic", "reported_cases", "hospitalized", "deaths", *STATES, "isolating",
@@ -207,6 +209,7 @@ class Epidemic:
         self.pending.append((day, EpidemicInputs(
             rates=self.rates[day], seed=self.sim.seed, isolating=self.isolating, working=working,
             imports=self.imports if day == 0 else None,
+            susceptibility=inputs.data.get("susceptibility"), severity=inputs.data.get("severity"),
         )))
         self.isolating_days.append(self.isolating_cell)
         if not self.chunked or len(self.pending) >= self.sim.checkpoint_days:

@@ -163,6 +163,10 @@ class EpidemicInputs:
             susceptible agent). The path weight of an agent who is never infected is never read, so
             every agent infected by the end of the run gives the same gradient (checkpointed segments
             pass those, see :mod:`lpm_llm.models._segments`); forward values do not depend on it.
+        susceptibility: (N,) float32 multiplier of each agent's force of infection today (e.g.
+            ``1 - VE`` of a vaccine, 0 for immune agents), or None (1 for all).
+        severity: (N,) float32 multiplier of the hospitalisation and death probabilities of the
+            agents whose symptoms start today, or None (1 for all).
     """
 
     rates: torch.Tensor
@@ -171,6 +175,8 @@ class EpidemicInputs:
     working: torch.Tensor | None = None
     imports: torch.Tensor | None = None
     scored: torch.Tensor | None = None
+    susceptibility: torch.Tensor | None = None
+    severity: torch.Tensor | None = None
 
 
 def _duration_cdf(kind: str, mean: float, shape: float) -> torch.Tensor:
@@ -413,9 +419,13 @@ class EpidemicModel:
                                                inputs)
         with torch.no_grad():  # forward values; with gradients, the scored agents' force is taken below
             force = c.force(pressure, outside_factor=outside_factor, working=inputs.working)
+        # the per-agent multiplier (vaccines) scales the hazard taken today; it enters p and the
+        # gradient estimator's hazards below alike
+        taken = force if inputs.susceptibility is None else force * inputs.susceptibility.detach()
         # infection when the hazard accumulated since day 0 exceeds the agent's Exp(1) threshold:
         # P(infected on day t | susceptible before) = 1 - exp(-force_t), with no random number per day
-        threshold = state.threshold - force if grad else state.threshold.sub_(force)
+        threshold = state.threshold - taken if grad else state.threshold.sub_(taken)
+        del taken
         hit = threshold < 0
         if inputs.imports is not None:
             u = torch.rand(force.shape, generator=gen, device=self.device)
@@ -425,6 +435,8 @@ class EpidemicModel:
         group_weight = log_ratio = None
         if grad or state.log_ratio is not None:  # the group terms' log-ratios (see _group_terms)
             susceptibility = self._susceptibility(theta)
+            if inputs.susceptibility is not None:
+                susceptibility = susceptibility * inputs.susceptibility
             hazard = force.index_select(0, new_inf).double() * susceptibility.detach().index_select(
                 0, new_inf
             )
@@ -472,6 +484,9 @@ class EpidemicModel:
         p_s = theta["p_symptomatic"].index_select(0, age)
         p_h = (theta["ihr"] / psymp).clamp(max=1.0).index_select(0, age)
         p_d = (theta["fatality_scale"] * theta["ifr"] / psymp).clamp(max=1.0).index_select(0, age)
+        if inputs.severity is not None:  # per-agent multiplier (vaccines) of the severe outcomes
+            severity = inputs.severity.detach().index_select(0, onset)
+            p_h, p_d = (p_h * severity).clamp(max=1.0), (p_d * severity).clamp(max=1.0)
         u3 = torch.rand((3, onset.numel()), generator=gen, device=self.device)
         symp = u3[0] < p_s.detach()
         hosp = symp & (u3[1] < p_h.detach())

@@ -29,6 +29,7 @@ CASES: dict[str, list[str]] = {
     "covid_nyc_scenarios": ["population.scale=0.002", "days=42", "seeds=[0,1]"],
     "covid_labor_nyc": ["population.scale=0.002", "days=92"],
     "labor_nyc": ["population.scale=0.002"],
+    "covid_vaccination_nyc": ["population.scale=0.002", "days=42"],
 }
 
 

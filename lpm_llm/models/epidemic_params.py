@@ -48,7 +48,7 @@ class Variant(BaseModel):
     hospitalisation: float = Field(1.0, gt=0, le=10)
     fatality: float = Field(1.0, gt=0, le=10)
     introduced: date = Field(..., description="first day of importation")
-    importation_per_100k: float = Field(0.2, ge=0, le=1000)
+    importation_per_100k: float = Field(0.2, ge=0, le=1e5)
     source: str = ""
 
 
@@ -95,29 +95,34 @@ class EpidemicParams(BaseModel):
 
     # -- transmission ---------------------------------------------------------------------------
     beta_household: float = Field(
-        0.10,
+        0.20,
         ge=0,
         le=10,
         description=(
             "per day: daily transmission rate of one (symptomatic) infectious agent spread over the other "
-            "household members. Chosen so that the secondary attack rate 1 - exp(-beta*D*susc/(n-1)) is "
-            "about 0.15-0.35 for households of 2-4 with D=7 d, in line with the household SAR of 16.6% "
-            "(Madewell et al. 2020, JAMA Netw Open 3:e2031756); calibrate"
+            "household members (frequency-dependent: a contact in a household of n takes beta/(n-1)). "
+            "Measured at the defaults (tests/test_epidemic_review.py, one index case per household of the "
+            "synthetic NYC, household contacts infected over the following 60 days): secondary attack rate "
+            "0.18 over all household contacts, 0.35 in households of two. Published: 16.6% (95% CI "
+            "14.0-19.3) over household contacts, 37.8% to spouses (Madewell et al. 2020, JAMA Netw Open "
+            "3:e2031756). beta_scale multiplies it as every layer; calibrate"
         ),
     )
     beta_school: float = Field(
-        0.40, ge=0, le=10, description="per day, spread over the classroom; assumption, calibrate"
+        0.80, ge=0, le=10, description="per day, spread over the classroom; assumption, calibrate"
     )
     beta_workplace: float = Field(
-        0.40, ge=0, le=10, description="per day, spread over the workplace; assumption, calibrate"
+        0.80, ge=0, le=10, description="per day, spread over the workplace; assumption, calibrate"
     )
     beta_community: float = Field(
-        0.35,
+        0.70,
         ge=0,
         le=10,
         description=(
-            "per day, at 100% prevalence of infectious contacts; assumption, calibrate. With the other "
-            "defaults the synthetic NYC grows at about 0.13/day without interventions (R0 about 3)"
+            "per day for an agent with the population's mean community contacts, at 100% prevalence of "
+            "infectious contacts; assumption, calibrate. The school, workplace and community rates were "
+            "doubled with issue 15 when the infectious period went from 7 to 3.5 days, so that each "
+            "layer's reproduction number stays what it was"
         ),
     )
     beta_scale: float = Field(1.0, ge=0, le=10, description="dimensionless multiplier of every layer's rate")
@@ -238,7 +243,7 @@ class EpidemicParams(BaseModel):
     importation_per_100k: float = Field(
         0.0,
         ge=0,
-        le=1000,
+        le=1e5,
         description=(
             "infections imported from outside the city per day per 100,000 fully susceptible residents "
             "(a daily hazard of importation_per_100k / 1e5, times the agent's susceptibility), of the "

@@ -475,9 +475,11 @@ class EpidemicModel:
         # P(infected on day t | susceptible before) = 1 - exp(-force_t), with no random number per day
         threshold = state.threshold - force.detach() if grad else state.threshold.sub_(force)
         hit = threshold < 0
+        seeded = None
         if inputs.imports is not None:
             u = torch.rand(force.shape, generator=gen, device=self.device)
-            hit |= (u < inputs.imports) & (disease == S)
+            seeded = (u < inputs.imports) & (disease == S)  # seeds are of the resident lineage
+            hit |= seeded
         new_inf = hit.nonzero().squeeze(1)
         del hit
         if grad:
@@ -602,8 +604,10 @@ class EpidemicModel:
         weight, group_weight = self._isolation_draw(
             onset, symp, inputs, weight, group_weight, flags, theta["case_isolation_compliance"], gen)
         if self.n_lineages > 1 and new_inf.numel() and self._lineages_present(inf_lineage, inputs):
-            lineage.index_copy_(0, new_inf, self._attribute_lineage(
-                new_inf, infectious, inf_lineage, w_home, w_out, inputs, outside_factor, gen))
+            drawn = self._attribute_lineage(new_inf, infectious, inf_lineage, w_home, w_out, inputs, outside_factor, gen)
+            if seeded is not None:
+                drawn = torch.where(seeded.index_select(0, new_inf), 0, drawn).to(torch.int8)
+            lineage.index_copy_(0, new_inf, drawn)
 
         delta = torch.stack(
             [

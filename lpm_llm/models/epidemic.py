@@ -155,6 +155,10 @@ class Epidemic:
                              if "case_isolation_compliance" in given or float(compliance) > 0 else None)
         self.state_ = engine.initial_state(self.theta, sim.seed, track_gradients=self.grad)
         self.reporting = engine.reporting_rate(self.theta, self.month_index).detach().cpu()  # (T, B)
+        # area-level policies (cluster zones): (T, B) multipliers of outside-home contacts, None if none
+        by_area = torch.tensor([sim.interventions.area_multipliers(d, list(sim.areas)) for d in sim.dates],
+                               dtype=torch.float32, device=sim.device).reshape(len(sim.dates), -1)
+        self.area_factor = by_area if bool((by_area != 1.0).any()) else None
         self.isolating: torch.Tensor | None = None
         self.isolating_cell = torch.zeros(c.shape, device=sim.device)
         self.daily: list[dict[str, torch.Tensor]] = []
@@ -232,11 +236,18 @@ class Epidemic:
             imports=self.imports if day == 0 else None,
             importation=None if self.importation is None else self.importation[day],
             report_rate=None if self.report_rates is None else self.report_rates[day],
+            outside=self._area_outside(day),
         )))
         self.isolating_days.append(self.isolating_cell)
         if not self.chunked or len(self.pending) >= self.sim.checkpoint_days:
             self._flush()
         return {}
+
+    def _area_outside(self, day: int) -> torch.Tensor | None:
+        """(N,) today's multiplier of outside-home contacts from area-level policies, or None."""
+        if self.area_factor is None or bool((self.area_factor[day] == 1.0).all()):
+            return None
+        return self.area_factor[day].index_select(0, self.engine.borough)
 
     def finish(self) -> dict[str, torch.Tensor]:
         self._flush()

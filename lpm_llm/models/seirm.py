@@ -178,6 +178,8 @@ class EpidemicInputs:
             lineage (resident first), or None: continuous importation.
         report_rate: (B,) float32 share of today's symptomatic onsets that will be reported, by
             borough, or None: no case isolation today.
+        outside: (N,) float32 multiplier of each agent's contacts outside the home, on both sides of
+            a contact (area-level policies such as cluster zones), or None.
     """
 
     rates: torch.Tensor
@@ -187,6 +189,7 @@ class EpidemicInputs:
     imports: torch.Tensor | None = None
     importation: torch.Tensor | None = None
     report_rate: torch.Tensor | None = None
+    outside: torch.Tensor | None = None
 
 
 def _discretised_cdf(kind: str, location: float, shape: float, max_days: int = _MAX_DURATION) -> torch.Tensor:
@@ -460,6 +463,9 @@ class EpidemicModel:
         w_out = w_home
         if inputs.isolating is not None:
             outside_factor = 1.0 - compliance * inputs.isolating
+        if inputs.outside is not None:  # area-level policies, as isolation on both sides of a contact
+            outside_factor = inputs.outside if outside_factor is None else outside_factor * inputs.outside
+        if outside_factor is not None:
             w_out = w_home * outside_factor.index_select(0, infectious)
         case_isolated = self._case_isolated(inf_flags, onset_day.index_select(0, infectious), t)
         w_out = torch.where(case_isolated, 0.0, w_out)  # known cases who isolate emit only at home

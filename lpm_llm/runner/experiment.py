@@ -78,7 +78,8 @@ class InterventionsConfig(_Strict):
     """
 
     preset: Literal["nyc_2020", "none"] = "nyc_2020"
-    remove: list[Literal["school_closure", "stay_at_home", "reopening", "masks"]] = Field(default_factory=list)
+    remove: list[Literal["school_closure", "stay_at_home", "reopening", "masks", "restriction", "indoor_dining",
+                         "zones"]] = Field(default_factory=list)
     add: list[Policy] = Field(default_factory=list)
 
     def schedule(self) -> InterventionSchedule:

@@ -61,7 +61,10 @@ class Epidemic:
     :class:`~lpm_llm.core.sim.Simulation` (the dynamics are :class:`EpidemicModel`'s).
 
     Consumes the ``isolate`` decision (per-agent draws, weekly by default): an isolating agent's
-    outside contacts are scaled by ``1 - isolation_compliance``. Reads ``working`` (agents with
+    outside contacts are scaled by ``1 - isolation_compliance``. Reported cases isolate as well
+    (``case_isolation_compliance``); area-level policies of the schedule (cluster zones) scale the
+    outside contacts of their boroughs' residents. Records ``symptomatic_by_lineage`` (T, L) besides
+    the (T, B, A) series (see :mod:`lpm_llm.models.lineages`). Reads ``working`` (agents with
     workplace contacts today) if a model publishes it. Observes ``cases_week``: (areas,) expected
     reported cases of the last 7 days per 100,000 agents. Contributes ``cases_week`` (the
     archetype's majority borough's reported cases of the last 7 days, shown as a count for the real

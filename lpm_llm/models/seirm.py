@@ -25,6 +25,24 @@ every draw comes from the step's explicit generator. An agent who enters I on da
 s + 1 .. s + d, so the generation interval (``generation_interval_pmf``) is the latent period plus
 a uniform day of the infectious period, weighted by its length.
 
+Issue 15 added, each on its own code path (helpers ``_case_isolated``, ``_isolation_draw``, ``_wane``,
+``_attribute_lineage``; random numbers drawn after the older ones, so that those are unchanged):
+- case isolation: at onset a symptomatic agent will be a reported case who isolates with probability
+  ``report_rate[borough] * case_isolation_compliance`` (flag 8); from ``case_isolation_delay`` days
+  after onset (default ``report_delay``: when the case is known) it emits nothing outside the home;
+- infection-acquired immunity wanes: on leaving I an agent stays immune for a geometric number of
+  days of mean ``immunity_mean`` (``next_day`` of R), then is susceptible again (flag 16) with
+  ``reinfection_susceptibility``, with a fresh Exp(1) threshold over its reduced susceptibility;
+- continuous importation: ``EpidemicInputs.importation`` (L,) adds a daily hazard per unit
+  susceptibility to every agent's force (no extra random numbers: the threshold takes it);
+- lineages: ``lineage`` (N,) int8 per agent (0 resident, 1.. ``params.variants``); an infectious
+  agent's infectiousness is x its lineage's ``transmissibility``, its onset's admission and death
+  probabilities x ``hospitalisation`` and ``fatality``; a new infection takes its lineage in
+  proportion to the hazard each lineage put on it that day (force from that lineage's infectious
+  agents, evaluated for the newly infected only, plus its importation). Day-0 seeds are resident.
+- area-level policies (cluster zones): ``EpidemicInputs.outside`` scales outside-home contacts on both
+  sides of a contact, as isolation does.
+
 Infection uses the exposure-threshold form of the daily Bernoulli draw: each agent draws a threshold
 tau ~ Exp(1) once, and is infected on the first day the hazard accumulated since day 0 exceeds it.
 Since the exponential is memoryless, P(infected on day t | susceptible until then) = 1 - exp(-force_t)
@@ -32,8 +50,9 @@ exactly as with a fresh uniform draw every day, but a day costs one subtraction 
 numbers. Imports on day 0 are separate Bernoulli draws.
 
 Per-agent state (``EpidemicState``): ``disease`` int8, ``next_day`` int16, ``flags`` int8,
-``threshold`` float32: 8 bytes. With gradients enabled float32 columns are added (``weight`` and
-``fate`` (N,), ``group_weight`` and ``log_ratio`` (3, N), see below): 32 bytes more.
+``threshold`` float32, ``lineage`` int8, ``onset_day`` int16: 11 bytes. With gradients enabled
+float32 columns are added (``weight`` and ``fate`` (N,), ``group_weight`` and ``log_ratio`` (3, N),
+see below): 32 bytes more.
 
 Gradients. Under ``torch.no_grad()`` the step runs a fast path: hard Bernoulli draws, in-place
 updates. With gradients enabled the draws stay hard in the forward pass and every agent carries a
@@ -610,7 +629,8 @@ class EpidemicModel:
         weight, group_weight = self._isolation_draw(
             onset, symp, inputs, weight, group_weight, flags, theta["case_isolation_compliance"], gen)
         if self.n_lineages > 1 and new_inf.numel() and self._lineages_present(inf_lineage, inputs):
-            drawn = self._attribute_lineage(new_inf, infectious, inf_lineage, w_home, w_out, inputs, outside_factor, gen)
+            drawn = self._attribute_lineage(
+                new_inf, infectious, inf_lineage, w_home, w_out, inputs, outside_factor, gen)
             if seeded is not None:
                 drawn = torch.where(seeded.index_select(0, new_inf), 0, drawn).to(torch.int8)
             lineage.index_copy_(0, new_inf, drawn)

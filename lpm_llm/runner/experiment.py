@@ -109,6 +109,9 @@ class CalibrationConfig(_Strict):
         None, ge=1, description="simulations for the gradient-free baseline; default: as long as Adam ran"
     )
     checkpoint_days: int | None = Field(None, ge=1, description="recompute activations in chunks of this many days")
+    serology: bool = Field(
+        False, description="add New York City's April 2020 antibody survey (22.7%, Rosenberg et al. 2020) to the "
+        "loss on its date (lpm_llm.calibrate.targets.NYC_SEROLOGY_APRIL_2020)")
     parameters: list[str] | None = Field(
         None, description="calibrated parameters (lpm_llm.calibrate.first_wave_space names); default: all"
     )

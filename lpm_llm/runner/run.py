@@ -364,6 +364,7 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
     calibration.json, calibration_daily.csv, calibration_observed.csv and the calibration plots.
     """
     from lpm_llm.calibrate import calibrate_first_wave
+    from lpm_llm.calibrate.targets import NYC_SEROLOGY_APRIL_2020
     from lpm_llm.llm.client import open_client
 
     cfg, cal = exp.config, exp.config.calibration
@@ -407,6 +408,7 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
                 baseline_budget=cal.baseline_budget, checkpoint_days=cal.checkpoint_days, scale=scale,
                 device=cfg.device, seed=cfg.seeds[0], parameters=cal.parameters, on_step=on_step,
                 alignment=cfg.decisions["isolate"].alignment if "isolate" in cfg.decisions else None,
+                serology=NYC_SEROLOGY_APRIL_2020 if cal.serology else None,
             )
         if pbar:
             pbar.close()

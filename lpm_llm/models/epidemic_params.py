@@ -58,9 +58,10 @@ class Variant(BaseModel):
 NYC_VARIANTS: tuple[Variant, ...] = (
     Variant(
         name="Iota", lineage="B.1.526", transmissibility=1.15, introduced="2020-11-01",
-        source="first sequenced in NYC in November 2020, 45% of sequences by late March 2021; no higher risk "
-        "of hospitalisation or death than other lineages (Thompson et al. 2021, MMWR 70:712); relative "
-        "transmissibility 1.15 is an assumption (its growth against the resident lineage; calibrate)",
+        source="first sequenced in NYC in November 2020 (Annavajhala et al. 2021, Nature 597:703), 41% of "
+        "NYC's sequenced cases in 2021-02-28 .. 03-27 (variants_4weekly.csv); no higher risk of hospitalisation "
+        "or death than other lineages (Thompson et al. 2021, MMWR 70:712); relative transmissibility 1.15 is "
+        "an assumption (calibrate against the shares)",
     ),
     Variant(
         name="Alpha", lineage="B.1.1.7", transmissibility=1.5, hospitalisation=1.52, fatality=1.51,

@@ -259,3 +259,29 @@ def test_lineage_severity_and_shares():
     expected = float(r.series["symptomatic_by_lineage"][:28, 1].sum() / r.series["symptomatic_by_lineage"][:28].sum())
     assert float(first["B.1.1.7"]) == pytest.approx(100 * expected)
     assert float(first["Other"]) == pytest.approx(100 * (1 - expected))
+
+
+@pytest.mark.slow
+def test_a_run_into_2021_writes_lineage_shares_beside_the_observed(tmp_path, monkeypatch):
+    """An experiment that reaches NYC's sequencing periods writes lineages.csv: per 4-week period the
+    simulated and the observed shares (each period's simulated shares add up to 100)."""
+    import respx
+
+    from lpm_llm.runner.experiment import Experiment
+    from tests.regression.cases import ENDPOINT, KEY_ENV, _answer
+
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
+    overrides = ["population.scale=0.002", "start_date=2021-01-03", "days=28", "outputs.plots=false",
+                 "llm.provider=openai", "llm.model=mock", f"llm.base_url={ENDPOINT}", f"llm.api_key_env={KEY_ENV}",
+                 'llm.cache_mode="off"', "llm.max_retries=0", "epidemic.importation_per_100k=5.0"]
+    with respx.mock(assert_all_mocked=True) as mock:
+        mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_answer)
+        Experiment.from_yaml("covid_nyc.yaml", overrides).run(tmp_path / "run")
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "run" / "lineages.csv")
+    assert list(table["period_start"].unique()) == ["2021-01-03"]  # the one complete period in the run
+    assert table["simulated_percent"].sum() == pytest.approx(100.0)
+    observed = table.set_index("variant")["observed_percent"]
+    assert observed["B.1.526"] == pytest.approx(100 * (73 + 225) / 2565, rel=1e-6)  # both B.1.526 rows
+    assert observed["Other"] == pytest.approx(100 * (22 + 44 + 2146) / 2565, rel=1e-6)

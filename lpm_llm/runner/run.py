@@ -166,7 +166,7 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
     cfg = exp.config
     configs = {"baseline": cfg, **exp.scenarios}
     bar = exp.progress
-    metrics, areas, labor, decisions_tables = [], [], [], []
+    metrics, areas, labor, decisions_tables, lineages = [], [], [], [], []
     with _run_folder(exp, out_dir, overwrite, scenarios=list(configs)) as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
@@ -190,6 +190,12 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
                 areas.append(results.by_area().assign(scenario=name, seed=seed))
             if "labor" in results.tables:
                 labor.append(results.tables["labor"].assign(scenario=name, seed=seed))
+            if "symptomatic_by_lineage" in results.series:  # lineage shares where NYC sequenced (2021)
+                from lpm_llm.models.lineages import compare_lineage_shares
+
+                shares = compare_lineage_shares(results.series["symptomatic_by_lineage"], c.start_date, c.epidemic)
+                if len(shares):
+                    lineages.append(shares.assign(scenario=name, seed=seed))
             decisions_tables.append(_decisions_frame(decisions, name, seed))
         with timer.phase("outputs"):
             labor_df = pd.concat(labor, ignore_index=True) if labor else None
@@ -203,6 +209,8 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
             areas_df = pd.concat(areas, ignore_index=True) if areas else None
             if areas_df is not None:
                 ensemble_summary(areas_df).to_csv(out_dir / "summary.csv", index=False)
+            if lineages:
+                pd.concat(lineages, ignore_index=True).to_csv(out_dir / "lineages.csv", index=False)
             plots = _plots(cfg, areas_df, labor_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
     return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=run.manifest,
                             labor=labor_df, plots=plots)

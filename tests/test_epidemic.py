@@ -87,11 +87,61 @@ def test_household_secondary_attack_rate():
 def test_duration_distributions():
     geo = duration_pmf("exponential", 4.0)
     k = torch.arange(1, geo.numel() + 1, dtype=torch.float64)
-    p = 1 - math.exp(-1 / 4)
-    torch.testing.assert_close(geo[:50], p * (1 - p) ** (k[:50] - 1))  # a daily exit hazard 1 - exp(-1/mean)
+    p = 1 / 4
+    torch.testing.assert_close(geo[:50], p * (1 - p) ** (k[:50] - 1))  # a daily exit probability 1 / mean
     gam = duration_pmf("gamma", 5.1, 4.0)
-    assert float((gam * k).sum()) == pytest.approx(5.1, abs=0.05)
     assert float(gam.sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 1 day"):
+        duration_pmf("gamma", 0.8, 4.0)
+
+
+@pytest.mark.parametrize("kind", ["exponential", "gamma"])
+@pytest.mark.parametrize("mean", [1.0, 1.3, 2.5, 3.5, 5.0, 7.0])
+def test_duration_parameter_is_the_realized_mean(kind, mean):
+    """A duration parameter is the mean of the whole-day durations the agents live (the issue: an
+    exponential rounded up made `infectious_mean: 5` a realized 5.52 days), both of the discretised
+    distribution and of draws from it by the model's own sampler."""
+    from lpm_llm.models.seirm import EpidemicModel, _duration_cdf
+
+    pmf = duration_pmf(kind, mean, 4.0)
+    k = torch.arange(1, pmf.numel() + 1, dtype=torch.float64)
+    assert float((pmf * k).sum()) == pytest.approx(mean, abs=1e-6)
+    cdf = _duration_cdf(kind, mean, 4.0).to(torch.float32)
+    draws = EpidemicModel._draw_days(cdf, 200_000, torch.Generator().manual_seed(1)).double()
+    se = float(draws.std()) / math.sqrt(draws.numel())
+    assert abs(float(draws.mean()) - mean) < 4 * se + 1e-9, (float(draws.mean()), mean)
+
+
+def test_generation_interval_matches_simulation_and_publications():
+    """The default generation interval is about 5 days (Ferretti et al. 2020: 5.0 d; Ganyani et al.
+    2020: 5.2 d) and the simulated one equals ``generation_interval_pmf``: many index cases in a large
+    well-mixed population at a low reproduction number, the day of each secondary infection measured
+    (corrected for the few second-generation ones: mean = GI (1 + 2R) / (1 + R) to second order)."""
+    from lpm_llm.models.seirm import generation_interval_pmf
+
+    defaults = EpidemicParams()
+    pmf = generation_interval_pmf(defaults)
+    k = torch.arange(1, pmf.numel() + 1, dtype=torch.float64)
+    gi = float((pmf * k).sum())
+    assert 4.8 <= gi <= 5.4, gi
+    n, n_index = 200_000, 20_000
+    beta = 0.05 / defaults.infectious_mean  # R about 0.05 per index case (minus depletion)
+    params = EpidemicParams(**FLAT, beta_household=0, beta_school=0, beta_workplace=0, beta_community=beta,
+                            community_contacts="stylised", community_assortativity=0.0,
+                            case_isolation_compliance=0.0, immunity_mean=None, variants=())
+    pop = population(n, 1, seed=3)
+    index = torch.zeros(n, dtype=torch.bool)
+    index[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:n_index]] = True
+    r = run(pop, params, days=40, seed=2, initial_infected=index)
+    daily = r.series["new_infections"].sum((1, 2)).double()
+    daily[0] -= n_index
+    secondary = float(daily.sum())
+    days = torch.arange(daily.numel(), dtype=torch.float64)
+    mean_day = float((daily * days).sum()) / secondary
+    r_eff = secondary / n_index / (1 + secondary / n_index)  # first-generation share, to second order
+    measured = mean_day * (1 + r_eff) / (1 + 2 * r_eff)
+    sd = math.sqrt(float((pmf * k * k).sum()) - gi**2)
+    assert abs(measured - gi) < 4 * sd / math.sqrt(secondary) + 0.05, (measured, gi, secondary)
 
 
 # -- invariants ---------------------------------------------------------------------------------------
@@ -101,7 +151,8 @@ def mixed_pop() -> Population:
 
 
 def test_same_seed_same_result_and_conservation(mixed_pop):
-    params = EpidemicParams(initial_infections_per_100k=(300,) * 5, beta_scale=1.5)
+    # lifelong immunity: every infection leaves S for good (waning is tested on its own)
+    params = EpidemicParams(initial_infections_per_100k=(300,) * 5, beta_scale=1.5, immunity_mean=None)
     arch = _Arch(mixed_pop)
     kw = dict(days=60, archetypes=arch, decisions={"isolate": ConstantDecision(0.3, k=arch.k)})
     a = run(mixed_pop, params, seed=7, **kw)
@@ -233,7 +284,8 @@ def test_isolation_reduces_outside_transmission_by_compliance(mixed_pop):
 
 # -- gradients ------------------------------------------------------------------------------------------
 def test_ascertainment_gradient_is_exact(mixed_pop):
-    params = EpidemicParams(initial_infections_per_100k=(300,) * 5)
+    # without case isolation ascertainment only scales the reports (with it, it changes the paths too)
+    params = EpidemicParams(initial_infections_per_100k=(300,) * 5, case_isolation_compliance=0.0)
 
     def loss(asc: torch.Tensor) -> torch.Tensor:
         sim = epidemic_sim(mixed_pop, params, days=45, seed=9, tensors={"ascertainment": asc})

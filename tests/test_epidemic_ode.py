@@ -4,11 +4,12 @@ What is compared (apples to apples): the model steps in whole days with daily ha
 is the SEIR system discretised the same way, per day t:
 
     new_t = S_{t-1} (1 - exp(-beta I_{t-1} / N)),
-    E->I: E_{t-1} (1 - exp(-sigma)),  I->R: I_{t-1} (1 - exp(-gamma))
+    E->I: E_{t-1} sigma,  I->R: I_{t-1} gamma
 
-(sigma = 1/latent mean, gamma = 1/infectious mean; an exponential duration rounded up to whole days is
-a daily exit hazard 1 - exp(-rate)). The mean over seeds of the agent model must match this map's peak
-prevalence, peak day and final size within 3%. The final size is also checked against the continuous
+(sigma = 1/latent mean, gamma = 1/infectious mean: the model's "exponential" durations are geometric
+with these daily exit probabilities, so that their realized means are the parameters). The mean
+over seeds of the agent model must match this map's peak prevalence, peak day and final size
+within 3%. The final size is also checked against the continuous
 SEIR ODE (scipy) with the same R0 = beta x mean whole-day infectious period, whose final size obeys
 the same equation z = 1 - exp(-R0 z).
 """
@@ -35,7 +36,7 @@ DAYS = 150
 def _discrete_map(days: int, e0: float) -> np.ndarray:
     """(days, 4) S, E, I, R at the end of each day, day 0 = after seeding."""
     s, e, i, r = N - e0, e0, 0.0, 0.0
-    p_e, p_i = 1 - math.exp(-1 / LATENT), 1 - math.exp(-1 / INFECTIOUS)
+    p_e, p_i = 1 / LATENT, 1 / INFECTIOUS
     out = [(s, e, i, r)]
     for _ in range(1, days):
         new = s * (1 - math.exp(-BETA * i / N))
@@ -70,6 +71,9 @@ def test_well_mixed_matches_seir():
             latent_mean=LATENT,
             infectious_mean=INFECTIOUS,
             initial_infections_per_100k=(SEEDS_PER_100K,) * 5,
+            immunity_mean=None,  # SEIR: lifelong immunity
+            case_isolation_compliance=0.0,
+            variants=(),
         )
         runs = []
         with torch.no_grad():
@@ -90,8 +94,8 @@ def test_well_mixed_matches_seir():
     assert agent[-1, 1] + agent[-1, 2] < 1e-3 * N  # the epidemic is over
 
     # continuous SEIR with the same R0 (rates 1 / mean whole-day durations)
-    gamma = 1 - math.exp(-1 / INFECTIOUS)  # 1 / mean of the geometric infectious period
-    sigma = 1 - math.exp(-1 / LATENT)
+    gamma = 1 / INFECTIOUS  # 1 / mean of the geometric infectious period
+    sigma = 1 / LATENT
 
     def rhs(_t, y):
         s, e, i, _r = y

@@ -35,7 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm_llm.calibrate.targets import SERIES_OF, forecast_scores, log_mse, observed_weekly, simulated_weekly
+from lpm_llm.calibrate.targets import (
+    SERIES_OF,
+    forecast_scores,
+    log_mse,
+    observed_weekly,
+    serology_loss,
+    simulated_weekly,
+)
 from lpm_llm.core.behavior import DecisionSource
 from lpm_llm.core.interventions import InterventionSchedule
 from lpm_llm.core.parameters import Bounded, ParameterSpace
@@ -194,10 +201,14 @@ class SimulationObjective:
         weeks: weeks from the simulation's start that enter the loss.
         scale: agents per resident (simulated counts / scale are compared with observed ones).
         debias: with 2 or more seeds, pass their between-run variance to :func:`log_mse`.
+        serology: a serological survey (:class:`~lpm_llm.calibrate.targets.SerologyTarget`) whose
+            :func:`~lpm_llm.calibrate.targets.serology_loss` (on the seeds' mean share infected)
+            enters the mean over targets as one more target; None: none.
     """
 
     def __init__(
-        self, simulation: Any, observed: Mapping[str, torch.Tensor], *, weeks: int, scale: float, debias: bool = True
+        self, simulation: Any, observed: Mapping[str, torch.Tensor], *, weeks: int, scale: float, debias: bool = True,
+        serology: Any = None,
     ):
         unknown = sorted(set(observed) - set(SERIES_OF))
         if unknown:
@@ -209,6 +220,12 @@ class SimulationObjective:
         self.weeks = int(weeks)
         self.scale = float(scale)
         self.debias = bool(debias)
+        self.serology = serology
+        if serology is not None:
+            day = (serology.date - simulation.start_date).days - serology.delay
+            if not 0 <= day < simulation.days:
+                raise ValueError(f"the serology target's infection date (day {day}) is outside the simulation")
+            self._serology_day = day
         self.simulations = 0
 
     def run(self, values: Mapping[str, torch.Tensor], seed: int):
@@ -220,9 +237,14 @@ class SimulationObjective:
         return sim.run()
 
     def weekly(self, values: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-        """target -> (weeks, B) simulated weekly counts of the scaled city (autograd kept)."""
+        """target -> (weeks, B) simulated weekly counts of the scaled city (autograd kept); with a
+        serology target also ``"serology"``: the share of agents infected by its day."""
         series = self.run(values, seed).series
-        return {t: simulated_weekly(series[SERIES_OF[t]], self.weeks) for t in self.observed}
+        out = {t: simulated_weekly(series[SERIES_OF[t]], self.weeks) for t in self.observed}
+        if self.serology is not None:
+            infections = series["new_infections"][: self._serology_day + 1].sum()
+            out["serology"] = infections / float(self.simulation.population.n)
+        return out
 
     def __call__(self, values: Mapping[str, torch.Tensor], seeds: int | Sequence[int]) -> torch.Tensor:
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -232,7 +254,12 @@ class SimulationObjective:
         # with 2+ runs, the loss is corrected for the noise of their mean (see log_mse)
         debias = self.debias and len(seeds) > 1
         variance = {t: x.var(0) / len(seeds) for t, x in stacked.items()} if debias else None
-        return log_mse(mean, self.observed, self.scale, variance=variance)
+        loss = log_mse(mean, self.observed, self.scale, variance=variance)
+        if self.serology is None:
+            return loss
+        share = torch.stack([r["serology"] for r in runs]).mean()
+        n = len(self.observed)  # one more target in the mean over targets
+        return (loss * n + serology_loss(share, self.serology)) / (n + 1)
 
 
 # -- the optimiser ------------------------------------------------------------------------------------
@@ -549,6 +576,7 @@ def calibrate_first_wave(
     parameters: Sequence[str] | None = None,
     alignment: tuple[float, float] | None = None,
     on_step: Callable[[str, int, float, float], None] | None = None,
+    serology: Any = None,
 ) -> CalibrationReport:
     """Calibrate the epidemic to New York's first wave and forecast the weeks after it.
 
@@ -577,6 +605,8 @@ def calibrate_first_wave(
         parameters: names of :func:`first_wave_space` to calibrate (default: all of them; the
             alignment terms only with an ``isolate`` decision).
         alignment: the (a, b) the isolation decision's alignment map starts from (default: identity).
+        serology: a :class:`~lpm_llm.calibrate.targets.SerologyTarget` that enters the fitted loss
+            (:class:`SimulationObjective`), e.g. ``NYC_SEROLOGY_APRIL_2020``; None: none.
         lr_final: Adam's learning rate at the last step (geometric decay from `lr`; default: constant).
         curve_points: times at which both fits are scored for the loss-against-time curve.
         on_step: called as ``on_step(method, index, loss, seconds)`` after each step/evaluation,
@@ -606,7 +636,7 @@ def calibrate_first_wave(
                           interventions=interventions, start_date=start, days=days, seed=seed,
                           device=device, **kwargs)
 
-    objective = SimulationObjective(simulation(7 * weeks), obs_fit, weeks=weeks, scale=scale)
+    objective = SimulationObjective(simulation(7 * weeks), obs_fit, weeks=weeks, scale=scale, serology=serology)
     space = first_wave_space(params, months_between(start, start + dt.timedelta(days=7 * weeks - 1)) + 1,
                              alignment=("isolate" in frozen) and (tuple(alignment) if alignment else True),
                              include=parameters, device=device)

@@ -6,7 +6,9 @@ Weeks are 7-day blocks counted from the simulation's start date (week 0 = start 
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -16,11 +18,14 @@ from lpm_llm.data.observed import load_covid, weekly
 from lpm_llm.population import BOROUGHS
 
 __all__ = [
+    "NYC_SEROLOGY_APRIL_2020",
     "OBSERVED_COLUMN",
     "SERIES_OF",
+    "SerologyTarget",
     "forecast_scores",
     "log_mse",
     "observed_weekly",
+    "serology_loss",
     "simulated_weekly",
 ]
 
@@ -28,6 +33,48 @@ SERIES_OF: dict[str, str] = {"cases": "reported_cases", "deaths": "deaths", "hos
 """Calibration target -> the simulated series (``Results.series`` key) compared with it."""
 OBSERVED_COLUMN: dict[str, str] = {"cases": "cases", "deaths": "deaths", "hospitalized": "hospitalized"}
 """Calibration target -> the column of :func:`lpm_llm.data.observed.load_covid`."""
+
+
+@dataclass(frozen=True)
+class SerologyTarget:
+    """A serological survey: the share of residents with antibodies on ``date`` (the middle of the
+    sampling period), with its 95% confidence interval. Antibodies appear about ``delay`` days after
+    infection, so the simulated share is the share of agents infected by ``date - delay``."""
+
+    date: dt.date
+    share: float
+    lower: float
+    upper: float
+    delay: int
+    source: str
+
+
+NYC_SEROLOGY_APRIL_2020 = SerologyTarget(
+    date=dt.date(2020, 4, 24),
+    share=0.227,
+    lower=0.215,
+    upper=0.240,
+    delay=18,
+    source=(
+        "New York State's antibody survey of 15,101 adults at grocery stores, 2020-04-19 to 2020-04-28: "
+        "22.7% (95% CI 21.5-24.0) in New York City, adjusted for the assay's sensitivity and "
+        "specificity (Rosenberg et al. 2020, Ann Epidemiol 48:23). Delay: IgG seroconversion a median 13 "
+        "days after symptom onset (Long et al. 2020, Nat Med 26:845), onset about 5 days after "
+        "infection (Lauer et al. 2020)"
+    ),
+)
+"""New York City's April 2020 seroprevalence, a calibration target on its date."""
+
+
+def serology_loss(infected_share: torch.Tensor, target: SerologyTarget) -> torch.Tensor:
+    """Squared distance on the log scale from the simulated share infected (a scalar tensor, the
+    city's share of agents ever infected by ``target.date - target.delay``) to the survey's 95% CI:
+    0 inside the interval (the survey cannot tell those apart), ``(log p - log bound)^2`` outside, the
+    same units as :func:`log_mse`'s weekly terms."""
+    p = infected_share.clamp(min=1e-9)
+    below = torch.log(torch.tensor(target.lower, dtype=p.dtype, device=p.device)) - torch.log(p)
+    above = torch.log(p) - torch.log(torch.tensor(target.upper, dtype=p.dtype, device=p.device))
+    return torch.clamp(torch.maximum(below, above), min=0.0).pow(2)
 
 
 def _check_targets(targets: Sequence[str]) -> None:

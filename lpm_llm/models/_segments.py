@@ -158,7 +158,8 @@ class _Plan:
         self.day_fields: list[tuple[int, Any, dict[str, int]]] = []
         for t, day in days:
             fields = {}
-            for name in ("rates", "isolating", "imports", "susceptibility", "severity"):
+            for name in ("rates", "isolating", "imports", "susceptibility", "severity", "importation", "report_rate",
+                         "outside"):
                 x = getattr(day, name)
                 if x is None:
                     continue
@@ -190,9 +191,12 @@ class _Plan:
                 outs.append(out)
             return state, outs
         # the forward values: the fast path, which keeps `log_ratio` but no path weights
+        # every column the fast path writes in place is copied: the segment's start state is the
+        # template of its recomputation
         fast = replace(state, weight=None, fate=None, group_weight=None,
                        disease=state.disease.clone(), next_day=state.next_day.clone(), flags=state.flags.clone(),
-                       threshold=state.threshold.clone())
+                       threshold=state.threshold.clone(), lineage=state.lineage.clone(),
+                       onset_day=state.onset_day.clone())
         with torch.no_grad():
             for t, inputs in days:
                 fast, out = self.engine.step(fast, t, inputs, theta)

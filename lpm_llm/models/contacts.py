@@ -19,8 +19,11 @@ Community: with ``P[b, a]`` the infectiousness summed over cell (borough b, age 
     Q[b, a'] = (1 - x) * P[b, a'] / N[b, a'] + x * sum_b' P[b', a'] / sum_b' N[b', a'],
 
 (x = ``cross_borough_share``) and the community force on an agent in cell (b, a) is
-``beta_C * sum_a' C[a, a'] * Q[b, a']`` with C row-stochastic (row a: how an age-a agent's community
-contacts split over age bands). Pressure per cell is one ``index_add_``; the rest is a (B, A) x (A, A)
+``beta_C * sum_a' C[a, a'] * Q[b, a']``, where C[a, a'] is the community contacts of an age-a agent
+with age band a' relative to the population's mean: the row sums carry the age-specific contact
+volumes of a contact survey (:func:`prem_community_matrix`, normalised by
+:func:`normalised_contacts` to a population-weighted mean row sum of 1, so that ``beta_C`` stays
+the rate of an average agent). Pressure per cell is one ``index_add_``; the rest is a (B, A) x (A, A)
 product.
 
 Isolation: an agent who isolates keeps its household contacts and drops a fraction ``compliance`` of
@@ -39,7 +42,8 @@ import torch
 from lpm_llm.core.interventions import LAYERS
 from lpm_llm.population import Population
 
-__all__ = ["LAYERS", "ContactLayers", "Pressure", "default_community_matrix"]
+__all__ = ["LAYERS", "ContactLayers", "Pressure", "default_community_matrix",
+           "normalised_contacts", "prem_community_matrix"]
 
 _REQUIRED = ("borough", "age_band", "household")
 
@@ -56,6 +60,48 @@ def default_community_matrix(n_age: int, assortativity: float = 0.4) -> torch.Te
         raise ValueError(f"assortativity must lie in [0, 1], got {assortativity}")
     uniform = torch.full((n_age, n_age), (1.0 - assortativity) / n_age)
     return uniform + assortativity * torch.eye(n_age)
+
+
+def normalised_contacts(matrix: torch.Tensor, age_counts: torch.Tensor) -> torch.Tensor:
+    """(A, A) contacts scaled so that the mean row sum over agents (``age_counts`` (A,) agents per
+    band) is 1; the relative volumes between bands and each row's split are kept."""
+    matrix = torch.as_tensor(matrix, dtype=torch.float32)
+    weights = age_counts.to(torch.float32).cpu() / age_counts.sum().clamp(min=1).cpu()
+    mean = float((matrix.sum(1) * weights).sum())
+    if mean <= 0:
+        raise ValueError("community contact matrix has no contacts in the population's age bands")
+    return matrix / mean
+
+
+_PREM_FILE = "contacts/prem2017_usa_other_locations.csv"
+_PREM_EDGES = tuple(range(0, 80, 5)) + (100,)  # 5-year survey bands 0-4 .. 70-74, 75+ (to 100)
+
+
+def prem_community_matrix(age_edges: tuple[int, ...] = (0, 5, 13, 18, 25, 35, 45, 55, 65, 75, 100)) -> torch.Tensor:
+    """(A, A) mean daily community contacts of a person in age band a with persons in band a': the
+    "other locations" matrix of the United States (Prem, Cook & Jit 2017, PLoS Comput Biol
+    13:e1005697, supplement S2; shipped as ``lpm_llm/data/contacts/prem2017_usa_other_locations.csv``
+    with its source), aggregated from the survey's 16 five-year bands to the bands given by
+    `age_edges` (default: ``AGE_BANDS``): a row of ours averages the survey rows it covers, weighted
+    by years; a column of ours sums the survey columns' shares of years it covers. Row sums (contacts
+    per day): 0-4 4.04, 5-12 5.23, 13-17 6.86, 18-24 6.66, 25-34 4.51, 35-44 3.99, 45-54 3.68,
+    55-64 4.00, 65-74 3.07, 75+ 1.64: people aged 75+ have about a third of the community contacts of
+    adults aged 25-34 (POLYMOD, on which the projection rests, shows the same fall: Mossong et al. 2008,
+    PLoS Med 5:e74, Table 1)."""
+    import csv
+    from importlib import resources
+
+    text = resources.files("lpm_llm.data").joinpath(_PREM_FILE).read_text()
+    rows = list(csv.reader(text.splitlines()))
+    survey = torch.tensor([[float(x) for x in row[1:]] for row in rows[1:]], dtype=torch.float64)
+    ours = list(zip(age_edges[:-1], age_edges[1:], strict=True))
+    theirs = list(zip(_PREM_EDGES[:-1], _PREM_EDGES[1:], strict=True))
+    overlap = torch.tensor(
+        [[max(0, min(h, h2) - max(lo, lo2)) for lo2, h2 in theirs] for lo, h in ours], dtype=torch.float64
+    )  # (A, 16) years in common
+    rows_w = overlap / overlap.sum(1, keepdim=True)  # a band of ours: average of the survey rows it covers
+    cols_w = overlap / overlap.sum(0, keepdim=True)  # a survey column: split over our bands by years
+    return (rows_w @ survey @ cols_w.T).to(torch.float32)
 
 
 @dataclass
@@ -291,6 +337,29 @@ class ContactLayers:
         if pressure.household is None:
             return outside
         return outside.add_(pressure.household.index_select(0, self.household))
+
+
+    def force_at(
+        self,
+        pressure: Pressure,
+        agents: torch.Tensor,
+        *,
+        outside_factor: torch.Tensor | None = None,
+        working: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`force` evaluated for the (n,) agents `agents` only (outside_factor and working are
+        (N,), as there): (n,) float32."""
+        out = pressure.community_rate.index_select(0, self.cell.index_select(0, agents))
+        if pressure.school is not None:
+            out = out + pressure.school.index_select(0, self.school.index_select(0, agents))
+        if pressure.workplace is not None:
+            work = pressure.workplace.index_select(0, self.workplace.index_select(0, agents))
+            out = out + (work if working is None else work * working.index_select(0, agents))
+        if outside_factor is not None:
+            out = out * outside_factor.index_select(0, agents)
+        if pressure.household is not None:
+            out = out + pressure.household.index_select(0, self.household.index_select(0, agents))
+        return out
 
 
 def _inverse_contacts(groups: torch.Tensor, n_groups: int) -> torch.Tensor:

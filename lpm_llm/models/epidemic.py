@@ -39,12 +39,32 @@ __all__ = [
 ]
 
 
+def community_matrix(params: EpidemicParams, age_band: torch.Tensor) -> torch.Tensor:
+    """(A, A) community contact matrix of `params` for a population with (N,) ``age_band`` codes:
+    ``community_matrix`` if given, else ``community_contacts``, scaled to a mean row sum of 1 over the
+    population's agents (:func:`~lpm_llm.models.contacts.normalised_contacts`)."""
+    from lpm_llm.models.contacts import default_community_matrix, normalised_contacts, prem_community_matrix
+
+    n_age = len(params.susceptibility)
+    if params.community_matrix is not None:
+        matrix = torch.tensor(params.community_matrix, dtype=torch.float32)
+    elif params.community_contacts == "prem2017_usa":
+        matrix = prem_community_matrix()
+    else:
+        matrix = default_community_matrix(n_age, params.community_assortativity)
+    counts = torch.bincount(age_band.long().cpu(), minlength=n_age)
+    return normalised_contacts(matrix, counts)
+
+
 class Epidemic:
     """The SEIRM epidemic as a :class:`~lpm_llm.core.model.Model` of a
     :class:`~lpm_llm.core.sim.Simulation` (the dynamics are :class:`EpidemicModel`'s).
 
     Consumes the ``isolate`` decision (per-agent draws, weekly by default): an isolating agent's
-    outside contacts are scaled by ``1 - isolation_compliance``. Reads ``working`` (agents with
+    outside contacts are scaled by ``1 - isolation_compliance``. Reported cases isolate as well
+    (``case_isolation_compliance``); area-level policies of the schedule (cluster zones) scale the
+    outside contacts of their boroughs' residents. Records ``symptomatic_by_lineage`` (T, L) besides
+    the (T, B, A) series (see :mod:`lpm_llm.models.lineages`). Reads ``working`` (agents with
     workplace contacts today), and ``susceptibility`` and ``severity`` ((N,) multipliers of the
     force of infection and of the severe outcomes, e.g. from vaccination), if a model publishes them.
     Observes ``cases_week``: (areas,) expected
@@ -64,9 +84,10 @@ class Epidemic:
     observes = ("cases_week",)
     publishes = ()
     reads = ("working", "susceptibility", "severity")
-    state = ("disease", "next_day", "flags", "threshold")
+    state = ("disease", "next_day", "flags", "threshold", "lineage", "onset_day")
     results = (
         "new_infections", "new_symptomatic", "reported_cases", "hospitalized", "deaths", *STATES, "isolating",
+        "symptomatic_by_lineage",
     )
 
     def __init__(
@@ -97,13 +118,10 @@ class Epidemic:
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, sim: Any) -> None:
-        from lpm_llm.models.contacts import default_community_matrix
-
         self.sim = sim
         p = self.params
-        matrix = (torch.tensor(p.community_matrix, dtype=torch.float32) if p.community_matrix is not None
-                  else default_community_matrix(len(p.susceptibility), p.community_assortativity))
         population = sim.population
+        matrix = community_matrix(p, population["age_band"])
         self.contacts = ContactLayers.from_population(
             population, community_matrix=matrix, cross_borough_share=p.cross_borough_share, device=sim.device
         )
@@ -132,8 +150,20 @@ class Epidemic:
         self.rates = layer_rates(self.theta, multipliers, self.month_index)  # (T, 4)
         self.imports = (self.initial_infected.to(torch.float32) if self.initial_infected is not None
                         else engine.import_probability(self.theta))
+        # continuous importation by lineage (T, L), None when nothing is ever imported
+        importation = engine.importation_hazard(self.theta, sim.dates)
+        given = self.tensor_overrides
+        self.importation = importation if ("importation_per_100k" in given or bool((importation > 0).any())) else None
+        # reported cases isolate: the share of each day's onsets that will be reported (T, B)
+        compliance = self.theta["case_isolation_compliance"]
+        self.report_rates = (engine.reporting_rate(self.theta, self.month_index)
+                             if "case_isolation_compliance" in given or float(compliance) > 0 else None)
         self.state_ = engine.initial_state(self.theta, sim.seed, track_gradients=self.grad)
         self.reporting = engine.reporting_rate(self.theta, self.month_index).detach().cpu()  # (T, B)
+        # area-level policies (cluster zones): (T, B) multipliers of outside-home contacts, None if none
+        by_area = torch.tensor([sim.interventions.area_multipliers(d, list(sim.areas)) for d in sim.dates],
+                               dtype=torch.float32, device=sim.device).reshape(len(sim.dates), -1)
+        self.area_factor = by_area if bool((by_area != 1.0).any()) else None
         self.isolating: torch.Tensor | None = None
         self.isolating_cell = torch.zeros(c.shape, device=sim.device)
         self.daily: list[dict[str, torch.Tensor]] = []
@@ -210,11 +240,20 @@ class Epidemic:
             rates=self.rates[day], seed=self.sim.seed, isolating=self.isolating, working=working,
             imports=self.imports if day == 0 else None,
             susceptibility=inputs.data.get("susceptibility"), severity=inputs.data.get("severity"),
+            importation=None if self.importation is None else self.importation[day],
+            report_rate=None if self.report_rates is None else self.report_rates[day],
+            outside=self._area_outside(day),
         )))
         self.isolating_days.append(self.isolating_cell)
         if not self.chunked or len(self.pending) >= self.sim.checkpoint_days:
             self._flush()
         return {}
+
+    def _area_outside(self, day: int) -> torch.Tensor | None:
+        """(N,) today's multiplier of outside-home contacts from area-level policies, or None."""
+        if self.area_factor is None or bool((self.area_factor[day] == 1.0).all()):
+            return None
+        return self.area_factor[day].index_select(0, self.engine.borough)
 
     def finish(self) -> dict[str, torch.Tensor]:
         self._flush()

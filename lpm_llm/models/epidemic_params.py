@@ -8,6 +8,7 @@ use them are in :mod:`lpm_llm.models.seirm`.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Literal
 
 import numpy as np
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lpm_llm.core.parameters import Bounded
 from lpm_llm.population import AGE_BANDS
 
-__all__ = ["TENSOR_PARAMS", "EpidemicParams"]
+__all__ = ["NYC_VARIANTS", "TENSOR_PARAMS", "EpidemicParams", "Variant"]
 
 _A = len(AGE_BANDS)
 
@@ -27,6 +28,60 @@ def _per_age(values: tuple[float, ...], name: str) -> tuple[float, ...]:
             f"{name} needs one value per age band ({_A}: {', '.join(AGE_BANDS)}), got {len(values)}"
         )
     return values
+
+
+class Variant(BaseModel):
+    """A lineage other than the resident one: its transmissibility and severity relative to the
+    resident (ancestral, D614G) lineage, and its introduction by importation.
+
+    Infectiousness of an agent infected with it is x ``transmissibility``; its probabilities of
+    hospital admission and death (per symptomatic infection) are x ``hospitalisation`` and x
+    ``fatality``. From ``introduced`` on, ``importation_per_100k`` infections of this lineage are
+    imported per day per 100,000 fully susceptible residents (a calibrated rate; the defaults are
+    assumptions)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., description="WHO label, e.g. Alpha")
+    lineage: str = Field(..., description="Pango lineage as in variants_4weekly.csv, e.g. B.1.1.7")
+    transmissibility: float = Field(1.0, gt=0, le=10)
+    hospitalisation: float = Field(1.0, gt=0, le=10)
+    fatality: float = Field(1.0, gt=0, le=10)
+    introduced: date = Field(..., description="first day of importation")
+    importation_per_100k: float = Field(0.2, ge=0, le=1e5)
+    source: str = ""
+
+
+# Relative severity of Alpha (and of Gamma, which Ontario counted with it as N501Y-positive) and of
+# Delta: Fisman & Tuite 2021, CMAJ 193:E1619 (Ontario, against non-variant infections; adjusted odds
+# ratios of hospitalisation 1.52 and 2.08, of death 1.51 and 2.33).
+NYC_VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        name="Iota", lineage="B.1.526", transmissibility=1.15, introduced="2020-11-01",
+        source="first sequenced in NYC in November 2020 (Annavajhala et al. 2021, Nature 597:703), 41% of "
+        "NYC's sequenced cases in 2021-02-28 .. 03-27 (variants_4weekly.csv); no higher risk of hospitalisation "
+        "or death than other lineages (Thompson et al. 2021, MMWR 70:712); relative transmissibility 1.15 is "
+        "an assumption (calibrate against the shares)",
+    ),
+    Variant(
+        name="Alpha", lineage="B.1.1.7", transmissibility=1.5, hospitalisation=1.52, fatality=1.51,
+        introduced="2020-12-15",
+        source="reproduction number 43-90% higher (Davies et al. 2021, Science 372:eabg3055); severity: "
+        "Fisman & Tuite 2021 (CMAJ 193:E1619); first New York cases early January 2021",
+    ),
+    Variant(
+        name="Gamma", lineage="P.1", transmissibility=1.7, hospitalisation=1.52, fatality=1.51,
+        introduced="2021-02-15",
+        source="1.7-2.4 times as transmissible (Faria et al. 2021, Science 372:815; lower end taken, its "
+        "immune escape is not modelled); severity as N501Y-positive variants in Fisman & Tuite 2021",
+    ),
+    Variant(
+        name="Delta", lineage="B.1.617.2", transmissibility=1.97, hospitalisation=2.08, fatality=2.33,
+        introduced="2021-04-15",
+        source="reproduction number 97% higher than non-variant lineages (Campbell et al. 2021, Euro "
+        "Surveill 26:2100509); severity: Fisman & Tuite 2021 (CMAJ 193:E1619)",
+    ),
+)
 
 
 class EpidemicParams(BaseModel):
@@ -41,29 +96,34 @@ class EpidemicParams(BaseModel):
 
     # -- transmission ---------------------------------------------------------------------------
     beta_household: float = Field(
-        0.10,
+        0.20,
         ge=0,
         le=10,
         description=(
             "per day: daily transmission rate of one (symptomatic) infectious agent spread over the other "
-            "household members. Chosen so that the secondary attack rate 1 - exp(-beta*D*susc/(n-1)) is "
-            "about 0.15-0.35 for households of 2-4 with D=7 d, in line with the household SAR of 16.6% "
-            "(Madewell et al. 2020, JAMA Netw Open 3:e2031756); calibrate"
+            "household members (frequency-dependent: a contact in a household of n takes beta/(n-1)). "
+            "Measured at the defaults (tests/test_epidemic_review.py, one index case per household of the "
+            "synthetic NYC, household contacts infected over the following 60 days): secondary attack rate "
+            "0.18 over all household contacts, 0.35 in households of two. Published: 16.6% (95% CI "
+            "14.0-19.3) over household contacts, 37.8% to spouses (Madewell et al. 2020, JAMA Netw Open "
+            "3:e2031756). beta_scale multiplies it as every layer; calibrate"
         ),
     )
     beta_school: float = Field(
-        0.40, ge=0, le=10, description="per day, spread over the classroom; assumption, calibrate"
+        0.80, ge=0, le=10, description="per day, spread over the classroom; assumption, calibrate"
     )
     beta_workplace: float = Field(
-        0.40, ge=0, le=10, description="per day, spread over the workplace; assumption, calibrate"
+        0.80, ge=0, le=10, description="per day, spread over the workplace; assumption, calibrate"
     )
     beta_community: float = Field(
-        0.35,
+        0.70,
         ge=0,
         le=10,
         description=(
-            "per day, at 100% prevalence of infectious contacts; assumption, calibrate. With the other "
-            "defaults the synthetic NYC grows at about 0.13/day without interventions (R0 about 3)"
+            "per day for an agent with the population's mean community contacts, at 100% prevalence of "
+            "infectious contacts; assumption, calibrate. The school, workplace and community rates were "
+            "doubled with issue 15 when the infectious period went from 7 to 3.5 days, so that each "
+            "layer's reproduction number stays what it was"
         ),
     )
     beta_scale: float = Field(1.0, ge=0, le=10, description="dimensionless multiplier of every layer's rate")
@@ -76,16 +136,26 @@ class EpidemicParams(BaseModel):
             "masks, the pace of reopening, infections imported from outside the city. 1.0: none; calibrate"
         ),
     )
+    community_contacts: Literal["prem2017_usa", "stylised"] = Field(
+        "prem2017_usa",
+        description=(
+            "age structure of community contacts: 'prem2017_usa', the United States' contacts at other "
+            "locations by age (Prem, Cook & Jit 2017, PLoS Comput Biol 13:e1005697; shipped in "
+            "lpm_llm/data/contacts with its source), with age-specific volumes (75+: 1.6 contacts a day, "
+            "25-34: 4.5); 'stylised': every band the same volume, `community_assortativity` of it in "
+            "one's own band (the model before issue 15)"
+        ),
+    )
     community_assortativity: float = Field(
         0.4,
         ge=0,
         le=1,
         description=(
-            "share of community contacts within one's own age band (stylised POLYMOD, Mossong et al. 2008)"
+            "with community_contacts 'stylised': share of community contacts within one's own age band"
         ),
     )
     community_matrix: tuple[tuple[float, ...], ...] | None = Field(
-        None, description=("(A, A) row-stochastic age contact matrix replacing the stylised one")
+        None, description=("(A, A) age contact matrix (contacts per day) replacing community_contacts")
     )
     cross_borough_share: float = Field(
         0.1, ge=0, le=1, description="share of community contacts outside one's borough; assumption"
@@ -120,26 +190,94 @@ class EpidemicParams(BaseModel):
     # -- natural history ------------------------------------------------------------------------
     duration_distribution: Literal["gamma", "exponential"] = "gamma"
     latent_mean: float = Field(
-        4.0,
-        ge=0.5,
+        2.5,
+        ge=1,
         le=60,
         description=(
-            "days from infection to infectiousness; incubation median 5.1 d (Lauer et al. 2020, Ann Intern "
-            "Med 172:577) less about 1 day of presymptomatic infectiousness (He et al. 2020, Nat Med 26:672)"
+            "days from infection to infectiousness (the realized mean of the whole-day draws; an agent "
+            "transmits from the next day). Incubation median 5.1 d (Lauer et al. 2020, Ann Intern Med "
+            "172:577) less 2.3 d of presymptomatic infectiousness (He et al. 2020, Nat Med 26:672) is "
+            "about 2.8 d; 2.5 d with infectious_mean 3.5 d gives a generation interval of 5.2 d (SD 2.1), "
+            "the published ancestral-strain estimates: 5.0 d (SD 1.9; Ferretti et al. 2020, Science "
+            "368:eabb6936), 5.20 d (Singapore; Ganyani et al. 2020, Euro Surveill 25:2000257)"
         ),
     )
     latent_shape: float = Field(4.0, gt=0, le=1e5, description="gamma shape of the latent period")
     infectious_mean: float = Field(
-        7.0,
-        ge=0.5,
+        3.5,
+        ge=1,
         le=60,
         description=(
-            "days infectious; CDC Pandemic Planning Scenarios: from 2 days before to about 10 days "
-            "after onset "
-            "for mild cases, most transmission in the first week"
+            "days infectious (realized mean of the whole-day draws), at constant infectiousness: the "
+            "effective infectious period, about 2.3 d before to 1-2 d after symptom onset, where He et al. "
+            "2020 (Nat Med 26:672) put most transmission (44% presymptomatic). With latent_mean 2.5 d the "
+            "generation interval is 5.2 d (see latent_mean; `generation_interval_pmf`)"
         ),
     )
     infectious_shape: float = Field(4.0, gt=0, le=1e5, description="gamma shape of the infectious period")
+
+    # -- infection-acquired immunity ----------------------------------------------------------------
+    immunity_mean: float | None = Field(
+        365.0,
+        ge=1,
+        le=10000,
+        description=(
+            "days of full protection after an infection (realized mean; a geometric duration, i.e. a "
+            "constant daily waning probability 1/mean), after which the agent is susceptible again with "
+            "`reinfection_susceptibility`; None: lifelong. With 0.5 below, protection against reinfection "
+            "6 months after infection is 1 - (1 - exp(-182/365)) x 0.5 = 80%: Hansen et al. 2021 (Lancet "
+            "397:1204) measured 80.5% (95% CI 75.4-84.5) in Denmark in 2020, Hall et al. 2021 (SIREN, "
+            "Lancet 397:1459) 84% (74-90) over a median 7 months. Assumption within those, calibrate"
+        ),
+    )
+    reinfection_susceptibility: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description=(
+            "susceptibility of an agent whose infection-acquired immunity has waned, relative to one never "
+            "infected (see immunity_mean for the sources it is chosen against); assumption"
+        ),
+    )
+
+    # -- importation and variants --------------------------------------------------------------------
+    importation_per_100k: float = Field(
+        0.0,
+        ge=0,
+        le=1e5,
+        description=(
+            "infections imported from outside the city per day per 100,000 fully susceptible residents "
+            "(a daily hazard of importation_per_100k / 1e5, times the agent's susceptibility), of the "
+            "resident lineage, every day of the run (day-0 seeding is initial_infections_per_100k). 0: "
+            "none. Unknown: calibrate (a value > 0 makes it a calibrated parameter)"
+        ),
+    )
+    variants: tuple[Variant, ...] = Field(
+        default_factory=lambda: NYC_VARIANTS,
+        description="lineages other than the resident one, introduced by importation (see Variant)",
+    )
+
+    # -- case isolation ---------------------------------------------------------------------------------
+    case_isolation_compliance: float = Field(
+        0.43,
+        ge=0,
+        le=1,
+        description=(
+            "share of reported cases who isolate (drop every school, work and community contact) from "
+            "the day they are known until the end of their infectious period: self-reported full "
+            "adherence to self-isolation, 42.5% (95% CI 39.7-45.3), Smith et al. 2021, BMJ 372:n608 "
+            "(UK CORSAIR surveys). Which cases are reported follows `ascertainment`; calibrate"
+        ),
+    )
+    case_isolation_delay: int | None = Field(
+        None,
+        ge=0,
+        le=60,
+        description=(
+            "days from the start of infectiousness to a reported case's isolation; None: report_delay "
+            "(a case isolates when it is known)"
+        ),
+    )
 
     # -- severity by age ------------------------------------------------------------------------
     p_symptomatic: tuple[float, ...] = Field(
@@ -192,24 +330,32 @@ class EpidemicParams(BaseModel):
         ),
     )
     report_delay: int = Field(
-        3, ge=0, le=60, description="days from symptom onset to a reported case; assumption"
-    )
-    hosp_delay: int = Field(
-        7,
+        6,
         ge=0,
         le=60,
         description=(
-            "days from symptom onset to hospital admission; CDC Pandemic Planning "
-            "Scenarios (median about 6-7 d)"
+            "days from the start of infectiousness (the model's onset event) to a reported case: symptom "
+            "onset about 2.6 d later (incubation 5.1 d less latent_mean 2.5 d) plus 3 d to a report "
+            "(assumption)"
+        ),
+    )
+    hosp_delay: int = Field(
+        10,
+        ge=0,
+        le=60,
+        description=(
+            "days from the start of infectiousness to hospital admission: symptom onset 2.6 d later (see "
+            "report_delay) plus onset to admission, median about 6-7 d (CDC Pandemic Planning Scenarios)"
         ),
     )
     death_delay: int = Field(
-        11,
+        17,
         ge=0,
         le=120,
         description=(
-            "days from the end of infectiousness to death: onset to death 17.8 d (Verity et al. 2020) less "
-            "the infectious days after onset"
+            "days from the end of infectiousness to death: infection to death 22.9 d (incubation 5.1 d, "
+            "Lauer et al. 2020, plus onset to death 17.8 d, Verity et al. 2020) less latent_mean and "
+            "infectious_mean (6 d)"
         ),
     )
 
@@ -280,6 +426,9 @@ TENSOR_PARAMS: dict[str, str] = {
     "ifr": "A",
     "fatality_scale": "()",
     "initial_infections_per_100k": "B",
+    "importation_per_100k": "()",
+    "reinfection_susceptibility": "()",
+    "case_isolation_compliance": "()",
     "ascertainment": "M",
     "ascertainment_by_borough": "B",
 }
@@ -323,6 +472,10 @@ def calibrated_specs(
         "fatality_scale": Bounded(0.1, 10.0, clip(params.fatality_scale, 0.1, 10.0), log=True,
                                   doc="multiplier of the infection fatality ratio by age"),
     }
+    if params.importation_per_100k > 0:  # continuous importation is fitted where a run enables it
+        specs["importation_per_100k"] = Bounded(
+            0.01, 100.0, clip(params.importation_per_100k, 0.01, 100.0), log=True,
+            doc="infections imported per day per 100,000 susceptible residents (resident lineage)")
     if n_months < 2:
         del specs["transmission_change"]
     return specs

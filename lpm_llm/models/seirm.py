@@ -16,11 +16,32 @@ Natural history of one infection, drawn per agent:
   (counted in R meanwhile).
 
 Durations are whole days drawn per agent when a state is entered (the agent leaves on day
-``t + d``): with ``duration_distribution="gamma"`` d is a gamma draw (mean, shape) rounded to the
-nearest day (at least 1); with ``"exponential"`` d is an exponential draw rounded up, i.e. a daily
-exit hazard of ``1 - exp(-1 / mean)`` (memoryless; the ODE comparison uses it). Durations are
-sampled from the exact discretised distribution by inverse CDF (a table of at most a few hundred
-days), so every draw comes from the step's explicit generator.
+``t + d``), and a duration parameter is the realized mean of d: with ``duration_distribution="gamma"``
+d is a gamma draw (shape ``*_shape``) rounded to the nearest day (at least 1), the gamma's own mean
+solved for so that the rounded draws have the stated mean; with ``"exponential"`` d is geometric, a
+daily exit probability of ``1 / mean`` (memoryless; the ODE comparison uses it). Durations are sampled
+from the exact discretised distribution by inverse CDF (a table of at most a few hundred days), so
+every draw comes from the step's explicit generator. An agent who enters I on day s transmits on days
+s + 1 .. s + d, so the generation interval (``generation_interval_pmf``) is the latent period plus
+a uniform day of the infectious period, weighted by its length.
+
+Issue 15 added, each on its own code path (helpers ``_case_isolated``, ``_isolation_draw``, ``_wane``,
+``_attribute_lineage``; random numbers drawn after the older ones, so that those are unchanged):
+- case isolation: at onset a symptomatic agent will be a reported case who isolates with probability
+  ``report_rate[borough] * case_isolation_compliance`` (flag 8); from ``case_isolation_delay`` days
+  after onset (default ``report_delay``: when the case is known) it emits nothing outside the home;
+- infection-acquired immunity wanes: on leaving I an agent stays immune for a geometric number of
+  days of mean ``immunity_mean`` (``next_day`` of R), then is susceptible again (flag 16) with
+  ``reinfection_susceptibility``, with a fresh Exp(1) threshold over its reduced susceptibility;
+- continuous importation: ``EpidemicInputs.importation`` (L,) adds a daily hazard per unit
+  susceptibility to every agent's force (no extra random numbers: the threshold takes it);
+- lineages: ``lineage`` (N,) int8 per agent (0 resident, 1.. ``params.variants``); an infectious
+  agent's infectiousness is x its lineage's ``transmissibility``, its onset's admission and death
+  probabilities x ``hospitalisation`` and ``fatality``; a new infection takes its lineage in
+  proportion to the hazard each lineage put on it that day (force from that lineage's infectious
+  agents, evaluated for the newly infected only, plus its importation). Day-0 seeds are resident.
+- area-level policies (cluster zones): ``EpidemicInputs.outside`` scales outside-home contacts on both
+  sides of a contact, as isolation does.
 
 Infection uses the exposure-threshold form of the daily Bernoulli draw: each agent draws a threshold
 tau ~ Exp(1) once, and is infected on the first day the hazard accumulated since day 0 exceeds it.
@@ -29,8 +50,9 @@ exactly as with a fresh uniform draw every day, but a day costs one subtraction 
 numbers. Imports on day 0 are separate Bernoulli draws.
 
 Per-agent state (``EpidemicState``): ``disease`` int8, ``next_day`` int16, ``flags`` int8,
-``threshold`` float32: 8 bytes. With gradients enabled float32 columns are added (``weight`` and
-``fate`` (N,), ``group_weight`` and ``log_ratio`` (3, N), see below): 32 bytes more.
+``threshold`` float32, ``lineage`` int8, ``onset_day`` int16: 11 bytes. With gradients enabled
+float32 columns are added (``weight`` and ``fate`` (N,), ``group_weight`` and ``log_ratio`` (3, N),
+see below): 32 bytes more.
 
 Gradients. Under ``torch.no_grad()`` the step runs a fast path: hard Bernoulli draws, in-place
 updates. With gradients enabled the draws stay hard in the forward pass and every agent carries a
@@ -89,6 +111,7 @@ __all__ = [
     "EpidemicState",
     "EpidemicInputs",
     "duration_pmf",
+    "generation_interval_pmf",
     "layer_rates",
 ]
 
@@ -96,7 +119,10 @@ S, E, I, R, M = 0, 1, 2, 3, 4
 _DYING = 5  # internal code: no longer infectious, will die; reported in R
 STATES: tuple[str, ...] = ("S", "E", "I", "R", "M")
 _SYMPTOMATIC, _HOSPITALIZED, _FATED = 1, 2, 4  # bits of `flags`
+_ISOLATES = 8  # bit of `flags`: a reported case who isolates (case isolation)
+_PRIOR = 16  # bit of `flags`: infected before (susceptible again after waning immunity)
 _MAX_DURATION = 400  # days; longest duration the samplers represent (tail mass folded into it)
+_MAX_IMMUNITY = 10_000  # days; the same for the duration of infection-acquired immunity
 
 _A = len(AGE_BANDS)
 
@@ -108,7 +134,8 @@ class EpidemicState:
     Attributes:
         disease: (N,) int8 code (S=0, E=1, I=2, R=3, M=4; 5 = awaiting death, reported in R).
         next_day: (N,) int16 day of the agent's next transition, -1 for none.
-        flags: (N,) int8 bits: 1 symptomatic, 2 hospitalised, 4 fated to die.
+        flags: (N,) int8 bits: 1 symptomatic, 2 hospitalised, 4 fated to die, 8 a reported case who
+            isolates, 16 infected before (immunity waned).
         threshold: (N,) float32 hazard a susceptible agent can still take before infection
             (Exp(1) / susceptibility at the start, less the force of every day since); inf once infected.
         infectious: (n_I,) int64 indices of the agents in I (kept up to date from the day's events).
@@ -120,6 +147,9 @@ class EpidemicState:
             for agents infected so far (see "Gradients" in the module docstring).
         log_ratio: (3, N) float32, per group layer, log of the likelihood ratio of the paths of the
             agent's group members with its emission in that group removed, or None.
+        lineage: (N,) int8 lineage of the agent's current or last infection (0 the resident lineage,
+            1.. ``EpidemicParams.variants`` in order).
+        onset_day: (N,) int16 day the agent last became infectious, -1 for never.
     """
 
     disease: torch.Tensor
@@ -132,9 +162,13 @@ class EpidemicState:
     fate: torch.Tensor | None = None
     group_weight: torch.Tensor | None = None
     log_ratio: torch.Tensor | None = None
+    lineage: torch.Tensor | None = None
+    onset_day: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         tensors = [
+            self.lineage,
+            self.onset_day,
             self.disease,
             self.next_day,
             self.flags,
@@ -158,7 +192,13 @@ class EpidemicInputs:
         seed: base seed; the day's generator is ``day_generator(seed, t)``.
         isolating: (N,) float32 1.0 for agents isolating (straight-through with grad), or None.
         working: (N,) bool agents working (labour model), or None (everyone in a workplace works).
-        imports: (N,) float32 probability of an imported infection today, or None.
+        imports: (N,) float32 probability of an imported infection today, or None (day-0 seeding).
+        importation: (L,) float32 daily hazard of an imported infection per unit susceptibility, by
+            lineage (resident first), or None: continuous importation.
+        report_rate: (B,) float32 share of today's symptomatic onsets that will be reported, by
+            borough, or None: no case isolation today.
+        outside: (N,) float32 multiplier of each agent's contacts outside the home, on both sides of
+            a contact (area-level policies such as cluster zones), or None.
         scored: (N,) bool agents whose infection draw of the day enters the gradient, or None (every
             susceptible agent). The path weight of an agent who is never infected is never read, so
             every agent infected by the end of the run gives the same gradient (checkpointed segments
@@ -177,18 +217,44 @@ class EpidemicInputs:
     scored: torch.Tensor | None = None
     susceptibility: torch.Tensor | None = None
     severity: torch.Tensor | None = None
+    importation: torch.Tensor | None = None
+    report_rate: torch.Tensor | None = None
+    outside: torch.Tensor | None = None
 
 
-def _duration_cdf(kind: str, mean: float, shape: float) -> torch.Tensor:
-    """(K,) float64 CDF over whole days 1..K of the discretised duration distribution."""
-    days = torch.arange(1, _MAX_DURATION + 1, dtype=torch.float64)
-    if kind == "exponential":  # ceil of an exponential: P(d <= k) = 1 - exp(-k / mean)
-        cdf = -torch.expm1(-days / mean)
+def _discretised_cdf(kind: str, location: float, shape: float, max_days: int = _MAX_DURATION) -> torch.Tensor:
+    """(K,) float64 CDF over whole days 1..K: a geometric distribution of mean `location`
+    (``"exponential"``), or a gamma draw of mean `location` rounded to the nearest day, at least 1."""
+    days = torch.arange(1, max_days + 1, dtype=torch.float64)
+    if kind == "exponential":  # daily exit probability 1 / mean: P(d <= k) = 1 - (1 - 1 / mean)^k
+        cdf = 1.0 - (1.0 - 1.0 / location) ** days
     else:  # nearest day of a gamma draw, at least 1: P(d <= k) = F(k + 0.5)
-        scale = mean / shape
+        scale = location / shape
         cdf = torch.special.gammainc(torch.tensor(shape, dtype=torch.float64), (days + 0.5) / scale)
     cdf[-1] = 1.0  # fold the tail beyond _MAX_DURATION days into the last day
     return cdf
+
+
+def _mean_of(cdf: torch.Tensor) -> float:
+    """Mean whole-day duration of a (K,) CDF over days 1..K."""
+    return float((1.0 - cdf[:-1]).sum()) + 1.0  # E[d] = sum_{k >= 0} P(d > k)
+
+
+def _duration_cdf(kind: str, mean: float, shape: float) -> torch.Tensor:
+    """(K,) float64 CDF over whole days 1..K of the discretised duration distribution whose realized
+    mean is `mean` (at least 1 day): geometric for ``"exponential"`` (exact); for ``"gamma"`` the
+    gamma's own mean is solved for (bisection) so that the rounded draws have mean `mean`."""
+    if mean < 1.0:
+        raise ValueError(f"a duration's mean must be at least 1 day (whole-day steps), got {mean}")
+    if kind == "exponential" or mean == 1.0:
+        return _discretised_cdf("exponential", mean, shape)
+    lo, hi = 1e-6, mean + 1.0  # the rounded mean rises with the gamma's mean; at lo it is 1
+    while _mean_of(_discretised_cdf(kind, hi, shape)) < mean:
+        hi *= 2.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _mean_of(_discretised_cdf(kind, mid, shape)) < mean else (lo, mid)
+    return _discretised_cdf(kind, 0.5 * (lo + hi), shape)
 
 
 def _score_weight(p: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
@@ -284,6 +350,17 @@ class EpidemicModel:
         )
         self._latent_cdf = self._latent_cdf.to(device=self.device, dtype=torch.float32)
         self._infectious_cdf = self._infectious_cdf.to(device=self.device, dtype=torch.float32)
+        self._immunity_cdf = None
+        if params.immunity_mean is not None:  # geometric: a constant daily waning probability
+            self._immunity_cdf = _discretised_cdf("exponential", params.immunity_mean, 1.0, _MAX_IMMUNITY).to(
+                device=self.device, dtype=torch.float32)
+        variants = params.variants
+        self.n_lineages = 1 + len(variants)
+        if self.n_lineages > 127:
+            raise ValueError(f"at most 126 variants (int8 lineage codes), got {len(variants)}")
+        self._transmissibility = torch.tensor([1.0] + [v.transmissibility for v in variants], device=self.device)
+        self._hospitalisation = torch.tensor([1.0] + [v.hospitalisation for v in variants], device=self.device)
+        self._fatality = torch.tensor([1.0] + [v.fatality for v in variants], device=self.device)
 
     # -- parameters as tensors --------------------------------------------------------------------
     def tensors(
@@ -354,6 +431,8 @@ class EpidemicModel:
             threshold=threshold,
             infectious=torch.zeros(0, dtype=torch.int64, device=self.device),
             counts=counts,
+            lineage=torch.zeros(n, dtype=torch.int8, device=self.device),
+            onset_day=torch.full((n,), -1, dtype=torch.int16, device=self.device),
         )
         if track_gradients:
             state.weight = torch.ones(n, device=self.device)
@@ -366,6 +445,16 @@ class EpidemicModel:
         """(N,) relative susceptibility of each agent (by age band)."""
         b = self.contacts.shape[0]
         return theta["susceptibility"].repeat(b).index_select(0, self.contacts.cell)
+
+    def importation_hazard(self, theta: Mapping[str, torch.Tensor], dates: list) -> torch.Tensor:
+        """(T, L) daily hazard of an imported infection per unit susceptibility, by day (`dates`, the
+        run's calendar) and lineage: the resident lineage's ``importation_per_100k`` every day, each
+        variant's from its ``introduced`` date."""
+        resident = (theta["importation_per_100k"] / 1e5).reshape(1, 1).expand(len(dates), 1)
+        rates = [[v.importation_per_100k / 1e5 if d >= v.introduced else 0.0 for v in self.params.variants]
+                 for d in dates]
+        variants = torch.tensor(rates, dtype=torch.float32, device=self.device).reshape(len(dates), -1)
+        return torch.cat([resident, variants], dim=1)
 
     def import_probability(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(N,) per-agent probability of an imported infection on day 0 (``initial_infections_per_100k``)."""
@@ -399,19 +488,32 @@ class EpidemicModel:
                 next_day=state.next_day.clone(),
                 flags=state.flags.clone(),
                 threshold=state.threshold,  # replaced functionally below
+                lineage=state.lineage.clone(),
+                onset_day=state.onset_day.clone(),
             )
         disease, next_day, flags = state.disease, state.next_day, state.flags
+        lineage, onset_day = state.lineage, state.onset_day
 
         # -- transmission ---------------------------------------------------------------------------
         infectious = state.infectious
-        symptomatic = (flags.index_select(0, infectious) & _SYMPTOMATIC) != 0
+        inf_flags = flags.index_select(0, infectious)
+        symptomatic = (inf_flags & _SYMPTOMATIC) != 0
         w_home = torch.where(symptomatic, 1.0, theta["rel_infectiousness_asymptomatic"]).to(torch.float32)
+        inf_lineage = None
+        if self.n_lineages > 1:  # each lineage's relative transmissibility
+            inf_lineage = lineage.index_select(0, infectious).long()
+            w_home = w_home * self._transmissibility.index_select(0, inf_lineage)
         compliance = theta["isolation_compliance"]
         outside_factor = None
         w_out = w_home
         if inputs.isolating is not None:
             outside_factor = 1.0 - compliance * inputs.isolating
+        if inputs.outside is not None:  # area-level policies, as isolation on both sides of a contact
+            outside_factor = inputs.outside if outside_factor is None else outside_factor * inputs.outside
+        if outside_factor is not None:
             w_out = w_home * outside_factor.index_select(0, infectious)
+        case_isolated = self._case_isolated(inf_flags, onset_day.index_select(0, infectious), t)
+        w_out = torch.where(case_isolated, 0.0, w_out)  # known cases who isolate emit only at home
         if state.weight is None:
             pressure = c.pressure(infectious, w_home, w_out, inputs.rates, inputs.working)
         else:
@@ -419,6 +521,8 @@ class EpidemicModel:
                                                inputs)
         with torch.no_grad():  # forward values; with gradients, the scored agents' force is taken below
             force = c.force(pressure, outside_factor=outside_factor, working=inputs.working)
+            if inputs.importation is not None:  # imported infections: a hazard on every agent, any lineage
+                force.add_(inputs.importation.sum())
         # the per-agent multiplier (vaccines) scales the hazard taken today; it enters p and the
         # gradient estimator's hazards below alike
         taken = force if inputs.susceptibility is None else force * inputs.susceptibility.detach()
@@ -427,14 +531,18 @@ class EpidemicModel:
         threshold = state.threshold - taken if grad else state.threshold.sub_(taken)
         del taken
         hit = threshold < 0
+        seeded = None
         if inputs.imports is not None:
             u = torch.rand(force.shape, generator=gen, device=self.device)
-            hit |= (u < inputs.imports) & (disease == S)
+            seeded = (u < inputs.imports) & (disease == S)  # seeds are of the resident lineage
+            hit |= seeded
         new_inf = hit.nonzero().squeeze(1)
         del hit
         group_weight = log_ratio = None
         if grad or state.log_ratio is not None:  # the group terms' log-ratios (see _group_terms)
             susceptibility = self._susceptibility(theta)
+            prior = (flags & _PRIOR) != 0  # infected before, immunity waned
+            susceptibility = torch.where(prior, susceptibility * theta["reinfection_susceptibility"], susceptibility)
             if inputs.susceptibility is not None:
                 susceptibility = susceptibility * inputs.susceptibility
             hazard = force.index_select(0, new_inf).double() * susceptibility.detach().index_select(
@@ -442,10 +550,16 @@ class EpidemicModel:
             )
             if inputs.imports is not None:
                 hazard = hazard - torch.log1p(-inputs.imports.detach().index_select(0, new_inf).double())
+            group_outside = outside_factor
+            if inputs.report_rate is not None:
+                # an isolating case emits nothing in school or work either (it never receives: not S)
+                group_outside = (torch.ones(c.n, device=self.device) if outside_factor is None
+                                 else outside_factor.detach().clone())
+                group_outside.index_fill_(0, infectious[case_isolated], 0.0)
         if grad:
             weight = self._infection_scores(state, pressure, new_inf, outside_factor, inputs, susceptibility)
             weight, group_weight, log_ratio = self._group_terms(
-                state, weight, new_inf, hazard, infectious, w_home.detach(), outside_factor, inputs,
+                state, weight, new_inf, hazard, infectious, w_home.detach(), group_outside, inputs,
                 susceptibility.detach(),
             )
             new_infections = torch.zeros(b * a, device=self.device).index_add(
@@ -458,7 +572,7 @@ class EpidemicModel:
             )
             weight = None
             if state.log_ratio is not None:  # a checkpointed segment's forward pass keeps the log-ratios
-                log_ratio = self._group_terms(state, None, new_inf, hazard, infectious, w_home, outside_factor,
+                log_ratio = self._group_terms(state, None, new_inf, hazard, infectious, w_home, group_outside,
                                               inputs, susceptibility)[2]
             threshold.index_fill_(0, new_inf, math.inf)
         del force
@@ -469,6 +583,7 @@ class EpidemicModel:
         onset = due[due_state == E]
         leave = due[due_state == I]
         dying = due[due_state == _DYING]
+        waned = due[due_state == R]  # immunity waned: susceptible again
 
         def w(idx: torch.Tensor) -> torch.Tensor:
             if weight is None:
@@ -482,11 +597,16 @@ class EpidemicModel:
         age = self.age.index_select(0, onset)
         psymp = theta["p_symptomatic"].clamp(1e-6, 1.0)
         p_s = theta["p_symptomatic"].index_select(0, age)
-        p_h = (theta["ihr"] / psymp).clamp(max=1.0).index_select(0, age)
-        p_d = (theta["fatality_scale"] * theta["ifr"] / psymp).clamp(max=1.0).index_select(0, age)
+        p_h = (theta["ihr"] / psymp).index_select(0, age)
+        p_d = (theta["fatality_scale"] * theta["ifr"] / psymp).index_select(0, age)
+        if self.n_lineages > 1:  # each lineage's relative severity
+            onset_lineage = lineage.index_select(0, onset).long()
+            p_h = p_h * self._hospitalisation.index_select(0, onset_lineage)
+            p_d = p_d * self._fatality.index_select(0, onset_lineage)
         if inputs.severity is not None:  # per-agent multiplier (vaccines) of the severe outcomes
             severity = inputs.severity.detach().index_select(0, onset)
-            p_h, p_d = (p_h * severity).clamp(max=1.0), (p_d * severity).clamp(max=1.0)
+            p_h, p_d = p_h * severity, p_d * severity
+        p_h, p_d = p_h.clamp(max=1.0), p_d.clamp(max=1.0)
         u3 = torch.rand((3, onset.numel()), generator=gen, device=self.device)
         symp = u3[0] < p_s.detach()
         hosp = symp & (u3[1] < p_h.detach())
@@ -499,6 +619,8 @@ class EpidemicModel:
             weight = weight.index_copy(0, onset, w_symp)
             group_weight = group_weight.index_copy(1, onset, group_weight.index_select(1, onset) * score)
         new_symptomatic = per_cell(onset, w_symp * symp)
+        symptomatic_by_lineage = torch.zeros(self.n_lineages, device=self.device).index_add(
+            0, lineage.index_select(0, onset).long(), w_symp * symp)
         new_hospitalized = per_cell(onset, w_symp * (_score_weight(p_h, hosp) if grad else 1.0) * hosp)
         bits = (symp * _SYMPTOMATIC + hosp * _HOSPITALIZED + die * _FATED).to(torch.int8)
         inf_days = self._draw_days(self._infectious_cdf, onset.numel(), gen)
@@ -518,29 +640,44 @@ class EpidemicModel:
         ei = per_cell(onset, w_onset)
         ir = per_cell(leave, w_leave)
         deaths = per_cell(deaths_idx, w_dead)
+        rs = per_cell(waned, w(waned))
 
         # -- write the new state --------------------------------------------------------------------
         lat_days = self._draw_days(self._latent_cdf, new_inf.numel(), gen)
         disease.index_fill_(0, new_inf, E)
         next_day.index_copy_(0, new_inf, (lat_days + t).to(torch.int16))
         disease.index_fill_(0, onset, I)
-        flags.index_copy_(0, onset, bits)
+        flags.index_copy_(0, onset, bits | (flags.index_select(0, onset) & _PRIOR))
         next_day.index_copy_(0, onset, (inf_days + t).to(torch.int16))
+        onset_day.index_fill_(0, onset, t)
+        # draws added with issue 15 come after the ones above, so that they leave those unchanged
+        recovered_until = torch.full_like(leave, -1)
+        if self._immunity_cdf is not None:  # the day infection-acquired immunity wanes
+            recovered_until = self._draw_days(self._immunity_cdf, leave.numel(), gen) + t
         if delay == 0:
             disease.index_put_((leave,), torch.where(fated, M, R).to(torch.int8))
-            next_day.index_fill_(0, leave, -1)
+            next_day.index_put_((leave,), torch.where(fated, -1, recovered_until).to(torch.int16))
         else:
             disease.index_put_((leave,), torch.where(fated, _DYING, R).to(torch.int8))
-            next_day.index_put_((leave,), torch.where(fated, t + delay, -1).to(torch.int16))
+            next_day.index_put_((leave,), torch.where(fated, t + delay, recovered_until).to(torch.int16))
         disease.index_fill_(0, dying, M)
         next_day.index_fill_(0, dying, -1)
+        threshold = self._wane(waned, disease, next_day, flags, threshold, theta, gen, grad)
+        weight, group_weight = self._isolation_draw(
+            onset, symp, inputs, weight, group_weight, flags, theta["case_isolation_compliance"], gen)
+        if self.n_lineages > 1 and new_inf.numel() and self._lineages_present(inf_lineage, inputs):
+            drawn = self._attribute_lineage(
+                new_inf, infectious, inf_lineage, w_home, w_out, inputs, outside_factor, gen)
+            if seeded is not None:
+                drawn = torch.where(seeded.index_select(0, new_inf), 0, drawn).to(torch.int8)
+            lineage.index_copy_(0, new_inf, drawn)
 
         delta = torch.stack(
             [
-                -new_infections,
+                rs - new_infections,
                 new_infections - ei,
                 ei - ir,
-                ir - deaths,
+                ir - deaths - rs,
                 deaths,
             ],
             dim=1,
@@ -549,7 +686,8 @@ class EpidemicModel:
         still = infectious[disease.index_select(0, infectious) == I]  # those who did not leave today
         infectious = torch.cat([still, onset])
         new_state = EpidemicState(
-            disease, next_day, flags, threshold, infectious, counts, weight, fate, group_weight, log_ratio
+            disease, next_day, flags, threshold, infectious, counts, weight, fate, group_weight, log_ratio,
+            lineage, onset_day,
         )
         out = {
             "new_infections": new_infections.view(b, a),
@@ -557,6 +695,7 @@ class EpidemicModel:
             "new_hospitalized": new_hospitalized.view(b, a),
             "deaths": deaths.view(b, a),
             "prevalence": counts.view(b, a, len(STATES)),
+            "symptomatic_by_lineage": symptomatic_by_lineage,
         }
         return new_state, out
 
@@ -576,15 +715,16 @@ class EpidemicModel:
         in ``inputs.scored``, at whom alone the force (with the tangent of the infectious agents'
         weights, see :meth:`_weighted_pressure`) is then gathered."""
         c = self.contacts
+        imported = 0.0 if inputs.importation is None else inputs.importation.sum()
         if inputs.scored is None:  # every agent: dense (gathers at a subset save their indices)
-            f = c.force(pressure, outside_factor=outside_factor, working=inputs.working)
+            f = c.force(pressure, outside_factor=outside_factor, working=inputs.working) + imported
             p = -torch.expm1(-f * susceptibility)
             if inputs.imports is not None:
                 p = 1.0 - (1.0 - p) * (1.0 - inputs.imports)
             hit = torch.zeros(p.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
             return torch.where(state.disease == S, state.weight * _score_weight(p, hit), state.weight)
         idx = ((state.disease == S) & inputs.scored).nonzero().squeeze(1)
-        f = c.force(pressure, outside_factor=outside_factor, working=inputs.working, agents=idx)
+        f = c.force(pressure, outside_factor=outside_factor, working=inputs.working, agents=idx) + imported
         p = -torch.expm1(-f * susceptibility.index_select(0, idx))
         if inputs.imports is not None:
             p = 1.0 - (1.0 - p) * (1.0 - inputs.imports.index_select(0, idx))
@@ -592,6 +732,108 @@ class EpidemicModel:
         score = _score_weight(p, hit.index_select(0, idx))
         return state.weight.index_copy(0, idx, state.weight.index_select(0, idx) * score)
 
+    # -- issue 15: case isolation, waning immunity, lineages ------------------------------------------
+    def _case_isolated(self, inf_flags: torch.Tensor, inf_onset: torch.Tensor, t: int) -> torch.Tensor:
+        """(n_I,) bool: infectious agents who are reported cases isolating on day t (from
+        ``case_isolation_delay`` days after they became infectious, ``report_delay`` if None)."""
+        p = self.params
+        delay = p.report_delay if p.case_isolation_delay is None else p.case_isolation_delay
+        return ((inf_flags & _ISOLATES) != 0) & (inf_onset.to(torch.int32) + delay <= t)
+
+    def _isolation_draw(
+        self,
+        onset: torch.Tensor,
+        symp: torch.Tensor,
+        inputs: EpidemicInputs,
+        weight: torch.Tensor | None,
+        group_weight: torch.Tensor | None,
+        flags: torch.Tensor,
+        compliance: torch.Tensor,
+        gen: torch.Generator,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """At onset, a symptomatic agent will be a reported case who isolates with probability
+        ``report_rate[borough] * case_isolation_compliance`` (flag ``_ISOLATES``); with gradients the
+        path weights of the onset agents take the score of that draw. Writes `flags` in place."""
+        if inputs.report_rate is None or onset.numel() == 0:
+            return weight, group_weight
+        rate = inputs.report_rate.index_select(0, self.borough.index_select(0, onset))
+        q = symp * (rate * compliance).clamp(0.0, 1.0)
+        u = torch.rand(onset.numel(), generator=gen, device=self.device)
+        isolates = u < q.detach()
+        flags.index_copy_(0, onset, flags.index_select(0, onset) | (isolates.to(torch.int8) * _ISOLATES))
+        if weight is not None:
+            score = _score_weight(q, isolates)
+            weight = weight.index_copy(0, onset, weight.index_select(0, onset) * score)
+            group_weight = group_weight.index_copy(1, onset, group_weight.index_select(1, onset) * score)
+        return weight, group_weight
+
+    def _wane(
+        self,
+        waned: torch.Tensor,
+        disease: torch.Tensor,
+        next_day: torch.Tensor,
+        flags: torch.Tensor,
+        threshold: torch.Tensor,
+        theta: Mapping[str, torch.Tensor],
+        gen: torch.Generator,
+        grad: bool,
+    ) -> torch.Tensor:
+        """Agents whose immunity waned today become susceptible with ``reinfection_susceptibility``: a
+        fresh Exp(1) threshold over their reduced susceptibility (see ``initial_state``). Writes
+        `disease`, `next_day` and `flags` in place (copies when gradients are on); returns the
+        thresholds."""
+        if waned.numel() == 0:
+            return threshold
+        disease.index_fill_(0, waned, S)
+        next_day.index_fill_(0, waned, -1)
+        flags.index_fill_(0, waned, _PRIOR)
+        susc = (self._susceptibility(theta).index_select(0, waned) * theta["reinfection_susceptibility"]).detach()
+        tau = torch.rand(waned.numel(), generator=gen, device=self.device).neg_().log1p_().neg_()  # Exp(1)
+        fresh = tau / susc  # susceptibility 0: inf
+        return threshold.index_copy(0, waned, fresh) if grad else threshold.index_copy_(0, waned, fresh)
+
+    @staticmethod
+    def _lineages_present(inf_lineage: torch.Tensor | None, inputs: EpidemicInputs) -> bool:
+        """Whether any lineage but the resident one can infect today (infectious or imported)."""
+        if inf_lineage is not None and bool((inf_lineage > 0).any()):
+            return True
+        return inputs.importation is not None and bool((inputs.importation.detach()[1:] > 0).any())
+
+    def _attribute_lineage(
+        self,
+        new_inf: torch.Tensor,
+        infectious: torch.Tensor,
+        inf_lineage: torch.Tensor,
+        w_home: torch.Tensor,
+        w_out: torch.Tensor,
+        inputs: EpidemicInputs,
+        outside_factor: torch.Tensor | None,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
+        """(n,) int8 lineage of today's infections `new_inf`: drawn in proportion to the force each
+        lineage puts on the agent (its infectious agents' pressure, evaluated for these agents only,
+        plus its importation hazard). Competing hazards: given an infection, the lineage is l with
+        probability h_l / sum h. No gradient (the lineage mix is not calibrated by gradient)."""
+        c, n, n_lin = self.contacts, new_inf.numel(), self.n_lineages
+        with torch.no_grad():
+            if inputs.importation is None:
+                hazard = torch.zeros(n_lin, n, device=self.device)
+            else:
+                hazard = inputs.importation.detach().reshape(n_lin, 1).expand(n_lin, n).clone()
+            factor = None if outside_factor is None else outside_factor.detach()
+            for lin in range(n_lin):
+                sel = (inf_lineage == lin).nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                pressure = c.pressure(infectious.index_select(0, sel), w_home.detach().index_select(0, sel),
+                                      w_out.detach().index_select(0, sel), inputs.rates.detach(), inputs.working)
+                hazard[lin] += c.force_at(pressure, new_inf, outside_factor=factor, working=inputs.working)
+            cumulative = hazard.cumsum(0)
+            u = torch.rand(n, generator=gen, device=self.device) * cumulative[-1]
+            drawn = (cumulative < u.unsqueeze(0)).sum(0).clamp(max=n_lin - 1)
+            return torch.where(cumulative[-1] > 0, drawn, 0).to(torch.int8)
+
+    # -- the gradient estimator's group terms (see "Gradients" in the module docstring) --------------
     @cached_property
     def _small_groups(self) -> tuple[_GroupIndex, ...]:
         """Household, classroom and workplace membership (``LAYERS`` order, community excluded)."""
@@ -757,6 +999,8 @@ class EpidemicModel:
             "hospitalized": _shift(daily["new_hospitalized"], p.hosp_delay),
             "deaths": daily["deaths"],
         }
+        if "symptomatic_by_lineage" in daily:
+            series["symptomatic_by_lineage"] = daily["symptomatic_by_lineage"]  # (T, L)
         for i, name in enumerate(STATES):
             series[name] = prevalence[..., i]
         return series
@@ -794,3 +1038,21 @@ def duration_pmf(kind: str, mean: float, shape: float = 1.0) -> torch.Tensor:
     """(K,) float64 probability of a duration of 1..K whole days, as the model draws it."""
     cdf = _duration_cdf(kind, mean, shape)
     return torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype))
+
+
+def generation_interval_pmf(params: EpidemicParams) -> torch.Tensor:
+    """(K,) float64 probability that an infectee is infected k = 1..K days after its infector, at
+    constant infectiousness and without depletion: ``P(L + j = k)`` with L the latent period and j
+    uniform on 1..D given the infectious period D, D weighted by its length (long infections
+    transmit more)."""
+    latent = duration_pmf(params.duration_distribution, params.latent_mean, params.latent_shape)
+    infectious = duration_pmf(params.duration_distribution, params.infectious_mean, params.infectious_shape)
+    k = torch.arange(1, infectious.numel() + 1, dtype=torch.float64)
+    # P(j = i) = sum_{D >= i} P(D) / E[D]: the survival function of D, normalised
+    survival = torch.flip(torch.cumsum(torch.flip(infectious, [0]), 0), [0])
+    j = survival / float((k * infectious).sum())
+    pmf = torch.zeros(latent.numel() + j.numel() + 1, dtype=torch.float64)
+    for lat in range(latent.numel()):  # a convolution over the (short) latent support
+        if latent[lat] > 0:
+            pmf[lat + 2: lat + 2 + j.numel()] += latent[lat] * j
+    return pmf[1:]

@@ -80,7 +80,8 @@ class InterventionsConfig(_Strict):
     """
 
     preset: Literal["nyc_2020", "none"] = "nyc_2020"
-    remove: list[Literal["school_closure", "stay_at_home", "reopening", "masks"]] = Field(default_factory=list)
+    remove: list[Literal["school_closure", "stay_at_home", "reopening", "masks", "restriction", "indoor_dining",
+                         "zones"]] = Field(default_factory=list)
     add: list[Policy] = Field(default_factory=list)
 
     def schedule(self) -> InterventionSchedule:
@@ -114,6 +115,9 @@ class CalibrationConfig(_Strict):
     checkpoint_days: int | None = Field(7, ge=1, description="with gradients, run the simulation in checkpointed "
                                         "segments of at most this many days (recomputed in the backward pass; "
                                         "null: keep every activation)")
+    serology: bool = Field(
+        False, description="add New York City's April 2020 antibody survey (22.7%, Rosenberg et al. 2020) to the "
+        "loss on its date (lpm_llm.calibrate.targets.NYC_SEROLOGY_APRIL_2020)")
     parameters: list[str] | None = Field(
         None, description="calibrated parameters (lpm_llm.calibrate.first_wave_space names); default: all"
     )

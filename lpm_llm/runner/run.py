@@ -200,19 +200,26 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
             if pbar:
                 pbar.close()
             daily = len(results.daily.columns) > 4  # models with daily series by area and age band
+            shares = None
+            if "symptomatic_by_lineage" in results.series:  # lineage shares where NYC sequenced (2021)
+                from lpm_llm.models.lineages import compare_lineage_shares
+
+                shares = compare_lineage_shares(results.series["symptomatic_by_lineage"], c.start_date, c.epidemic)
+                shares = shares.assign(scenario=name, seed=seed) if len(shares) else None
             outputs.append((results.daily.assign(scenario=name, seed=seed) if daily else None,
                             results.by_area().assign(scenario=name, seed=seed) if daily else None,
                             results.tables["labor"].assign(scenario=name, seed=seed)
                             if "labor" in results.tables else None,
-                            _decisions_frame(decisions, name, seed)))
+                            _decisions_frame(decisions, name, seed), shares))
         if group.world > 1:
-            shares = group.gather((outputs, _rank_usage(run)))
+            gathered = group.gather((outputs, _rank_usage(run)))
             if not group.is_main:
                 return ExperimentResult(out_dir=out_dir, metrics=pd.DataFrame(), decisions=pd.DataFrame(),
                                         manifest={})
-            outputs = group.undeal([share for share, _ in shares])
-            run.other_ranks = [usage for _, usage in shares[1:]]
-        metrics, areas, labor, decisions_tables = ([o[j] for o in outputs if o[j] is not None] for j in range(4))
+            outputs = group.undeal([share for share, _ in gathered])
+            run.other_ranks = [usage for _, usage in gathered[1:]]
+        metrics, areas, labor, decisions_tables, lineages = (
+            [o[j] for o in outputs if o[j] is not None] for j in range(5))
         if cfg.outputs.behaviour:  # the sensitivity report: the base config's decisions, same client (rank 0)
             from lpm_llm.behaviour.probe import write_behaviour
 
@@ -231,6 +238,8 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
             areas_df = pd.concat(areas, ignore_index=True) if areas else None
             if areas_df is not None:
                 ensemble_summary(areas_df).to_csv(out_dir / "summary.csv", index=False)
+            if lineages:
+                pd.concat(lineages, ignore_index=True).to_csv(out_dir / "lineages.csv", index=False)
             plots = _plots(cfg, areas_df, labor_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
     return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=run.manifest,
                             labor=labor_df, plots=plots)
@@ -428,6 +437,7 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
     calibration.json, calibration_daily.csv, calibration_observed.csv and the calibration plots.
     """
     from lpm_llm.calibrate import calibrate_first_wave
+    from lpm_llm.calibrate.targets import NYC_SEROLOGY_APRIL_2020
     from lpm_llm.llm.client import open_client
 
     cfg, cal = exp.config, exp.config.calibration
@@ -473,6 +483,7 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
                 baseline_budget=cal.baseline_budget, checkpoint_days=cal.checkpoint_days, scale=scale,
                 device=cfg.device, seed=cfg.seeds[0], parameters=cal.parameters, on_step=on_step,
                 alignment=cfg.decisions["isolate"].alignment if "isolate" in cfg.decisions else None,
+                serology=NYC_SEROLOGY_APRIL_2020 if cal.serology else None,
             )
         if pbar:
             pbar.close()

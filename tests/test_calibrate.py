@@ -219,7 +219,10 @@ def test_checkpointed_segments_give_the_gradient_of_the_plain_estimator(tiny_nyc
     decisions with their alignment map), whatever the segment length (3 days, a decision week of 7).
     """
     pop, arch = tiny_nyc
-    params = EpidemicParams(initial_infections_per_100k=(300.0,) * 5, beta_scale=1.5, fatality_scale=2.0)
+    # with continuous importation (a calibrated rate carried through the segments) and waning immunity
+    # short enough that agents infected early are susceptible again by the end (the horizon keeps them)
+    params = EpidemicParams(initial_infections_per_100k=(300.0,) * 5, beta_scale=1.5, fatality_scale=2.0,
+                            importation_per_100k=20.0, immunity_mean=20.0)
     weeks = 6
     observed = observed_weekly(START, weeks, ("cases", "deaths"))
     results = {}

@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["Horizon", "run_segment"]
 
-_OUTS = ("new_infections", "new_symptomatic", "new_hospitalized", "deaths", "prevalence")
+_OUTS = ("new_infections", "new_symptomatic", "new_hospitalized", "deaths", "prevalence", "symptomatic_by_lineage")
 _GRAD_STATE = ("weight", "fate", "group_weight", "counts")  # differentiable columns of EpidemicState
 _FATED = 4  # bit of EpidemicState.flags (lpm_llm.models.seirm._FATED)
 
@@ -45,9 +45,10 @@ class _Saved:
 
 
 def _compact(state: Any) -> _Saved:
-    from lpm_llm.models.seirm import I
+    from lpm_llm.models.seirm import _PRIOR, I
 
-    ever = (state.disease >= I).nonzero().squeeze(1)
+    # agents that have been infectious: now or before, including those susceptible again after waning
+    ever = ((state.disease >= I) | ((state.flags & _PRIOR) != 0)).nonzero().squeeze(1)
     return _Saved(state.disease, state.next_day, state.flags, state.threshold, state.infectious,
                   state.counts.detach().clone(), ever, state.log_ratio.index_select(1, ever))
 
@@ -83,10 +84,11 @@ class Horizon:
         self.infected: torch.Tensor | None = None
 
     def close(self, final_state: Any) -> None:
-        """Record the agents infected by the end of the run (the state after its last day)."""
-        from lpm_llm.models.seirm import S
+        """Record the agents infected by the end of the run (the state after its last day): those not
+        susceptible, and those susceptible again after their immunity waned (flag ``_PRIOR``)."""
+        from lpm_llm.models.seirm import _PRIOR, S
 
-        self.infected = final_state.disease != S
+        self.infected = (final_state.disease != S) | ((final_state.flags & _PRIOR) != 0)
 
 
 class _Segment(torch.autograd.Function):

@@ -205,8 +205,8 @@ def adam_table(agents: list[int], steps: int, checkpoint_days: int, before: str,
 
 
 def profile_saved(agents: int, days: int, checkpoint_days: int | None) -> dict:
-    """Bytes per agent-day that autograd saves, by line of code (unique storages of at least N/4
-    elements): during the forward pass, and during the backward pass (the segments' recomputation,
+    """Bytes per agent-day that autograd saves, by line of code (unique storages of at least N/64
+    elements, at least N/64): during the forward pass, and during the backward pass (the segments' recomputation,
     whose saved tensors live one segment at a time)."""
     pop, objective = _objective(agents, days, checkpoint_days)
     space = first_wave_space(PARAMS, n_months=5)
@@ -216,18 +216,30 @@ def profile_saved(agents: int, days: int, checkpoint_days: int | None) -> dict:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = (t.untyped_storage().data_ptr(), t.dtype, t.untyped_storage().nbytes())
-        if seen.get(key) is not t and t.numel() >= pop.n // 4:
+        if seen.get(key) is not t and t.numel() >= pop.n // 64:
             seen[key] = t
             frame = [f for f in traceback.extract_stack(limit=14) if "lpm_llm" in f.filename][-1]
             where = f"{Path(frame.filename).name}:{frame.lineno} {frame.line.strip()[:60]}"
             by[phase[0]][f"{where} [{str(t.dtype).replace('torch.', '')}]"] += t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = objective(space.values(), [0])
+    from lpm_llm.models import _segments
+
+    recompute = _segments._Plan.advance
+
+    def hooked(plan, *args, gradients: bool):  # the hooks of the forward pass do not reach the backward's
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return recompute(plan, *args, gradients=gradients)
+
+    _segments._Plan.advance = hooked
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = objective(space.values(), [0])
         seen.clear()
         phase[0] = "backward"
         loss.backward()
+    finally:
+        _segments._Plan.advance = recompute
     out = {"agents": pop.n, "days": days, "checkpoint_days": checkpoint_days}
     for ph, counter in by.items():
         out[f"{ph}_saved_bytes_per_agent_day"] = round(sum(counter.values()) / pop.n / days, 1)

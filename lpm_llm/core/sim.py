@@ -146,7 +146,8 @@ class Simulation:
         alignment: an AlignmentMap applied to every decision, or decision name -> map (or function).
         on_day: called as ``on_day(t, days)`` after each day (progress bars live in the runner).
         checkpoint_days: with gradients on, models that support it run their steps in chunks of up
-            to this many days under ``torch.utils.checkpoint``. None: keep every activation.
+            to this many days, recomputed in the backward pass (the epidemic: a compact state saved per
+            segment, :mod:`lpm_llm.models._segments`). None: keep every activation.
         persistence: decision name -> week-to-week correlation in [0, 1) of each agent's latent
             propensity (:func:`~lpm_llm.core.behavior.broadcast_persistent`); 0 or absent: a fresh
             independent draw at every step (:func:`~lpm_llm.core.behavior.broadcast`).

@@ -87,7 +87,9 @@ is exact to first order). The rest is the tangent in larger groups: exact terms 
 (backward d/dp through the realised draw only) missed the offspring of agents who were not infected
 and underestimated d(infections)/d(beta) by 2-3x and the seeding gradient by ~50x.
 The step never modifies its input state in place when gradients are on, and derives its random
-numbers from (seed, day) alone, so that chunks of days can be wrapped in ``torch.utils.checkpoint``.
+numbers from (seed, day) alone, so that segments of days can be recomputed in the backward pass
+(:mod:`lpm_llm.models._segments`, which stores a compact state at each segment's start and not the
+path weights, whose forward values are 1).
 """
 
 from __future__ import annotations

@@ -111,8 +111,24 @@ def test_policy_calendar_and_income_support():
     july = L.policy_for_period(*L.labor_period("2020-07"))  # June 12 - July 11: 10 d phase 1, 14 d 2, 6 d 3
     assert july.stay_at_home == 0 and july.reopening_phase == pytest.approx((10 + 28 + 18) / 30)
     assert july.restriction == pytest.approx((10 * 0.75 + 14 * 0.5 + 6 * 0.25) / 30)
-    assert L.policy_for_period(*L.labor_period("2020-10")).restriction == 0.0
     assert L.policy_for_period(*L.labor_period("2020-03")).restriction == 0.0
+    # the city's limits went on after phase 4 (2020-07-20): Sept 12 - Oct 11 2020 has 18 days of
+    # museums/gyms at reduced capacity (0.2) and 12 of indoor dining at 25% (0.15)
+    october = L.policy_for_period(*L.labor_period("2020-10"))
+    assert october.reopening_phase == 4.0 and october.residual == pytest.approx((18 * 0.2 + 12 * 0.15) / 30)
+    assert october.restriction == pytest.approx(october.residual)
+    assert "indoor dining at 25%" in october.describe() and "phase 4 of 4" in october.describe()
+    january = L.policy_for_period(*L.labor_period("2021-01"))  # Dec 12 - Jan 11: indoor dining closed from Dec 14
+    assert january.restriction == pytest.approx((2 * 0.175 + 29 * 0.225) / 31)
+    assert "indoor dining closed again" in january.describe()
+    # every restriction lifted on 2021-06-15: June 12 - July 11 2021 has 3 days at 0.05, then none
+    assert L.policy_for_period(*L.labor_period("2021-07")).restriction == pytest.approx(3 * 0.05 / 30)
+    assert L.policy_for_period(*L.labor_period("2021-08")).restriction == 0.0
+    # the residual levels never exceed phase 3's (0.25) and fall to zero; dates in order
+    levels = [level for _, level, _ in L.RESIDUAL_RESTRICTIONS]
+    assert max(levels) <= 0.25 and levels[-1] == 0.0 and levels[0] == 0.25
+    firsts = [d for d, _, _ in L.RESIDUAL_RESTRICTIONS]
+    assert firsts == sorted(firsts) and firsts[0] == L.REOPENING_PHASES[-1]
     assert "$600" in L.income_support(date(2020, 5, 1))
     assert "$300" in L.income_support(date(2020, 8, 15))
     assert "Lost Wages" in L.income_support(date(2020, 8, 15))
@@ -401,7 +417,8 @@ def test_decision_source_receives_rates_and_income_support(pop):
     may, october, january = decision.contexts[1], decision.contexts[6], decision.contexts[9]
     assert may["month"] == "May 2020" and "$600" in may["income_support"]
     assert "no federal supplement" in october["income_support"] and "$300" in january["income_support"]
-    assert "PAUSE" in may["policies"] and october["policies"] == "New York City reopening, phase 4 of 4"
+    assert "PAUSE" in may["policies"] and october["policies"].startswith(
+        "New York City reopening, phase 4 of 4; indoor dining at 25% capacity")
     for context, t in ((may, 1), (october, 6)):
         rates = context["unemployment_rate"]
         assert isinstance(rates, PerArchetype) and len(rates) == arch.k

@@ -44,7 +44,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm_llm.calibrate.fit import Calibrator, FrozenDecisions, SimulationObjective, first_wave_space
+from lpm_llm.calibrate.fit import (
+    BEHAVIOUR_EXPLAINS,
+    Calibrator,
+    FrozenDecisions,
+    SimulationObjective,
+    first_wave_space,
+)
 from lpm_llm.calibrate.targets import SERIES_OF, log_mse, observed_weekly, simulated_weekly
 from lpm_llm.core.behavior import majority_area
 from lpm_llm.core.interventions import InterventionSchedule, Reopening, StayAtHome
@@ -72,8 +78,6 @@ LABOR_SOURCES = ("llm", "heuristic", "constant", "persistence")
 FORECAST_DATES = ("2020-04-11", "2020-05-02", "2020-05-23")
 """The default forecast dates of the epidemic ablation: three Saturdays of the first wave, three weeks
 apart (growth, peak, decline), chosen before any result was seen."""
-BEHAVIOUR_EXPLAINS = ("transmission_change",)
-"""Epidemic parameters held fixed (at 1) when a behaviour source is fitted: what behaviour explains."""
 FIRST_WAVE_FITTED = ("beta_scale", "initial_infections_per_100k", "ascertainment", "ascertainment_by_borough",
                      "fatality_scale")
 
@@ -343,7 +347,7 @@ def ablate_first_wave(
     if rounds < 1 or steps < 1 or forecast_weeks < 1:
         raise ValueError(f"rounds, steps and forecast_weeks must be >= 1, got {rounds}, {steps}, {forecast_weeks}")
     scale = float(scale) if scale is not None else population.scale or population.n / 8_336_817
-    params = params.model_copy(update={"transmission_change": 1.0})  # what behaviour explains
+    params = params.model_copy(update=dict.fromkeys(BEHAVIOUR_EXPLAINS, 1.0))  # what behaviour explains
     schedule = interventions or InterventionSchedule()
     policy, policy_names = isolation_policy_features(schedule)
     homes = home_population(population, archetypes) if archetypes is not None else []

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         exp = Experiment.from_yaml(args.experiment, args.overrides, progress=_progress_factory(args.quiet))
         if args.command == "ablate":
-            from lpm_llm.calibrate.ablate import ablate_experiment
+            from lpm_llm.runner.ablate import ablate_experiment
 
             result = ablate_experiment(exp, args.out, overwrite=args.overwrite, forecast_dates=args.forecast_dates,
                                        steps=args.steps, sources=args.sources, rounds=args.rounds)

@@ -321,9 +321,11 @@ def ablate_first_wave(
     every source), learning rate `lr`, over :data:`FIRST_WAVE_FITTED` plus the source's own
     parameters (the LLM's alignment map, the heuristic's coefficients, the constant), with
     ``transmission_change`` held at 1 (:data:`BEHAVIOUR_EXPLAINS`). The LLM's answers are then
-    re-asked at the fitted trajectory, over the fit and forecast weeks; while the fit-window answers
-    moved by more than `tolerance` (largest absolute change of a probability), the fit continues
-    from where it stood with the new answers, ``steps`` more steps, up to `rounds` rounds in all.
+    re-asked at the fitted trajectory, over the fit and forecast weeks (these answers are the ones
+    scored); while the fit-window answers moved by more than `tolerance` (largest absolute change of
+    a probability) and fewer than `rounds` re-asks were made, the fit continues from where it stood
+    with the new answers, ``steps`` more steps, and the LLM is asked again (at most `rounds` re-asks
+    and `rounds` - 1 refits).
     The other sources then get as many steps as the LLM used, so that every source has the same
     budget. A forecast uses only data before its date: the observations of later weeks enter its
     scores, never its fit; the decision contexts are the simulation's own cases.

@@ -389,7 +389,9 @@ def test_calibration_recovers_synthetic_parameters():
         stream=0,
     )
     assert steps == list(range(40)) and len(fit.loss_history_) == 40
-    assert fit.loss_history_[-1] < 0.2 * fit.loss_history_[0]
+    # measured 1.89 -> 0.50 since the restrictions after phase 4 entered the calendar (issue 14: August -
+    # October 2020 are no longer unrestricted); 1.60 -> 0.25 before
+    assert fit.loss_history_[-1] < 0.3 * fit.loss_history_[0]
     # borough rates alone do not identify every parameter (job finding trades off against shock sizes),
     # but the dominant shock moves toward its true value
     leisure = fit.params_.shock["leisure_hospitality"]

@@ -474,3 +474,23 @@ def test_alignment_gradient_with_persistent_isolation_agrees_with_finite_differe
         message = f"alignment {group}: gradient {ad:.4g}, finite difference {fd:.4g}"
         assert np.sign(ad) == np.sign(fd) and abs(fd) > 0.05, message
         assert abs(ad - fd) <= 0.25 * abs(fd), message
+
+
+def test_default_fit_leaves_to_behaviour_what_behaviour_explains(tiny_nyc):
+    """With an isolation decision fitted, the default parameters hold transmission_change at 1 (the
+    behaviour, not a free monthly change, explains the change beyond the schedule), even when the
+    config carries other values; without a decision, or when named, it is fitted."""
+    pop, arch = tiny_nyc
+    common = dict(start=START, end="2020-04-11", forecast_weeks=0, steps=1, seeds_per_step=1, baseline_budget=1,
+                  eval_seeds=1, curve_points=0)
+    params = EpidemicParams(initial_infections_per_100k=(100.0,) * 5, transmission_change=0.6)
+    behaviour = calibrate_first_wave(pop, arch, {"isolate": ConstantDecision(0.2, arch.k)}, params, nyc_2020(),
+                                     **common)
+    assert "transmission_change" not in behaviour.params and "isolate_alignment_a" in behaviour.params
+    assert behaviour.settings["held_fixed"] == {"transmission_change": 1.0}
+    assert behaviour.settings["fit_weeks"] == 6  # two calendar months: the change would have been fitted
+    named = calibrate_first_wave(pop, arch, {"isolate": ConstantDecision(0.2, arch.k)}, params, nyc_2020(),
+                                 parameters=["beta_scale", "transmission_change"], **common)
+    assert named.params["transmission_change"] == pytest.approx([0.6], rel=0.5) and not named.settings["held_fixed"]
+    alone = calibrate_first_wave(pop, None, None, params, nyc_2020(), **common)
+    assert "transmission_change" in alone.params and not alone.settings["held_fixed"]

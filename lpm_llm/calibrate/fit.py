@@ -76,6 +76,9 @@ FIRST_WAVE_PARAMETERS = (
     "ascertainment_by_borough", "fatality_scale", *_ALIGNMENT,
 )
 """Names :func:`first_wave_space` can calibrate."""
+BEHAVIOUR_EXPLAINS = ("transmission_change",)
+"""Held at 1 when a fit with default parameters fits a behaviour (the isolation decision): the change
+of transmission beyond the dated policy schedule is what behaviour claims to explain."""
 _EPS = 1e-6
 
 # -- the LLM's answers as fixed inputs ----------------------------------------------------------------
@@ -603,7 +606,10 @@ def calibrate_first_wave(
             pass; less memory and time than keeping every activation, None, with the same gradient).
         observed: daily observations (date, area, targets); default: the bundled NYC data.
         parameters: names of :func:`first_wave_space` to calibrate (default: all of them; the
-            alignment terms only with an ``isolate`` decision).
+            alignment terms only with an ``isolate`` decision). When the default fits an isolation
+            decision, ``transmission_change`` is held at 1 instead (:data:`BEHAVIOUR_EXPLAINS`): a
+            free monthly change of transmission absorbs what the behaviour explains, and the fit could
+            not tell the LLM's answers from a constant (issue 14; README "What the LLM adds").
         alignment: the (a, b) the isolation decision's alignment map starts from (default: identity).
         serology: a :class:`~lpm_llm.calibrate.targets.SerologyTarget` that enters the fitted loss
             (:class:`SimulationObjective`), e.g. ``NYC_SEROLOGY_APRIL_2020``; None: none.
@@ -629,6 +635,12 @@ def calibrate_first_wave(
     obs_all = observed_weekly(start, total_weeks, targets, observed=observed, device=device)
     obs_fit = {t: v[:weeks] for t, v in obs_all.items()}
     frozen = {name: FrozenDecisions(src) for name, src in (decisions or {}).items()}
+    held: dict[str, float] = {}
+    if parameters is None and "isolate" in frozen:  # behaviour fitted: it, not a free monthly change, explains
+        held = dict.fromkeys(BEHAVIOUR_EXPLAINS, 1.0)
+        params = params.model_copy(update=held)
+        parameters = [n for n in FIRST_WAVE_PARAMETERS if n not in held]
+        log.info("isolation behaviour is fitted: %s held at 1", ", ".join(held))
 
     def simulation(days: int) -> Any:
         kwargs = {"checkpoint_days": checkpoint_days} if checkpoint_days else {}
@@ -707,6 +719,7 @@ def calibrate_first_wave(
         "loss": "mean over targets, weeks and boroughs of (log(m/scale + 1/scale) - log(observed + "
                 "1/scale))^2, m: the mean weekly count over the seeds",
         "decision_steps_asked": sum(f.calls for f in frozen.values()),  # each asks every archetype once
+        "held_fixed": held,
     }
     history = {m: {"loss": f.loss_history_, "wall_time": f.wall_times_, "simulations": f.simulations_,
                    "eval_loss": curves[m], "eval_wall_time": curve_times}

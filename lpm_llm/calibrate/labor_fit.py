@@ -24,8 +24,10 @@ from lpm_llm.models.labor import (
     LaborInputs,
     LaborParams,
     _rate_table,
+    labor_period,
     month_range,
     observed_labor_inputs,
+    policy_for_period,
 )
 from lpm_llm.population import BOROUGHS, Population
 
@@ -55,6 +57,20 @@ class LaborFit:
     train_mae_: float
     holdout_mae_: float
     persistence_mae_: float
+    decision_params_: dict[str, Any] | None = None
+
+
+def held_out_inputs(last: LaborInputs, months: Sequence[date]) -> list[LaborInputs]:
+    """Inputs of held-out months: the policy calendar's, with the last known cases (``last``'s,
+    trend 0) instead of the observed ones, which a forecast made at the end of training cannot see."""
+    return [LaborInputs(month=m, policy=policy_for_period(*labor_period(m)), cases_week=last.cases_week.clone(),
+                        cases_trend=torch.zeros_like(last.cases_trend)) for m in months]
+
+
+def _decision_parameters(source: Any) -> dict[str, Any]:
+    """name -> Bounded of a decision source's own calibrated parameters (empty for the LLM's)."""
+    specs = getattr(source, "parameters", None)
+    return dict(specs()) if callable(specs) and callable(getattr(source, "set_parameters", None)) else {}
 
 
 
@@ -88,6 +104,16 @@ def calibrate_labor(
     decision source is asked once per month, not once per iteration. The held-out months are then
     forecast (prompts show simulated rates after the last training month) and compared with a
     persistence baseline (last training month repeated).
+
+    A forecast sees nothing after its last training month: the held-out months get the policy calendar
+    (announced measures, :func:`~lpm_llm.models.labor.policy_for_period`) but the last training month's
+    reported cases (the last known; trend 0), never the observed future cases, and their prompts show
+    the simulated unemployment rate. `inputs`, when given, are used for the training months only.
+
+    A `work_decision` with calibrated parameters of its own (a ``parameters()`` method returning
+    name -> :class:`~lpm_llm.core.parameters.Bounded` and ``set_parameters(values)``, such as
+    :class:`lpm_llm.calibrate.ablate.LogisticDecision`) is not frozen: it is evaluated at every
+    simulation, its parameters are fitted with the labour model's, and no alignment map is added.
     """
     obs = load_unemployment() if observed is None else observed
     dates = month_range(start, len(pd.date_range(pd.Timestamp(start), pd.Timestamp(end), freq="MS")))
@@ -102,9 +128,11 @@ def calibrate_labor(
                          f"{table.index.min():%Y-%m} to {table.index.max():%Y-%m}")
     target = torch.tensor(table.loc[[pd.Timestamp(d) for d in dates], list(BOROUGHS)].to_numpy(dtype=float),
                           dtype=torch.float32, device=population.device)  # (T, areas)
-    steps = list(inputs) if inputs is not None else observed_labor_inputs(dates[1:], device=population.device)
-    if len(steps) != len(dates) - 1:
-        raise ValueError(f"inputs has {len(steps)} months; {start} to {end} needs {len(dates) - 1}")
+    if inputs is not None and len(inputs) != len(dates) - 1:
+        raise ValueError(f"inputs has {len(inputs)} months; {start} to {end} needs {len(dates) - 1}")
+    steps = (list(inputs)[: n_train - 1] if inputs is not None
+             else observed_labor_inputs(dates[1:n_train], device=population.device))
+    steps += held_out_inputs(steps[-1], dates[n_train:])
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     from lpm_llm.calibrate.fit import Calibrator, FrozenDecisions
@@ -112,7 +140,9 @@ def calibrate_labor(
     from lpm_llm.core.sim import Simulation
 
     params = params or LaborParams()
-    decision = FrozenDecisions(work_decision)  # prompts show observed rates: one answer per month
+    own = _decision_parameters(work_decision)
+    # prompts show observed rates: one answer per month (a source with parameters is evaluated every time)
+    decision = work_decision if own else FrozenDecisions(work_decision)
     last_train = dates[n_train - 1]
 
     def simulation(months: int) -> Simulation:
@@ -124,9 +154,14 @@ def calibrate_labor(
 
     train_sim, full_sim = simulation(n_train), simulation(len(dates))
     specs = train_sim.parameters(alignment={"work": alignment} if alignment is not None else None)
+    if own:
+        specs = {k: v for k, v in specs.items() if not k.startswith("work_alignment_")} | own
     space = ParameterSpace(specs, device=population.device)
 
     def rates(sim: Simulation, values: Any, seed: int) -> torch.Tensor:
+        values = dict(values)
+        if own:
+            work_decision.set_parameters({k: values.pop(k) for k in own})
         sim.set_parameters(values)
         sim.seed = seed
         return sim.run().series["labor_unemployment_rate"]
@@ -149,7 +184,7 @@ def calibrate_labor(
         simulated = torch.stack([rates(full_sim, values, s) for s in seeds]).mean(dim=0).cpu()
     target = target.cpu()
     persistence = target[n_train - 1].expand(holdout, -1)
-    fitted = {k: v.detach() for k, v in values.items()}
+    fitted = {k: v.detach() for k, v in values.items() if k not in own}
     shock = fitted.pop("shock").cpu().tolist()
     align_ab = (float(fitted.pop("work_alignment_a", torch.tensor(1.0))),
                 float(fitted.pop("work_alignment_b", torch.tensor(0.0))))
@@ -174,6 +209,8 @@ def calibrate_labor(
         holdout_mae_=float((simulated[test] - target[test]).abs().mean()),
         persistence_mae_=float((persistence - target[test]).abs().mean()),
     )
+    if own:
+        fit.decision_params_ = {k: v.detach().cpu().tolist() for k, v in values.items() if k in own}
     log.info("labour calibration: train MAE %.2f pp, held-out MAE %.2f pp, persistence %.2f pp",
              fit.train_mae_, fit.holdout_mae_, fit.persistence_mae_)
     return fit

@@ -21,9 +21,14 @@ covers the 12th of m-1 to the 11th of m. One step, in this order:
 The baseline separation hazard ``h0`` and entry probability ``entry0`` are not free parameters:
 the first step sets them per borough so that its own start state is an equilibrium in expectation,
 without shocks, given that month's work probabilities. A run without shocks or changes in the
-decisions therefore stays at its start unemployment rate. Boroughs with more unemployment at the
-start thus have more job turnover, and shocks, which multiply the hazard, hit them harder: this is
-what keeps the boroughs' rates roughly proportional through 2020-2021, as LAUS shows.
+decisions therefore stays at its start unemployment rate. With ``hysteresis`` = h > 0 the equilibrium
+rate moves each month towards the rate of the month before, ``u* <- u* + h (u - u*)``, and the
+baseline flows are recomputed to make ``u*`` stationary (at the first step's work probabilities):
+what a shock did then persists (unemployment hysteresis, Blanchard and Summers 1986) instead of
+decaying back to the start month's rate. h = 0 (the default) keeps the start month's equilibrium.
+Boroughs with more unemployment at the start thus have more job turnover, and shocks, which
+multiply the hazard, hit them harder: this is what keeps the boroughs' rates roughly proportional
+through 2020-2021, as LAUS shows.
 
 Initial state, from LAUS (which counts residents aged 16+): the whole borough labour force is put
 on the 18-64 agents, participation = LAUS labour force / population 18-64 (from the bundled
@@ -88,6 +93,46 @@ INCOME_SUPPORT: tuple[tuple[date, date, str], ...] = (
 """(first day, last day, text) of each federal supplement to unemployment benefits."""
 
 
+# Restrictions that stayed after NYC's phase 4 (2020-07-20): (first day, level, text). The level is the
+# share of the economy closed on the scale of the reopening phases ((4 - phase) / 4; 1 = PAUSE), an
+# assumption like the strengths in lpm_llm.core.interventions; the shock and hiring-freeze
+# parameters are calibrated on top of it. Dates from the Governor's and the Mayor's announcements and
+# executive orders: NYC phase 4 without indoor dining, malls, gyms, museums or cinemas (Governor,
+# 2020-07-17; indoor dining postponed by the Mayor on 2020-07-01); museums at 25% capacity from
+# 2020-08-24 and gyms at 33% from 2020-09-02 (Governor, 2020-08-14 and 2020-08-17); NYC indoor dining at
+# 25% from 2020-09-30 (Governor, 2020-09-09); 10 pm closing of restaurants, bars and gyms from
+# 2020-11-13 (Executive Order 202.74); NYC indoor dining closed again from 2020-12-14 (Governor,
+# 2020-12-11); reopened at 25% from 2021-02-12, 35% from 2021-02-26, 50% from 2021-03-19, cinemas at 25%
+# from 2021-03-05 (Governor, 2021-01-29, 2021-02-22, 2021-03-10, 2021-02-22); most capacity limits
+# lifted on 2021-05-19 (Governor, 2021-05-03); the remaining state COVID-19 restrictions lifted on
+# 2021-06-15 (Governor, 2021-06-15, 70% of adults with a first dose). The cluster zones of October -
+# November 2020 (Executive Order 202.68) covered parts of Brooklyn and Queens only and are left out.
+RESIDUAL_RESTRICTIONS: tuple[tuple[date, float, str], ...] = (
+    (date(2020, 7, 20), 0.25, "indoor dining, malls, gyms, museums and cinemas still closed in New York City"),
+    (date(2020, 8, 24), 0.2, "museums open at 25% and gyms at 33% capacity; indoor dining and cinemas closed"),
+    (date(2020, 9, 30), 0.15, "indoor dining at 25% capacity; cinemas, theatres and large venues closed"),
+    (date(2020, 11, 13), 0.175, "indoor dining at 25% capacity; restaurants, bars and gyms close at 10 pm; "
+                                "cinemas and theatres closed"),
+    (date(2020, 12, 14), 0.225, "indoor dining closed again; restaurants, bars and gyms close at 10 pm; "
+                                "cinemas and theatres closed"),
+    (date(2021, 2, 12), 0.175, "indoor dining at 25-35% capacity; restaurants close at 10-11 pm; "
+                               "cinemas and theatres closed"),
+    (date(2021, 3, 19), 0.125, "indoor dining at 50% capacity; cinemas at 25%; theatres closed"),
+    (date(2021, 5, 19), 0.05, "most capacity limits lifted; distancing rules remain; Broadway closed"),
+    (date(2021, 6, 15), 0.0, "state COVID-19 restrictions lifted"),
+)
+"""Levels of the restrictions that stayed after reopening phase 4, each in force until the next."""
+
+
+def residual_restriction(day: date) -> tuple[float, str]:
+    """(level, text) of the restrictions left after phase 4 on ``day`` ((0, "") before phase 4)."""
+    level, text = 0.0, ""
+    for first, value, words in RESIDUAL_RESTRICTIONS:
+        if day >= first:
+            level, text = value, words
+    return level, text
+
+
 def income_support(day: date) -> str:
     """The income support for the unemployed in force on ``day``, as one sentence for the prompt."""
     for first, last, text in INCOME_SUPPORT:
@@ -109,18 +154,25 @@ class LaborPolicy(BaseModel):
     ``stay_at_home``: share of the step's days under the stay-at-home order, in [0, 1].
     ``reopening_phase``: mean NYC reopening phase (1-4) over the step's days after the order ended;
     0 when no day of the step was in reopening.
+    ``residual``: mean over the step's days of the level of the restrictions left after phase 4
+    (:data:`RESIDUAL_RESTRICTIONS`; 0 on days before phase 4).
+    ``measures``: those restrictions on the step's last day, as text (empty before phase 4).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     stay_at_home: float = Field(0.0, ge=0.0, le=1.0)
     reopening_phase: float = Field(0.0, ge=0.0, le=4.0)
+    residual: float = Field(0.0, ge=0.0, le=1.0)
+    measures: str = ""
 
     @property
     def restriction(self) -> float:
-        """Share of the economy closed, in [0, 1]: 1 under the order, (4 - phase) / 4 in reopening."""
+        """Share of the economy closed, in [0, 1]: 1 under the order, (4 - phase) / 4 in phases 1-3,
+        the residual level of :data:`RESIDUAL_RESTRICTIONS` in phase 4 and after (mean over the days)."""
         if self.reopening_phase <= 0:
-            return self.stay_at_home
-        return self.stay_at_home + (1.0 - self.stay_at_home) * (4.0 - self.reopening_phase) / 4.0
+            return min(1.0, self.stay_at_home + self.residual)
+        reopened = self.stay_at_home + (1.0 - self.stay_at_home) * (4.0 - self.reopening_phase) / 4.0
+        return min(1.0, reopened + self.residual)
 
     def describe(self) -> str:
         """One line for the prompt."""
@@ -130,6 +182,8 @@ class LaborPolicy(BaseModel):
                          f"for {round(100 * self.stay_at_home)}% of the month")
         if self.reopening_phase > 0:
             parts.append(f"New York City reopening, phase {math.floor(self.reopening_phase + 1e-9)} of 4")
+        if self.measures:
+            parts.append(self.measures)
         return "; ".join(parts) if parts else "no stay-at-home order"
 
 
@@ -141,8 +195,10 @@ def policy_for_period(first: date, last: date) -> LaborPolicy:
     pause = [PAUSE_START <= d < REOPENING_PHASES[0] for d in days]
     phases = [sum(d >= p for p in REOPENING_PHASES) for d in days]
     reopening = [p for p in phases if p > 0]
+    residual = [residual_restriction(d)[0] for d in days]
     return LaborPolicy(stay_at_home=sum(pause) / len(days),
-                       reopening_phase=sum(reopening) / len(reopening) if reopening else 0.0)
+                       reopening_phase=sum(reopening) / len(reopening) if reopening else 0.0,
+                       residual=sum(residual) / len(days), measures=residual_restriction(last)[1])
 
 
 # -- inputs of one step ------------------------------------------------------------------------------
@@ -216,10 +272,11 @@ DEFAULT_SHOCK: dict[str, float] = {
 _BOUNDS: dict[str, tuple[float, float]] = {
     "job_finding": (0.01, 0.95), "exit_rate": (1e-4, 0.5), "matching_elasticity": (0.0, 1.0),
     "hiring_freeze": (0.0, 1.0), "case_sensitivity": (0.0, 2.0), "shock": (0.0, 100.0),
+    "hysteresis": (0.0, 1.0),
 }
 
 
-_SCALARS = ("job_finding", "exit_rate", "matching_elasticity", "hiring_freeze", "case_sensitivity")
+_SCALARS = ("job_finding", "exit_rate", "matching_elasticity", "hiring_freeze", "case_sensitivity", "hysteresis")
 
 
 class LaborParams(BaseModel):
@@ -236,6 +293,9 @@ class LaborParams(BaseModel):
                                  description="share of hiring stopped under a full stay-at-home order")
     case_sensitivity: float = Field(0.05, ge=0.0, le=2.0, description="restriction-equivalent of 100 "
                                     "weekly cases per 100,000 residents, in the separation shock")
+    hysteresis: float = Field(0.0, ge=0.0, le=1.0, description="share of the gap between last month's "
+                              "unemployment rate and the equilibrium rate that the equilibrium closes each "
+                              "month (0: the equilibrium stays at the start month's rate; 1: last month's rate)")
     shock: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SHOCK), description="industry -> "
                                     "relative rise of the separation hazard at full restriction (unitless)")
 
@@ -265,7 +325,8 @@ class LaborParams(BaseModel):
 class _Baseline:
     hazard0: torch.Tensor  # (areas,) monthly separation hazard without shock
     entry0: torch.Tensor  # (areas,) monthly entry probability of an agent outside who wants to work
-    rate0: torch.Tensor  # (areas,) unemployment rate (fraction) at the baseline
+    rate0: torch.Tensor  # (areas,) unemployment rate (fraction) at the baseline (the equilibrium's)
+    wants: torch.Tensor | None = None  # (3, areas) first step's mean work probability of E, U, outside
 
 
 @dataclass(frozen=True)
@@ -437,7 +498,28 @@ class LaborModel:
                         "is not an equilibrium (exits of agents who do not want to work outweigh hiring)",
                         s.detach().cpu().tolist(), entry0.detach().cpu().tolist())
         hazard0 = -torch.log1p(-s.clamp(1e-5, 0.99))
-        return _Baseline(hazard0=hazard0, entry0=entry0.clamp(0, 1), rate0=rate0.detach())
+        wants = torch.stack([total(e * p) / total(e).clamp(min=1e-6), total(u * p) / total(u).clamp(min=1e-6),
+                             total(o * p) / total(o).clamp(min=1e-6)]).detach()
+        return _Baseline(hazard0=hazard0, entry0=entry0.clamp(0, 1), rate0=rate0.detach(), wants=wants)
+
+    def _reanchored(self, state: LaborState, baseline: _Baseline, anchor: torch.Tensor) -> _Baseline:
+        """The baseline flows that make the unemployment rate ``anchor`` (areas,) stationary in
+        expectation, at the first step's work probabilities (``baseline.wants``) and today's labour
+        force and outside population: :meth:`_equilibrium` with E = (1 - u*) L and U = u* L."""
+        def total(x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(BOROUGHS), device=x.device).index_add(0, state.borough, x)
+
+        e, u = state.employed.detach(), state.unemployed.detach()
+        force, outside = total(e + u), total(1.0 - e - u)
+        p_e, p_u, p_o = baseline.wants
+        f, x = self.values["job_finding"], self.values["exit_rate"]
+        employed, unemployed = (1.0 - anchor) * force, anchor * force
+        e_quit, u_quit = x * employed * (1.0 - p_e), x * unemployed * (1.0 - p_u)
+        entry0 = (e_quit + u_quit) / (outside * p_o).clamp(min=1e-6)
+        hires = f * unemployed * p_u + (1.0 - anchor) * (e_quit + u_quit)
+        s = (hires - e_quit) / (employed - e_quit).clamp(min=1e-6)
+        return _Baseline(hazard0=-torch.log1p(-s.clamp(1e-5, 0.99)), entry0=entry0.clamp(0, 1),
+                         rate0=anchor, wants=baseline.wants)
 
     def step(
         self,
@@ -465,6 +547,10 @@ class LaborModel:
         aligned = work_probability.to(state.employed.device, torch.float32)
         index = archetype_index.long()[state.agents]
         baseline = state.baseline or self._equilibrium(state, aligned[index])
+        h = self.values["hysteresis"]
+        if state.baseline is not None and (h.requires_grad or float(h) > 0):
+            rate_then = (state.by_borough()["unemployment_rate"] / 100.0).detach()
+            baseline = self._reanchored(state, baseline, baseline.rate0 + h * (rate_then - baseline.rate0))
         want = broadcast(aligned, index, generator=generator, straight_through=torch.is_grad_enabled())
 
         e, u = state.employed, state.unemployed
@@ -550,6 +636,51 @@ def work_context(
     }
 
 
+# -- the coupling with the epidemic -----------------------------------------------------------------------
+EMPLOYMENT_REFERENCE = date(2020, 2, 1)
+"""The month whose employment the policy schedule's workplace reductions are relative to (the
+mobility baseline of Google's reports, 3 January - 6 February 2020, is pre-pandemic)."""
+
+
+class EmploymentAdjustedSchedule:
+    """A policy schedule whose workplace reductions leave out the part that job losses explain.
+
+    The schedule's workplace multiplier m (for example 0.4 under PAUSE: workplace visits down 60% in
+    the mobility reports) measures all workplace contact, including that of the people who lost their
+    jobs. When a labour model removes the workplace contacts of the unemployed, applying m to those
+    still employed as well removes the job losses twice. Here, on a day of month t when a policy
+    reduces workplace contact (m < 1), the multiplier is ``min(1, m / r_t)``, with r_t the city's
+    observed employment in month t relative to :data:`EMPLOYMENT_REFERENCE` (LAUS): the employed keep
+    m / r_t of their workplace contact, so that workplace contact in all is m times the reference's when
+    the simulated job losses match the observed ones, as in the uncoupled fit. Other layers, and days
+    without a workplace policy, are unchanged. Everything else (``active``, ``policies``) is the
+    wrapped schedule's.
+    """
+
+    def __init__(self, schedule: Any, observed: pd.DataFrame | None = None):
+        self.schedule = schedule
+        obs = load_unemployment() if observed is None else observed
+        city = obs[obs["area"].isin(BOROUGHS)].groupby("date")["employed"].sum()
+        reference = pd.Timestamp(EMPLOYMENT_REFERENCE)
+        if reference not in city.index:
+            raise ValueError(f"unemployment data lacks the reference month {reference:%Y-%m} for the coupling")
+        self.ratio = (city / city.loc[reference]).to_dict()
+
+    def employment_ratio(self, day: date) -> float:
+        """Observed city employment in ``day``'s month relative to the reference (1 where unknown)."""
+        return float(self.ratio.get(pd.Timestamp(day).replace(day=1), 1.0))
+
+    def multipliers(self, day: Any) -> dict[str, float]:
+        out = dict(self.schedule.multipliers(day))
+        m, r = out.get("workplace", 1.0), self.employment_ratio(pd.Timestamp(day).date())
+        if m < 1.0 and 0.0 < r < 1.0:
+            out["workplace"] = min(1.0, m / r)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.schedule, name)
+
+
 # -- the model in a simulation ------------------------------------------------------------------------
 class Labor:
     """The labour market as a :class:`~lpm_llm.core.model.Model` of a :class:`~lpm_llm.core.sim.Simulation`.
@@ -571,6 +702,10 @@ class Labor:
         inputs: one :class:`LaborInputs` per monthly step (default: from the calendar and the cases).
         persons_per_agent: scale of the counts in :meth:`table` (default: 1 / population scale).
         stream: the model's generator is seeded ``seed + stream`` (independent of the epidemic's draws).
+        adjust_schedule: when another model reads ``working`` (the epidemic drops the workplace contacts
+            of agents out of work), wrap the simulation's policy schedule in
+            :class:`EmploymentAdjustedSchedule` so that job losses are not removed twice (once by the
+            schedule's workplace multiplier, measured on all workers, once by the coupling).
     """
 
     name = "labor"
@@ -591,6 +726,7 @@ class Labor:
         inputs: Sequence[LaborInputs] | None = None,
         persons_per_agent: float | None = None,
         stream: int = 7919,
+        adjust_schedule: bool = True,
     ):
         if context_rates not in ("simulated", "observed"):
             raise ValueError(f"context_rates must be 'simulated' or 'observed', got {context_rates!r}")
@@ -602,6 +738,7 @@ class Labor:
         self._inputs = list(inputs) if inputs is not None else None
         self._persons_per_agent = persons_per_agent
         self.stream = int(stream)
+        self.adjust_schedule = bool(adjust_schedule)
         self.final_state: LaborState | None = None
 
     def parameters(self) -> dict[str, Bounded]:
@@ -630,6 +767,10 @@ class Labor:
         self.obs_rate = _rate_table(self.obs)
         self.months = month_range(sim.start_date, sim.month_index[-1] + 1)
         self.coupled = any("cases_week" in m.observes for m in sim.models if m is not self)
+        if self.adjust_schedule and any("working" in m.reads for m in sim.models if m is not self) \
+                and not isinstance(sim.interventions, EmploymentAdjustedSchedule):
+            # the epidemic drops the workplace contacts of the unemployed: the schedule must not drop them too
+            sim.interventions = EmploymentAdjustedSchedule(sim.interventions, self.observed)
         if self._inputs is not None and len(self._inputs) != len(self.months) - 1:
             raise ValueError(f"inputs has {len(self._inputs)} months; {len(self.months)} months need "
                              f"{len(self.months) - 1} (one per step)")

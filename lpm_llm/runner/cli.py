@@ -48,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
                                 "`distributed:`); calibrate makes each a data holder (`privacy:`)")
     sub.add_parser("list", help="list the bundled experiments, archetypes and prompts")
     _behaviour_parsers(sub)
+    # -- ablate (issue 14): the same calibration with other behaviour sources, scored out of sample
+    text = "compare behaviour sources (LLM, heuristic, constant, none) calibrated alike, scored on held-out data"
+    s = sub.add_parser("ablate", help=text, description=text, epilog=_EPILOG)
+    s.add_argument("experiment", help="experiment YAML (a path, or the name of a bundled one)")
+    s.add_argument("--out", help="output folder (default: runs/NAME-ablate-TIMESTAMP); must be new or empty")
+    s.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out run folder")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    s.add_argument("--forecast-date", dest="forecast_dates", action="append", metavar="YYYY-MM-DD",
+                   help="epidemic: a forecast date (repeatable; default 2020-04-11, 2020-05-02, 2020-05-23)")
+    s.add_argument("--steps", type=int, help="Adam steps per source (default: 15 epidemic, calibration.steps labour)")
+    s.add_argument("--source", dest="sources", action="append", metavar="NAME",
+                   help="a behaviour source to include (repeatable; default: all)")
+    s.add_argument("--rounds", type=int, default=3, help="most rounds of re-asking the LLM (default 3)")
+    s.add_argument("--quiet", "-q", action="store_true", help="warnings only")
+    s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return p
 
 
@@ -139,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("probe", "fidelity"):
             exp.check_devices()
             result = _behaviour(args, exp)
+        elif args.command == "ablate":
+            from lpm_llm.runner.ablate import ablate_experiment
+
+            result = ablate_experiment(exp, args.out, overwrite=args.overwrite, forecast_dates=args.forecast_dates,
+                                       steps=args.steps, sources=args.sources, rounds=args.rounds)
         else:
             runner = exp.run if args.command == "run" else exp.calibrate
             result = runner(args.out, overwrite=args.overwrite)

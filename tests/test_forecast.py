@@ -17,8 +17,8 @@ import torch
 from lpm_llm.core.interventions import InterventionSchedule, StayAtHome, nyc_2020
 from lpm_llm.data.observed import load_covid
 from lpm_llm.forecast import (
-    ForecastSettings,
     Forecaster,
+    ForecastSettings,
     assimilate,
     check_hub_frame,
     complete_weeks,
@@ -62,7 +62,7 @@ def forecaster(city, *, observed=None, schedule=None, **settings):
     cfg, pop, arch = city
     kw = dict(horizon=2, steps=2, seeds_per_step=1, members=3, draws=40, laplace_seeds=1,
               targets=("cases", "hospitalized", "deaths"),
-              parameters=("beta_scale", "transmission_change", "ascertainment", "isolate_alignment_b"))
+              parameters=("beta_scale", "transmission_change", "ascertainment"))
     kw.update(settings)
     return Forecaster(pop, arch, {"isolate": ContextAnswers(arch.k)}, lambda: build_models(cfg),
                       schedule if schedule is not None else cfg.interventions.schedule(), start=cfg.start_date,
@@ -154,10 +154,11 @@ def test_95_percent_intervals_cover_outcomes_simulated_by_the_model(city):
     from lpm_llm.runner.run import build_models
 
     cfg, pop, arch = city
+    a, b = cfg.decisions["isolate"].alignment
     with torch.no_grad():
         sim = Simulation(pop, build_models(cfg), archetypes=arch, decisions={"isolate": ContextAnswers(arch.k)},
                          interventions=cfg.interventions.schedule(), start_date=cfg.start_date, days=84, seed=777,
-                         alignment={"isolate": AlignmentMap(a=cfg.decisions["isolate"].alignment[0], b=cfg.decisions["isolate"].alignment[1])})
+                         alignment={"isolate": AlignmentMap(a=a, b=b)})
         daily = sim.run().by_area()
     daily = daily[daily["area"] != "NYC"]
     obs = pd.DataFrame({"date": daily["date"], "area": daily["area"],
@@ -175,3 +176,30 @@ def test_95_percent_intervals_cover_outcomes_simulated_by_the_model(city):
         assert len(joined) == 3 * 3 * 6
         hits.extend(coverage(joined[list(HUB_LEVELS)].to_numpy(), HUB_LEVELS, joined["value"].to_numpy(), 0.95))
     assert np.mean(hits) >= 0.9, np.mean(hits)
+
+
+@pytest.mark.slow
+def test_cli_assimilate_resumes_its_folder(tmp_path, capsys):
+    """``lpm-llm assimilate`` twice into one folder (in-process, through the CLI's ``main``): the second
+    run loads the finished week and adds the new one; other settings into the same folder are refused."""
+    import json
+
+    from lpm_llm.runner.cli import main
+
+    out = tmp_path / "stream"
+    base = ["assimilate", "experiments/covid_nyc.yaml", "--from", "2020-03-21", "--horizon", "1", "--steps", "1",
+            "--members", "2", "--out", str(out), "-q", "--set", f"population.scale={SCALE}",
+            "--set", "decisions.isolate.enabled=false", "--set", "outputs.plots=false",
+            "--set", "calibration.parameters=[beta_scale,ascertainment]"]
+    assert main([*base, "--to", "2020-03-21"]) == 0
+    assert main([*base, "--to", "2020-03-28"]) == 2  # --to is part of the stream's settings
+    assert "other settings" in capsys.readouterr().err
+    (out / "stream.json").write_text(json.dumps({**json.loads((out / "stream.json").read_text()),
+                                                 "to": "2020-03-28"}))
+    assert main([*base, "--to", "2020-03-28"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["resumed"] is True
+    assert manifest["weeks"]["2020-03-21"] == "loaded" and manifest["weeks"]["2020-03-28"].endswith(" s")
+    table = pd.read_csv(out / "forecasts.csv", dtype={"location": str})
+    check_hub_frame(table)
+    assert sorted(set(table["forecast_date"])) == ["2020-03-21", "2020-03-28"]

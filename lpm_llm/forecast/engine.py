@@ -19,10 +19,13 @@ One weekly update (:meth:`Forecaster.update`), given the as-of date D and what l
 4. **ensemble**: ``members`` runs from the fit start to D + horizon weeks, each with its own seed
    (stochastic uncertainty) and raw parameters drawn from the Laplace approximation (member 0
    at the fit itself, whose run asks the LLM for the forecast weeks' decisions);
-5. **reporting noise**: per target a negative binomial around each member's weekly counts, its
-   dispersion fitted by maximum likelihood to the last ``dispersion_weeks`` observed weeks against
-   the ensemble mean (in a 1:100 city the simulation's own noise is 100x a real city's in variance,
-   and still too narrow around a misfit);
+5. **reporting noise**: per target a log-normal error around each member's weekly counts (or a
+   negative binomial, ``noise="negbin"``), its scale fitted by maximum likelihood to the last
+   ``dispersion_weeks`` observed weeks against the ensemble mean: in a 1:100 city the simulation's
+   own noise is 100x a real city's in variance, and still far too narrow around a misfit. The
+   negative binomial keeps each member's mean, and with the small sizes such misfits give
+   (k ~ 1) its median falls well below it; the log-normal keeps the median and is the scale the
+   fit's loss measures errors on, so it is the default;
 6. **quantiles** of the pooled draws per target, week and area (boroughs, and their sum for the
    city) in the Hub's format (:mod:`lpm_llm.forecast.hub`).
 
@@ -75,7 +78,12 @@ class ForecastSettings:
         laplace_seeds: runs per loss evaluation of the curvature; ``laplace_step``: its step in raw
             units; ``max_sd``: the largest posterior sd allowed (raw units; also used where the loss
             is not convex along a coordinate).
-        dispersion_weeks: last observed weeks that fit the negative binomial dispersion.
+        dispersion_weeks: last observed weeks that fit the reporting noise.
+        noise: ``lognormal`` (default): ``log(1 + y)`` normal around each member's
+            ``log(1 + count)``, its sd the root mean square log residual of the boroughs (pooled) and
+            of the city (its own), the scale of the fit's loss, each member's median kept; or
+            ``negbin``: a negative binomial with the member's count as mean, its size fitted by
+            maximum likelihood (the city the sum of the boroughs' draws).
         reporting_lag_days: last days treated as not yet reported (see :mod:`~lpm_llm.forecast.asof`).
         scenario: policies assumed after the as-of date (default: the schedule held as it stood).
         seed: base seed (every run's seed is a function of it and the as-of date).
@@ -95,6 +103,7 @@ class ForecastSettings:
     laplace_step: float = 0.25
     max_sd: float = 0.5
     dispersion_weeks: int = 8
+    noise: str = "lognormal"
     reporting_lag_days: int = 0
     scenario: tuple[Policy, ...] = ()
     seed: int = 0
@@ -109,6 +118,8 @@ class ForecastSettings:
             raise ValueError(f"unknown target(s) {unknown}; known: {', '.join(SERIES_OF)}")
         if self.horizon < 1 or self.members < 1 or self.draws < 1:
             raise ValueError("horizon, members and draws must be >= 1")
+        if self.noise not in ("lognormal", "negbin"):
+            raise ValueError(f"noise must be 'lognormal' or 'negbin', got {self.noise!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
 
@@ -148,7 +159,7 @@ class ForecastResult:
         known: the weekly observations used (target, target_end_date, location, value).
         fitted: the ensemble's median weekly counts over the fitted weeks (same columns).
         params: the fitted parameters; ``sd``: Laplace posterior sd (raw units) by entry label.
-        dispersion: target -> negative binomial size k (variance mu + mu^2 / k).
+        dispersion: target -> the fitted noise scale (``log_sd_boroughs``, ``log_sd_city``, or ``negbin_k``).
         loss_history: Adam's losses; ``timings``: seconds per phase; ``settings``: dates and sizes.
     """
 
@@ -206,6 +217,15 @@ def nb_dispersion(observed: np.ndarray, mean: np.ndarray) -> float:
 
     res = minimize_scalar(nll, bounds=(math.log(1e-2), math.log(1e6)), method="bounded")
     return float(math.exp(res.x))
+
+
+def log_residual_sd(observed: np.ndarray, mean: np.ndarray) -> float:
+    """Root mean square of ``log(1 + observed) - log(1 + mean)``: the maximum-likelihood sd of a
+    log-normal error around the model (bias included, so a model that is off widens its own
+    intervals); at least 0.05."""
+    r = np.log1p(np.clip(np.asarray(observed, float), 0, None)) - np.log1p(np.clip(np.asarray(mean, float), 0, None))
+    r = r[np.isfinite(r)]
+    return max(float(np.sqrt(np.mean(r ** 2))) if r.size else 1.0, 0.05)
 
 
 def _resized(value: Any, shape: tuple[int, ...]) -> Any:
@@ -425,12 +445,23 @@ class Forecaster:
             x = np.stack(runs[t])  # (S, W+H, B)
             obs = known[t].cpu().numpy()
             lo = max(0, weeks - s.dispersion_weeks)
-            k = nb_dispersion(obs[lo:weeks], x[:, lo:weeks].mean(0))
-            dispersion[t] = k
-            mu = np.clip(x[:, weeks:], 0, None)  # (S, H, B)
-            draws = rng.negative_binomial(k, k / (k + mu[None] + 1e-12), size=(s.draws, *mu.shape))
-            draws = draws.reshape(-1, s.horizon, len(areas)).astype(float)
-            samples[t] = np.concatenate([draws, draws.sum(2, keepdims=True)], axis=2)
+            if s.noise == "negbin":
+                k = nb_dispersion(obs[lo:weeks], x[:, lo:weeks].mean(0))
+                dispersion[t] = {"negbin_k": k}
+                mu = np.clip(x[:, weeks:], 0, None)  # (S, H, B)
+                draws = rng.negative_binomial(k, k / (k + mu[None] + 1e-12), size=(s.draws, *mu.shape))
+                draws = draws.reshape(-1, s.horizon, len(areas)).astype(float)
+                samples[t] = np.concatenate([draws, draws.sum(2, keepdims=True)], axis=2)
+            else:  # log-normal around each member, the boroughs' sd pooled, the city's its own
+                xa = np.concatenate([x, x.sum(2, keepdims=True)], axis=2)  # (S, W+H, B+1)
+                oa = np.concatenate([obs, obs.sum(1, keepdims=True)], axis=1)
+                sd_b = log_residual_sd(oa[lo:weeks, :-1], xa[:, lo:weeks, :-1].mean(0))
+                sd_c = log_residual_sd(oa[lo:weeks, -1:], xa[:, lo:weeks, -1:].mean(0))
+                dispersion[t] = {"log_sd_boroughs": sd_b, "log_sd_city": sd_c}
+                sd_loc = np.array([sd_b] * len(areas) + [sd_c])
+                eps = rng.standard_normal((s.draws, *xa[:, weeks:].shape))
+                draws = np.expm1(np.log1p(np.clip(xa[None, :, weeks:], 0, None)) + sd_loc * eps)
+                samples[t] = np.clip(draws, 0, None).reshape(-1, s.horizon, len(areas) + 1)
             med = np.median(np.concatenate([x, x.sum(2, keepdims=True)], axis=2)[:, :weeks], axis=0)
             full_obs = np.concatenate([obs, obs.sum(1, keepdims=True)], axis=1)
             for w in range(weeks):

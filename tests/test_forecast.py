@@ -84,7 +84,7 @@ def test_data_as_of_a_date():
 
 
 @pytest.mark.slow
-def test_forecast_does_not_change_when_everything_after_the_as_of_date_is_poisoned(city):
+def test_forecast_does_not_change_when_everything_after_the_as_of_date_is_poisoned(city, tmp_path):
     as_of = dt.date(2020, 4, 4)
     clean = load_covid("2020-02-29", "2020-06-30")
     poisoned = clean.copy()
@@ -113,6 +113,9 @@ def test_forecast_does_not_change_when_everything_after_the_as_of_date_is_poison
                                                                                          "deaths")}
     assert set(f["target_end_date"]) == {"2020-04-11", "2020-04-18"}
     assert len(f[f["type"] == "quantile"]) == 2 * 3 * 6 * len(HUB_LEVELS)
+    paths = a.save(tmp_path)
+    assert {p.name for p in paths} >= {"forecast.csv", "fan_cases.png", "fan_deaths.png", "fan_hospitalized.png"}
+    check_hub_frame(pd.read_csv(tmp_path / "forecast.csv", dtype={"location": str}))
 
 
 @pytest.mark.slow

@@ -29,8 +29,10 @@ One weekly update (:meth:`Forecaster.update`), given the as-of date D and what l
 6. **quantiles** of the pooled draws per target, week and area (boroughs, and their sum for the
    city) in the Hub's format (:mod:`lpm_llm.forecast.hub`).
 
-The LLM's answers are frozen per decision date (:class:`~lpm_llm.calibrate.FrozenDecisions`):
-answers for dates up to last week's as-of date are kept in the state; later ones are asked afresh.
+The LLM's answers are frozen per decision date (:class:`~lpm_llm.calibrate.FrozenDecisions`) and
+kept in the state: in a stream each decision date is asked once, by the first run that reaches it
+(a date first reached as a forecast week is asked with the context simulated by that week's fit,
+with the data known then), so a weekly update asks the LLM for one new date (its 4th forecast week).
 """
 
 from __future__ import annotations
@@ -99,10 +101,10 @@ class ForecastSettings:
     parameters: tuple[str, ...] | None = None
     members: int = 16
     draws: int = 200
-    laplace_seeds: int = 2
+    laplace_seeds: int = 1
     laplace_step: float = 0.25
     max_sd: float = 0.5
-    dispersion_weeks: int = 8
+    dispersion_weeks: int = 4
     noise: str = "lognormal"
     reporting_lag_days: int = 0
     scenario: tuple[Policy, ...] = ()
@@ -315,8 +317,8 @@ class Forecaster:
         frozen = {}
         for name, src in self.sources.items():
             f = FrozenDecisions(src)
-            if state is not None:  # answers up to last week's as-of date are history; later ones are asked again
-                f.answers = {d: p.clone() for d, p in state.answers.get(name, {}).items() if d <= state.as_of}
+            if state is not None:  # every date is asked once in a stream, by the first run that reaches it
+                f.answers = {d: p.clone() for d, p in state.answers.get(name, {}).items()}
             frozen[name] = f
         return frozen
 
@@ -416,10 +418,8 @@ class Forecaster:
                 self._tick("laplace", j, curv, t0)
         timings["laplace"] = time.perf_counter() - t1
 
-        # ensemble: forecast-period decisions are asked in member 0's run (at the fit)
+        # ensemble: decision dates not asked before are asked in member 0's run (at the fit)
         t2 = time.perf_counter()
-        for f in frozen.values():
-            f.answers = {d: p for d, p in f.answers.items() if d <= as_of.isoformat()}
         total = weeks + s.horizon
         fc_sim = self._simulation(7 * total, schedule, frozen, seed0)
         rng = np.random.default_rng(seed0)

@@ -5,8 +5,8 @@ on log counts).
 
     python bench/bench_forecast.py RUN_DIR [RUN_DIR ...] [--out DIR]
 
-RUN_DIR: an ``lpm-llm assimilate`` folder (its ``forecasts.csv``) or an ``lpm-llm forecast`` folder
-(``forecast.csv``). Writes ``scores.csv`` (one row per forecast, method, target, horizon, location),
+RUN_DIR: an ``lpm-llm assimilate`` folder (the forecasts of its finished weeks) or an ``lpm-llm
+forecast`` folder (``forecast.csv``). Writes ``scores.csv`` (one row per forecast, method, target, horizon, location),
 ``summary.csv`` and ``relative_wis_by_date.png`` into --out (default: the first RUN_DIR), and prints
 the tables (markdown). Relative WIS = mean WIS of the model / mean WIS of the baseline over the
 same forecasts (< 1: the model is better).
@@ -36,8 +36,11 @@ def load_forecasts(run_dirs: list[Path]) -> tuple[pd.DataFrame, dt.date, int]:
     """Every stored quantile forecast, the simulation start and the reporting lag of the runs."""
     frames, start, lag = [], None, 0
     for d in run_dirs:
-        f = d / "forecasts.csv" if (d / "forecasts.csv").exists() else d / "forecast.csv"
-        frames.append(pd.read_csv(f, dtype={"location": str}))
+        if (d / "weeks").is_dir():  # a stream: every finished week (also while it is still running)
+            files = [w / "forecast.csv" for w in sorted((d / "weeks").iterdir()) if (w / "done").exists()]
+        else:
+            files = [d / "forecast.csv"]
+        frames += [pd.read_csv(f, dtype={"location": str}) for f in files]
         cfg = json.loads((d / "stream.json").read_text()) if (d / "stream.json").exists() else None
         if cfg:
             start = cfg["config"]["start_date"]

@@ -347,7 +347,7 @@ class Forecaster:
         s = self.settings
         as_of = as_date(as_of)
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cut = cutoff_date(as_of, s.reporting_lag_days)
         weeks = complete_weeks(self.start, cut)
         if weeks < 2:
@@ -389,6 +389,7 @@ class Forecaster:
                              on_step=lambda m, i, loss, sec: self._tick("fit", i, loss, t0)).fit(objective)
             space, history, optimizer = cal.space_, cal.loss_history_, cal.optimizer_state_
         timings["fit"] = time.perf_counter() - t0
+        log.info("as of %s: fit %.1f s (%d steps)", as_of, timings["fit"], steps)
 
         # curvature along the forecast-driving coordinates (common seeds)
         t1 = time.perf_counter()
@@ -417,6 +418,7 @@ class Forecaster:
                 sd_vec[idx] = value
                 self._tick("laplace", j, curv, t0)
         timings["laplace"] = time.perf_counter() - t1
+        log.info("as of %s: curvature %.1f s (%d entries)", as_of, timings["laplace"], len(entries))
 
         # ensemble: decision dates not asked before are asked in member 0's run (at the fit)
         t2 = time.perf_counter()
@@ -436,6 +438,7 @@ class Forecaster:
                     runs[t].append((simulated_weekly(series[SERIES_OF[t]], total) / self.scale).cpu().numpy())
                 self._tick("ensemble", j, float("nan"), t0)
         timings["ensemble"] = time.perf_counter() - t2
+        log.info("as of %s: ensemble %.1f s (%d members)", as_of, timings["ensemble"], s.members)
 
         # reporting noise and quantiles
         areas = list(BOROUGHS)
@@ -472,6 +475,7 @@ class Forecaster:
         forecast = hub_frame({t: samples[t] for t in s.targets}, as_of, week_ends)
         cols = ["target", "target_end_date", "location", "value"]
         timings["total"] = time.perf_counter() - t0
+        timings["cpu_total"] = time.process_time() - c0  # all threads (the in-process LLM included)
         settings = {"start": self.start.isoformat(), "as_of": as_of.isoformat(), "cutoff": cut.isoformat(),
                     "weeks_fitted": weeks, "horizon": s.horizon, "targets": list(s.targets),
                     "fit_targets": list(s.fit_targets), "steps": steps, "members": s.members,

@@ -297,6 +297,8 @@ class Calibrator:
             would use, ``steps * seeds_per_step``), initial simplex of size ``simplex_step``.
 
     ``time_limit`` (seconds) stops either method once its fit has run that long.
+    ``optimizer_state``: an ``optimizer_state_`` of an earlier ``adam`` fit of the same parameters
+    (moment estimates and step count), so that a few steps of a warm-started fit continue it.
 
     ``aggregate`` (``adam`` only): called after each backward pass as ``aggregate(loss, parameters)``;
     it may replace the parameters' ``.grad`` in place and returns the loss to record. A fit whose
@@ -313,6 +315,7 @@ class Calibrator:
         best_loss_, best_params_: the lowest entry of ``loss_history_`` and the parameters it was
             measured at (with fresh seeds each step this minimum is optimistic: prefer ``params_``).
         space_: the fitted ParameterSpace.
+        optimizer_state_: (``adam``) the optimiser's ``state_dict()`` after the last step.
         vector_history_: the raw parameter vector after each entry of ``loss_history_`` (Adam's
             iterate after its update, Nelder-Mead's best point so far), to score the fit as it went
             (:meth:`space_at`).
@@ -335,8 +338,10 @@ class Calibrator:
         time_limit: float | None = None,
         on_step: Callable[[str, int, float, float], None] | None = None,
         aggregate: Callable[[torch.Tensor, list[torch.Tensor]], float] | None = None,
+        optimizer_state: Mapping[str, Any] | None = None,
     ):
         self.space = space
+        self.optimizer_state = optimizer_state  # Adam's state_dict to continue from (a warm start)
         self.method = method
         self.steps = steps
         self.lr = lr
@@ -388,6 +393,13 @@ class Calibrator:
         self.params_ = self.space_.to_dict()
         return self
 
+    @property
+    def optimizer_state_(self) -> dict[str, Any]:
+        """(``adam``) a copy of the optimiser's ``state_dict()`` as it stands (after the last step)."""
+        if getattr(self, "_optimizer", None) is None:
+            raise AttributeError("optimizer_state_ exists after an adam fit")
+        return copy.deepcopy(self._optimizer.state_dict())
+
     def space_at(self, seconds: float) -> ParameterSpace:
         """The fit as it stood `seconds` into fitting (the last entry at or before it; the start
         before the first): a copy of ``space_`` holding that vector."""
@@ -409,6 +421,9 @@ class Calibrator:
 
     def _fit_adam(self, objective) -> None:
         opt = torch.optim.Adam(self.space_.parameters(), lr=self.lr, betas=tuple(self.betas))
+        if self.optimizer_state is not None:
+            opt.load_state_dict(copy.deepcopy(dict(self.optimizer_state)))
+        self._optimizer = opt
         k = self.seeds_per_step
         ratio = (self.lr_final if self.lr_final is not None else self.lr) / self.lr
         for i in range(self.steps):

@@ -29,12 +29,21 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 
 def load_covid(
-    start: str | None = None, end: str | None = None, *, path: str | Path | None = None
+    start: str | None = None,
+    end: str | None = None,
+    *,
+    path: str | Path | None = None,
+    as_of: str | pd.Timestamp | None = None,
 ) -> pd.DataFrame:
     """Daily cases, probable cases, hospitalizations and deaths by area, ``start`` <= date <= ``end``.
 
     Columns: date, area, cases, probable_cases, hospitalized, deaths. Source: NYC DOHMH
     (see lpm_llm/data/nyc/README.md).
+
+    ``as_of``: the data as they could be known on that date: every row dated after it is cut
+    (whatever ``end`` says). The bundled file is one late revision, not the data as published
+    day by day, so the last days' reporting delays are not in it; a forecast that wants them
+    handled moves its cut-off earlier (:func:`lpm_llm.forecast.asof.cutoff_date`).
     """
     p = Path(path) if path else nyc_data_path("covid_daily.csv")
     df = _read_csv(p, ("date", "area", *COVID_COLUMNS))
@@ -43,6 +52,8 @@ def load_covid(
         df = df[df["date"] >= pd.Timestamp(start)]
     if end is not None:
         df = df[df["date"] <= pd.Timestamp(end)]
+    if as_of is not None:
+        df = df[df["date"] <= pd.Timestamp(as_of)]
     return df.reset_index(drop=True)
 
 

@@ -5,6 +5,8 @@
     lpm-llm list                      # the bundled experiments, archetypes and prompts
     lpm-llm probe experiments/covid_nyc.yaml [--out DIR]         # P(yes) as each prompt variable moves
     lpm-llm fidelity experiments/covid_nyc.yaml [--sample 500]   # archetypes against individuals
+    lpm-llm forecast EXPERIMENT.yaml --as-of DATE [--horizon 4] [--out DIR]
+    lpm-llm assimilate EXPERIMENT.yaml --from DATE --to DATE [--every 7] [--out DIR]   # resumes DIR
 
 Exit status: 0 done; 2 an expected failure (a bad config or path, an unusable --out or cache
 folder, a missing API key, an unreachable or misbehaving endpoint, unusable answers, a missing
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=3, help="most rounds of re-asking the LLM (default 3)")
     s.add_argument("--quiet", "-q", action="store_true", help="warnings only")
     s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    _forecast_parsers(sub)
     return p
 
 
@@ -113,6 +116,51 @@ def _behaviour(args, exp):
     return type("Result", (), {"out_dir": out})
 
 
+# -- forecast and assimilate (issue 16) -----------------------------------------------------------
+
+def _forecast_parsers(sub: argparse._SubParsersAction) -> None:
+    """``forecast EXPERIMENT --as-of DATE`` and ``assimilate EXPERIMENT --from DATE --to DATE``."""
+    for name, text in (("forecast", "fit with the data known on a date, forecast 1-N weeks as Hub quantiles"),
+                       ("assimilate", "weekly fits and forecasts over a range of dates (resumable)")):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("experiment", help="experiment YAML (a path, or the name of a bundled one)")
+        if name == "forecast":
+            s.add_argument("--as-of", required=True, help="ISO date: data after it are not used")
+            s.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out run folder")
+        else:
+            s.add_argument("--from", dest="first", required=True, help="first as-of date (ISO)")
+            s.add_argument("--to", dest="last", required=True, help="last as-of date (ISO)")
+            s.add_argument("--every", type=int, default=7, help="days between forecasts (default 7)")
+        s.add_argument("--horizon", type=int, default=4, help="weeks ahead (default 4)")
+        s.add_argument("--steps", type=int, help="Adam steps per update (default 3)")
+        s.add_argument("--first-steps", type=int, help="Adam steps of the first update (default: --steps)")
+        s.add_argument("--members", type=int, help="ensemble members (default 16)")
+        s.add_argument("--targets", help="comma-separated forecast targets (default: calibration.targets)")
+        s.add_argument("--reporting-lag-days", type=int, help="last days treated as unreported (default 0)")
+        s.add_argument("--out", help="output folder (default: runs/NAME-forecast-...); assimilate resumes it")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (repeatable)")
+        s.add_argument("--quiet", "-q", action="store_true", help="no progress bars; warnings only")
+        s.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _run_forecast(exp, args) -> object:
+    import time
+    from pathlib import Path
+
+    from lpm_llm.runner.forecast_run import assimilate_experiment, forecast_experiment
+
+    options = {"horizon": args.horizon, "steps": args.steps, "first_steps": args.first_steps,
+               "members": args.members, "reporting_lag_days": args.reporting_lag_days,
+               "targets": tuple(args.targets.split(",")) if args.targets else None}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.command == "forecast":
+        out = Path(args.out) if args.out else Path("runs") / f"{exp.config.name}-forecast-{args.as_of}-{stamp}"
+        return forecast_experiment(exp, args.as_of, out, args.overwrite, **options)
+    out = Path(args.out) if args.out else Path("runs") / f"{exp.config.name}-assimilate-{args.first}-{args.last}"
+    return assimilate_experiment(exp, args.first, args.last, out, every=args.every, **options)
+
+
 def _progress_factory(quiet: bool):
     if quiet:
         return None
@@ -160,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             result = ablate_experiment(exp, args.out, overwrite=args.overwrite, forecast_dates=args.forecast_dates,
                                        steps=args.steps, sources=args.sources, rounds=args.rounds)
+        elif args.command in ("forecast", "assimilate"):
+            result = _run_forecast(exp, args)
         else:
             runner = exp.run if args.command == "run" else exp.calibrate
             result = runner(args.out, overwrite=args.overwrite)

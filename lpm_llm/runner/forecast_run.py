@@ -1,0 +1,161 @@
+"""``lpm-llm forecast`` and ``lpm-llm assimilate``: an experiment's forecasts as of dates.
+
+The experiment gives the city, archetypes, LLM decisions, models, starting parameters and policy
+schedule; :mod:`lpm_llm.forecast` fits and forecasts. ``forecast`` writes one run folder;
+``assimilate`` writes a stream folder that a rerun with the same arguments resumes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lpm_llm.runner import outputs as _outputs
+from lpm_llm.runner.run import (
+    ExperimentResult,
+    _close,
+    _llm_manifest,
+    _prepare,
+    _resolved,
+    _run_folder,
+    build_decisions,
+)
+
+if TYPE_CHECKING:
+    from lpm_llm.forecast import Forecaster, ForecastSettings
+    from lpm_llm.runner.experiment import Experiment
+
+__all__ = ["assimilate_experiment", "forecast_experiment"]
+
+log = logging.getLogger(__name__)
+
+
+def _settings(exp: Experiment, options: Mapping[str, Any]) -> ForecastSettings:
+    from lpm_llm.forecast import ForecastSettings
+
+    cal = exp.config.calibration
+    kw = {"fit_targets": tuple(cal.targets), "lr": cal.lr, "seeds_per_step": cal.seeds_per_step,
+          "parameters": tuple(cal.parameters) if cal.parameters else None, "seed": exp.config.seeds[0],
+          "checkpoint_days": cal.checkpoint_days}
+    kw.update({k: v for k, v in options.items() if v is not None})
+    return ForecastSettings(**kw)
+
+
+def _forecaster(exp: Experiment, run: Any, settings: ForecastSettings, observed: Any = None) -> Forecaster:
+    """Population, archetypes, LLM decisions and models of the experiment, as a Forecaster."""
+    from lpm_llm.forecast import Forecaster
+    from lpm_llm.llm.client import open_client
+    from lpm_llm.runner.run import build_models
+
+    cfg = exp.config
+    if "epidemic" not in cfg.model_names:
+        raise ValueError(f"lpm-llm forecast needs an epidemic model (weekly cases, admissions, deaths), "
+                         f"got {cfg.model!r}")
+    population, scale, archetypes = _prepare(exp, run.timer, run.manifest)
+    decisions = {}
+    if any(dc.enabled for dc in cfg.decisions.values()):
+        with run.timer.phase("llm_start"):
+            client = run.client = open_client(cfg.llm, http_client=exp.http_client)
+        decisions = build_decisions(cfg, client, archetypes)
+        run.sources.append(decisions)
+    pbar = exp.progress(total=None, desc="forecast") if exp.progress else None
+
+    def on_step(phase: str, index: int, value: float, seconds: float) -> None:
+        if pbar:
+            pbar.set_description(f"forecast: {phase}")
+            pbar.set_postfix(seconds=f"{seconds:.0f}")
+            pbar.update(1)
+
+    return Forecaster(
+        population, archetypes, decisions, lambda: build_models(cfg), cfg.interventions.schedule(),
+        start=cfg.start_date, scale=scale, settings=settings, observed=observed, device=cfg.device,
+        alignment={k: tuple(dc.alignment) for k, dc in cfg.decisions.items() if dc.enabled and dc.alignment},
+        sim_kwargs={"decision_every": {k: dc.every_days for k, dc in cfg.decisions.items() if dc.enabled},
+                    "persistence": {k: dc.persistence for k, dc in cfg.decisions.items() if dc.enabled}},
+        on_step=on_step)
+
+
+def forecast_experiment(exp: Experiment, as_of: str | dt.date, out_dir: Path, overwrite: bool = False,
+                        observed: Any = None, **options: Any) -> ExperimentResult:
+    """Fit with the data known on `as_of` and forecast; writes a run folder with ``forecast.csv``
+    (the Hub's long format), ``known.csv``, ``fitted.csv``, ``forecast.json``, the fan charts,
+    ``config.yaml`` and ``manifest.json``. `options`: :class:`~lpm_llm.forecast.ForecastSettings` fields."""
+    exp.check_devices()
+    with _run_folder(exp, out_dir, overwrite, command_kind="forecast") as run:
+        settings = _settings(exp, options)
+        forecaster = _forecaster(exp, run, settings, observed)
+        with run.timer.phase("forecast"):
+            result, _ = forecaster.update(as_of)
+        with run.timer.phase("outputs"):
+            paths = result.save(out_dir, plot=exp.config.outputs.plots)
+        run.manifest["forecast"] = result.summary()
+    return ExperimentResult(out_dir=out_dir, metrics=result.forecast, decisions=result.known,
+                            manifest=run.manifest, plots=[p for p in paths if p.suffix == ".png"])
+
+
+def assimilate_experiment(exp: Experiment, first: str | dt.date, last: str | dt.date, out_dir: Path,
+                          every: int = 7, observed: Any = None, **options: Any) -> ExperimentResult:
+    """Weekly fits and forecasts from `first` to `last` into `out_dir`; a rerun with the same
+    experiment and arguments resumes after the last finished week (see
+    :func:`lpm_llm.forecast.assimilate`). Writes ``stream.json`` (the arguments), ``config.yaml``,
+    ``forecasts.csv``, ``weeks.json``, ``manifest.json`` and ``weeks/<as-of>/``."""
+    from lpm_llm.forecast import assimilate
+
+    exp.check_devices()
+    settings = _settings(exp, options)
+    stream = {"config": _resolved(exp.config), "from": str(first), "to": str(last), "every": every,
+              "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()
+                           if k != "scenario"}}
+    stream = json.loads(json.dumps(stream, default=str))
+    marker = out_dir / "stream.json"
+    if marker.is_file():
+        if json.loads(marker.read_text()) != stream:
+            raise _outputs.RunFolderError(f"{out_dir} holds a stream with other settings (stream.json); resume it "
+                                          "with the same experiment and options, or choose another --out")
+        resumed = True
+    else:
+        _outputs.prepare_run_folder(out_dir, overwrite=False)
+        marker.write_text(json.dumps(stream, indent=2))
+        _outputs.write_config(out_dir / "config.yaml", _resolved(exp.config))
+        resumed = False
+    manifest = _outputs.base_manifest(exp.config_path)
+    manifest.update({"name": exp.config.name, "command_kind": "assimilate", "resumed": resumed, "status": "running"})
+    run = _Stream(exp.config, out_dir, _outputs.PhaseTimer(), manifest)
+    weeks: dict[str, str] = {}
+    try:
+        forecaster = _forecaster(exp, run, settings, observed)
+        with run.timer.phase("assimilate"):
+            table = assimilate(forecaster, first, last, out_dir, every=every, plots=exp.config.outputs.plots,
+                               on_week=lambda d, r, done: weeks.__setitem__(
+                                   d.isoformat(), "loaded" if done else f"{r.timings['total']:.1f} s"))
+        manifest["status"] = "ok"
+    except KeyboardInterrupt:
+        manifest["status"] = "interrupted"
+        raise
+    except BaseException as e:
+        manifest["status"], manifest["error"] = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        manifest["weeks"] = weeks
+        if run.client is not None:
+            manifest["llm"] = _llm_manifest(exp.config, run.client)
+            _close(run.client)
+        manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in run.timer.seconds.items()},
+                                   "total": round(run.timer.total(), 3)}
+        _outputs.write_manifest(out_dir / "manifest.json", manifest)
+    return ExperimentResult(out_dir=out_dir, metrics=table, decisions=table.iloc[0:0], manifest=manifest)
+
+
+class _Stream:
+    """The run-folder fields :func:`_forecaster` uses (a stream folder is reused, not emptied)."""
+
+    def __init__(self, cfg: Any, out_dir: Path, timer: Any, manifest: dict[str, Any]):
+        self.cfg, self.out_dir, self.timer, self.manifest = cfg, out_dir, timer, manifest
+        self.client = None
+        self.sources: list[Mapping[str, Any]] = []
+        self.started = time.time()

@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for every variant, e.g. --set llm.provider=openai (repeatable)")
     args = ap.parse_args()
-    from lpm_llm.behaviour.probe import probe_experiment
+    from lpm_llm.runner.behaviour_run import probe_experiment
     from lpm_llm.runner.experiment import Experiment
 
     rows = []

@@ -23,11 +23,11 @@ from lpm_llm.models.labor import (
     Labor,
     LaborInputs,
     LaborParams,
-    _rate_table,
     labor_period,
     month_range,
     observed_labor_inputs,
     policy_for_period,
+    rate_table,
 )
 from lpm_llm.population import BOROUGHS, Population
 
@@ -121,7 +121,7 @@ def calibrate_labor(
     if holdout < 1 or n_train < 3:
         raise ValueError(f"{start} to {end} has {len(dates)} months; need holdout >= 1 and at least 3 "
                          f"training months, got holdout={holdout}")
-    table = _rate_table(obs)
+    table = rate_table(obs)
     missing = [f"{d:%Y-%m}" for d in dates if pd.Timestamp(d) not in table.index]
     if missing:
         raise ValueError(f"no observed unemployment for month(s) {missing}; data covers "

@@ -764,7 +764,7 @@ class Labor:
             raise ValueError("the labour model needs archetypes (its work decision is asked per archetype)")
         self.sim = sim
         self.obs = load_unemployment() if self.observed is None else self.observed
-        self.obs_rate = _rate_table(self.obs)
+        self.obs_rate = rate_table(self.obs)
         self.months = month_range(sim.start_date, sim.month_index[-1] + 1)
         self.coupled = any("cases_week" in m.observes for m in sim.models if m is not self)
         if self.adjust_schedule and any("working" in m.reads for m in sim.models if m is not self) \
@@ -908,7 +908,7 @@ def _monthly_frame(series: Mapping[str, torch.Tensor], dates: Sequence[date], sc
         frames.append(pd.DataFrame(frame))
     return pd.concat(frames, ignore_index=True).sort_values(["area", "date"]).reset_index(drop=True)
 
-def _rate_table(obs: pd.DataFrame) -> pd.DataFrame:
+def rate_table(obs: pd.DataFrame) -> pd.DataFrame:
     """Observed unemployment rate (%) with one row per month and one column per borough."""
     rows = obs[obs["area"].isin(BOROUGHS)]
     return rows.pivot_table(index="date", columns="area", values="unemployment_rate")

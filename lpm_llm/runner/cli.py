@@ -104,12 +104,12 @@ def _behaviour(args, exp):
     out = Path(args.out) if args.out else Path("runs") / f"{exp.config.name}-{args.command}-" \
         f"{time.strftime('%Y%m%d-%H%M%S')}"
     if args.command == "probe":
-        from lpm_llm.behaviour.probe import probe_experiment
+        from lpm_llm.runner.behaviour_run import probe_experiment
 
         probe_experiment(exp, out, overwrite=args.overwrite,
                          variables=args.variables.split(",") if args.variables else None)
     else:
-        from lpm_llm.behaviour.fidelity import fidelity_experiment
+        from lpm_llm.runner.behaviour_run import fidelity_experiment
 
         fidelity_experiment(exp, out, overwrite=args.overwrite, sample=args.sample, n_dates=args.dates,
                             sets=args.sets)

@@ -1,0 +1,127 @@
+"""``lpm-llm probe`` and ``lpm-llm fidelity``: the behaviour reports of :mod:`lpm_llm.behaviour` as
+commands, each writing its own run folder (config.yaml, manifest.json with the LLM usage, its tables)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lpm_llm.behaviour.fidelity import decision_dates, default_sets, fidelity
+from lpm_llm.behaviour.plots import plot_fidelity
+from lpm_llm.behaviour.probe import write_behaviour
+from lpm_llm.population.archetypes import ArchetypeSpec
+from lpm_llm.runner import outputs
+from lpm_llm.runner.run import build_models, build_population
+
+__all__ = ["fidelity_experiment", "probe_experiment"]
+
+
+def probe_experiment(exp: Any, out_dir: Any, overwrite: bool = False,
+                     variables: Sequence[str] | None = None) -> dict[str, Any]:
+    """``lpm-llm probe``: the experiment's population and archetypes, its client, the probe of every
+    decision into ``out_dir`` (behaviour.csv, plots, config.yaml, manifest.json with the LLM usage)."""
+    import time
+    from pathlib import Path
+
+    from lpm_llm.llm.client import open_client
+
+    cfg = exp.config
+    out_dir = Path(out_dir)
+    outputs.prepare_run_folder(out_dir, overwrite)
+    outputs.write_config(out_dir / "config.yaml", cfg.model_dump(mode="json"))
+    manifest = outputs.base_manifest(exp.config_path)
+    manifest.update({"name": cfg.name, "command_kind": "probe", "status": "running"})
+    start = time.perf_counter()
+    client = None
+    try:
+        population = build_population(cfg)
+        for model in build_models(cfg):
+            if hasattr(model, "prepare_population"):
+                population = model.prepare_population(population, cfg.population.seed)
+        archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
+        client = open_client(cfg.llm, http_client=exp.http_client)
+        manifest["behaviour"] = write_behaviour(cfg, client, population, archetypes, out_dir, cfg.outputs.plots,
+                                                variables)
+        manifest["status"] = "ok"
+    except BaseException as e:
+        manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        manifest["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if client is not None:
+            manifest["llm"] = {"model": cfg.llm.model_name, "elicitation": cfg.llm.elicitation.model_dump(),
+                               "usage": client.usage.as_dict() if hasattr(client.usage, "as_dict")
+                               else dict(vars(client.usage)),
+                               "fingerprint": getattr(getattr(client, "cache", None), "fingerprint", None)}
+            client.close()
+        manifest["wall_time_s"] = round(time.perf_counter() - start, 3)
+        outputs.write_manifest(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def fidelity_experiment(exp: Any, out_dir: Any, overwrite: bool = False, *, sample: int = 500, n_dates: int = 3,
+                        sets: str = "default", decision: str | None = None) -> dict[str, Any]:
+    """``lpm-llm fidelity``: writes fidelity_sets.csv (one row per archetype set),
+    fidelity_archetypes.csv, fidelity_calibration.csv, fidelity_answers.csv, fidelity.png,
+    config.yaml and manifest.json (with the LLM usage) into ``out_dir``."""
+    import time
+    from pathlib import Path
+
+    from lpm_llm.llm.client import open_client
+    from lpm_llm.llm.prompts import PromptSpec
+    from lpm_llm.resources import resolve_path
+
+    cfg = exp.config
+    name = decision or next(n for n, d in cfg.decisions.items() if d.enabled)
+    dc = cfg.decisions[name]
+    out_dir = Path(out_dir)
+    outputs.prepare_run_folder(out_dir, overwrite)
+    outputs.write_config(out_dir / "config.yaml", cfg.model_dump(mode="json"))
+    manifest = outputs.base_manifest(exp.config_path)
+    manifest.update({"name": cfg.name, "command_kind": "fidelity", "decision": name, "sample": sample,
+                     "status": "running"})
+    start = time.perf_counter()
+    client = None
+    try:
+        population = build_population(cfg)
+        for model in build_models(cfg):
+            if hasattr(model, "prepare_population"):
+                population = model.prepare_population(population, cfg.population.seed)
+        if sets == "default":
+            chosen = default_sets(cfg, population)
+        else:
+            chosen = {}
+            for path in sets.split(","):
+                spec = ArchetypeSpec.from_yaml(path.strip())
+                chosen[spec.name] = spec.assign(population)
+        strata = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population).index
+        every = 30 if name == "work" else dc.every_days
+        steps = len(range(0, cfg.days, every))
+        dates = decision_dates(cfg.start_date, cfg.days, every, n_dates)
+        client = open_client(cfg.llm, http_client=exp.http_client)
+        prompt = PromptSpec.from_yaml(resolve_path(dc.prompt, "prompts"))
+        report = fidelity(prompt, client, population, chosen, strata=strata, dates=dates,
+                          schedule=cfg.interventions.schedule(), steps=steps, sample=sample,
+                          seed=cfg.population.seed, settings=cfg.llm)
+        for key, frame in report.items():
+            frame.to_csv(out_dir / f"fidelity_{key}.csv", index=False)
+        if cfg.outputs.plots:
+            plot_fidelity(report["sets"], out_dir / "fidelity.png",
+                          title=f"{cfg.name}: archetype fidelity ({name}, {len(report['answers']) // len(dates)} "
+                                f"agents x {len(dates)} dates) against LLM cost")
+        manifest["dates"] = [d.isoformat() for d in dates]
+        manifest["sets"] = report["sets"].round(4).to_dict(orient="records")
+        manifest["status"] = "ok"
+    except BaseException as e:
+        manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        manifest["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if client is not None:
+            manifest["llm"] = {"model": cfg.llm.model_name, "elicitation": cfg.llm.elicitation.model_dump(),
+                               "usage": client.usage.as_dict(),
+                               "fingerprint": getattr(getattr(client, "cache", None), "fingerprint", None)}
+            client.close()
+        manifest["wall_time_s"] = round(time.perf_counter() - start, 3)
+        outputs.write_manifest(out_dir / "manifest.json", manifest)
+    return manifest

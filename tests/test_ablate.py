@@ -75,7 +75,8 @@ def test_heuristic_and_constant_sources_get_gradients_that_agree_with_finite_dif
     pop, arch = tiny
     seeds, h = range(4), 0.05
     source = _heuristic(pop, arch) if kind == "heuristic" else ConstantProbability("isolate", arch.k, init=0.3)
-    params = EpidemicParams(initial_infections_per_100k=(3000.0,) * 5)
+    # reports 2 days after onset (6 at the defaults), so that the second step's cases come from day 0's seeds
+    params = EpidemicParams(initial_infections_per_100k=(3000.0,) * 5, report_delay=2)
     sim = epidemic_sim(pop, params, archetypes=arch, decisions={"isolate": source}, interventions=nyc_2020(),
                        start_date="2020-04-06", days=14, seed=0)
     space = ParameterSpace(source.parameters())

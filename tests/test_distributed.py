@@ -108,7 +108,7 @@ def _experiment(tmp_path: Path, endpoint: _Endpoint, days: int = 15) -> Path:
         "days": days,
         "seeds": [0, 1, 2],
         "scenarios": {"open_schools": {"interventions": {"remove": ["school_closure"]}}},
-        "outputs": {"plots": False},
+        "outputs": {"plots": False, "behaviour": False},
         "distributed": {"timeout_s": 60},
     }
     path = tmp_path / "dist.yaml"

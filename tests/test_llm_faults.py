@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(cache: Path, out: Path) -> list[str]:
-    sets = ["population.scale=0.001", "days=14", "outputs.plots=false", f"llm.cache_dir={cache}",
-            "llm.local_backend=server"]
+    sets = ["population.scale=0.001", "days=14", "outputs.plots=false", "outputs.behaviour=false",
+            f"llm.cache_dir={cache}", "llm.local_backend=server"]  # decisions only: the counts below
     return [sys.executable, "-m", "lpm_llm", "run", "experiments/covid_nyc.yaml", "--quiet", "--out", str(out),
             *[a for s in sets for a in ("--set", s)]]
 

@@ -43,7 +43,7 @@ def _config(tmp_path: Path, **changes) -> dict:
         "start_date": "2020-03-01",
         "days": 8,
         "seeds": [0],
-        "outputs": {"plots": False},
+        "outputs": {"plots": False, "behaviour": False},  # decisions only: the counts below
     }
     config.update(changes)
     return config

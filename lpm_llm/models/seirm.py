@@ -912,7 +912,8 @@ class EpidemicModel:
         working = None if inputs.working is None else inputs.working.to(torch.float32)
         survivors = disease == S
         survivors.index_fill_(0, new_inf, False)
-        ever_infectious = disease >= I  # I, R, M and awaiting death: emitted before or today
+        # I, R, M and awaiting death, and those susceptible again after waning: emitted before or today
+        ever_infectious = (disease >= I) | ((state.flags & _PRIOR) != 0)
 
         def receive(layer: int, idx: torch.Tensor) -> torch.Tensor:
             """(len(idx),) how much of a group's emission the agents `idx` receive in `layer`."""

@@ -3,7 +3,10 @@ commands, each writing its own run folder (config.yaml, manifest.json with the L
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lpm_llm.behaviour.fidelity import decision_dates, default_sets, fidelity
@@ -16,38 +19,27 @@ from lpm_llm.runner.run import build_models, build_population
 __all__ = ["fidelity_experiment", "probe_experiment"]
 
 
-def probe_experiment(exp: Any, out_dir: Any, overwrite: bool = False,
-                     variables: Sequence[str] | None = None) -> dict[str, Any]:
-    """``lpm-llm probe``: the experiment's population and archetypes, its client, the probe of every
-    decision into ``out_dir`` (behaviour.csv, plots, config.yaml, manifest.json with the LLM usage)."""
-    import time
-    from pathlib import Path
-
-    from lpm_llm.llm.client import open_client
-
+@contextmanager
+def _command_folder(exp: Any, out_dir: Path, overwrite: bool, **fields: Any) -> Iterator[tuple[dict, dict]]:
+    """The run folder of a behaviour command: config.yaml first; on the way out, always manifest.json
+    with the status (ok, failed, interrupted), the LLM usage of the client opened in the block
+    (``opened["client"]``, closed here) and the wall time."""
     cfg = exp.config
-    out_dir = Path(out_dir)
     outputs.prepare_run_folder(out_dir, overwrite)
     outputs.write_config(out_dir / "config.yaml", cfg.model_dump(mode="json"))
     manifest = outputs.base_manifest(exp.config_path)
-    manifest.update({"name": cfg.name, "command_kind": "probe", "status": "running"})
+    manifest.update({"name": cfg.name, **fields, "status": "running"})
+    opened: dict[str, Any] = {}
     start = time.perf_counter()
-    client = None
     try:
-        population = build_population(cfg)
-        for model in build_models(cfg):
-            if hasattr(model, "prepare_population"):
-                population = model.prepare_population(population, cfg.population.seed)
-        archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
-        client = open_client(cfg.llm, http_client=exp.http_client)
-        manifest["behaviour"] = write_behaviour(cfg, client, population, archetypes, out_dir, cfg.outputs.plots,
-                                                variables)
+        yield manifest, opened
         manifest["status"] = "ok"
     except BaseException as e:
         manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         manifest["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
+        client = opened.get("client")
         if client is not None:
             manifest["llm"] = {"model": cfg.llm.model_name, "elicitation": cfg.llm.elicitation.model_dump(),
                                "usage": client.usage.as_dict() if hasattr(client.usage, "as_dict")
@@ -56,6 +48,31 @@ def probe_experiment(exp: Any, out_dir: Any, overwrite: bool = False,
             client.close()
         manifest["wall_time_s"] = round(time.perf_counter() - start, 3)
         outputs.write_manifest(out_dir / "manifest.json", manifest)
+
+
+def _population(cfg: Any) -> Any:
+    """The experiment's population with the columns its models add (the labour model: industry)."""
+    population = build_population(cfg)
+    for model in build_models(cfg):
+        if hasattr(model, "prepare_population"):
+            population = model.prepare_population(population, cfg.population.seed)
+    return population
+
+
+def probe_experiment(exp: Any, out_dir: Any, overwrite: bool = False,
+                     variables: Sequence[str] | None = None) -> dict[str, Any]:
+    """``lpm-llm probe``: the experiment's population and archetypes, its client, the probe of every
+    decision into ``out_dir`` (behaviour.csv, plots, config.yaml, manifest.json with the LLM usage)."""
+    from lpm_llm.llm.client import open_client
+
+    cfg = exp.config
+    out_dir = Path(out_dir)
+    with _command_folder(exp, out_dir, overwrite, command_kind="probe") as (manifest, opened):
+        population = _population(cfg)
+        archetypes = ArchetypeSpec.from_yaml(cfg.archetypes).assign(population)
+        client = opened["client"] = open_client(cfg.llm, http_client=exp.http_client)
+        manifest["behaviour"] = write_behaviour(cfg, client, population, archetypes, out_dir, cfg.outputs.plots,
+                                                variables)
     return manifest
 
 
@@ -64,9 +81,6 @@ def fidelity_experiment(exp: Any, out_dir: Any, overwrite: bool = False, *, samp
     """``lpm-llm fidelity``: writes fidelity_sets.csv (one row per archetype set),
     fidelity_archetypes.csv, fidelity_calibration.csv, fidelity_answers.csv, fidelity.png,
     config.yaml and manifest.json (with the LLM usage) into ``out_dir``."""
-    import time
-    from pathlib import Path
-
     from lpm_llm.llm.client import open_client
     from lpm_llm.llm.prompts import PromptSpec
     from lpm_llm.resources import resolve_path
@@ -75,18 +89,9 @@ def fidelity_experiment(exp: Any, out_dir: Any, overwrite: bool = False, *, samp
     name = decision or next(n for n, d in cfg.decisions.items() if d.enabled)
     dc = cfg.decisions[name]
     out_dir = Path(out_dir)
-    outputs.prepare_run_folder(out_dir, overwrite)
-    outputs.write_config(out_dir / "config.yaml", cfg.model_dump(mode="json"))
-    manifest = outputs.base_manifest(exp.config_path)
-    manifest.update({"name": cfg.name, "command_kind": "fidelity", "decision": name, "sample": sample,
-                     "status": "running"})
-    start = time.perf_counter()
-    client = None
-    try:
-        population = build_population(cfg)
-        for model in build_models(cfg):
-            if hasattr(model, "prepare_population"):
-                population = model.prepare_population(population, cfg.population.seed)
+    with _command_folder(exp, out_dir, overwrite, command_kind="fidelity", decision=name,
+                         sample=sample) as (manifest, opened):
+        population = _population(cfg)
         if sets == "default":
             chosen = default_sets(cfg, population)
         else:
@@ -98,7 +103,7 @@ def fidelity_experiment(exp: Any, out_dir: Any, overwrite: bool = False, *, samp
         every = 30 if name == "work" else dc.every_days
         steps = len(range(0, cfg.days, every))
         dates = decision_dates(cfg.start_date, cfg.days, every, n_dates)
-        client = open_client(cfg.llm, http_client=exp.http_client)
+        client = opened["client"] = open_client(cfg.llm, http_client=exp.http_client)
         prompt = PromptSpec.from_yaml(resolve_path(dc.prompt, "prompts"))
         report = fidelity(prompt, client, population, chosen, strata=strata, dates=dates,
                           schedule=cfg.interventions.schedule(), steps=steps, sample=sample,
@@ -111,17 +116,4 @@ def fidelity_experiment(exp: Any, out_dir: Any, overwrite: bool = False, *, samp
                                 f"agents x {len(dates)} dates) against LLM cost")
         manifest["dates"] = [d.isoformat() for d in dates]
         manifest["sets"] = report["sets"].round(4).to_dict(orient="records")
-        manifest["status"] = "ok"
-    except BaseException as e:
-        manifest["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        manifest["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        if client is not None:
-            manifest["llm"] = {"model": cfg.llm.model_name, "elicitation": cfg.llm.elicitation.model_dump(),
-                               "usage": client.usage.as_dict(),
-                               "fingerprint": getattr(getattr(client, "cache", None), "fingerprint", None)}
-            client.close()
-        manifest["wall_time_s"] = round(time.perf_counter() - start, 3)
-        outputs.write_manifest(out_dir / "manifest.json", manifest)
     return manifest

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
+import torch
 import pytest
 import yaml
 
@@ -201,3 +202,76 @@ def test_the_ranks_die_with_the_launcher_however_it_is_stopped(tmp_path):
     while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(r) for r in ranks)
+
+
+# -- area sharding ------------------------------------------------------------------------------------
+
+def test_areas_are_dealt_to_balance_agents_and_every_rank_gets_one():
+    from lpm_llm.distributed.shard import area_partition
+
+    sizes = [1418, 2559, 1628, 2253, 476]  # NYC's boroughs, thousands
+    for world in (1, 2, 3, 5):
+        parts = area_partition(sizes, world)
+        assert sorted(a for p in parts for a in p) == list(range(5)) and all(parts)
+        load = [sum(sizes[a] for a in p) for p in parts]
+        assert max(load) - min(load) <= max(sizes)  # the greedy rule's guarantee
+    assert area_partition(sizes, 2) == [[0, 1], [2, 3, 4]]  # 3977 against 4357 thousand
+    with pytest.raises(ValueError, match="at least 6 areas"):
+        area_partition(sizes, 6)
+
+
+def test_a_shard_keeps_its_boroughs_agents_in_order_with_local_groups():
+    from lpm_llm.distributed.shard import shard_population
+    from lpm_llm.population.synthesis import synthesize_nyc
+
+    pop = synthesize_nyc(0.001, seed=3)
+    shards = [shard_population(pop, r, 2) for r in range(2)]
+    ids = torch.cat([s.ids.long() for _, s in shards])
+    assert sorted(ids.tolist()) == list(range(pop.n))  # every agent on exactly one rank
+    for local, shard in shards:
+        assert torch.equal(shard.ids.long(), torch.sort(shard.ids.long()).values)  # global order kept
+        assert set(local["borough"].unique().tolist()) == set(shard.areas)
+        for name in ("household", "school", "workplace"):
+            members = local[name][local[name] >= 0]
+            assert torch.equal(members.unique(), torch.arange(int(members.max()) + 1, dtype=members.dtype))
+            # the same partition into groups as the global ids
+            glob = pop[name].index_select(0, shard.ids.long())
+            pairs = torch.stack([glob[local[name] >= 0].long(), members.long()], 1).unique(dim=0)
+            assert pairs[:, 0].unique().numel() == pairs.shape[0] == members.unique().numel()
+
+
+def _area_experiment(tmp_path: Path, endpoint: _Endpoint, days: int = 21) -> Path:
+    path = _experiment(tmp_path, endpoint, days=days)
+    config = yaml.safe_load(path.read_text())
+    config["seeds"] = [0, 1]
+    config["distributed"] = {"timeout_s": 60, "shard": "area"}
+    config["epidemic"] = {"variants": [{"name": "Alpha", "lineage": "B.1.1.7", "transmissibility": 1.5,
+                                        "introduced": "2020-03-12", "importation_per_100k": 5.0}],
+                          "immunity_mean": 10.0}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_two_area_shards_give_the_run_of_one_process(tmp_path, monkeypatch):
+    """Boroughs on 2 ranks: decisions (asked by rank 0 only), school closures and every contact layer,
+    variants and waning: the metrics are bit-identical to one process's."""
+    endpoint = _Endpoint()
+    path = _area_experiment(tmp_path, endpoint)
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
+    assert main(["run", str(path), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    asked_by_one = endpoint.asked
+    done = subprocess.run([sys.executable, "-m", "lpm_llm", "run", str(path), "--out", str(tmp_path / "two"),
+                           "--quiet", "--nproc", "2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    m1 = pd.read_parquet(one / "metrics.parquet")
+    pd.testing.assert_frame_equal(m1, pd.read_parquet(two / "metrics.parquet"), check_exact=True)
+    assert m1["new_infections"].sum() > 100 and m1["isolating"].max() > 0  # the run did something
+    columns = ["scenario", "seed", "decision", "date", "archetype", "probability"]
+    pd.testing.assert_frame_equal(pd.read_csv(one / "decisions.csv")[columns],
+                                  pd.read_csv(two / "decisions.csv")[columns])
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["distributed"]["shard"] == "area" and sorted(sum(manifest["distributed"]["areas"], [])) == [
+        0, 1, 2, 3, 4]
+    assert endpoint.asked == 2 * asked_by_one  # rank 0 alone asked, as one process did

@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from lpm_llm.core.behavior import ConstantDecision
+from lpm_llm.core.rng import Draws
 from lpm_llm.core.interventions import InterventionSchedule, SchoolClosure
 from lpm_llm.models.epidemic import STATES, EpidemicParams, duration_pmf
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
@@ -107,7 +108,7 @@ def test_duration_parameter_is_the_realized_mean(kind, mean):
     k = torch.arange(1, pmf.numel() + 1, dtype=torch.float64)
     assert float((pmf * k).sum()) == pytest.approx(mean, abs=1e-6)
     cdf = _duration_cdf(kind, mean, 4.0).to(torch.float32)
-    draws = EpidemicModel._draw_days(cdf, 200_000, torch.Generator().manual_seed(1)).double()
+    draws = EpidemicModel._draw_days(cdf, Draws(1, 0).uniform(0, 200_000)).double()
     se = float(draws.std()) / math.sqrt(draws.numel())
     assert abs(float(draws.mean()) - mean) < 4 * se + 1e-9, (float(draws.mean()), mean)
 
@@ -377,7 +378,9 @@ def test_gradients_reach_every_calibrated_parameter(mixed_pop):
     seeded = s["new_infections"][0].detach().sum(1)
     torch.testing.assert_close(g, seeded / 300.0)
     per_borough = torch.bincount(mixed_pop["borough"].long(), minlength=5).float() / 1e5
-    assert float(g.sum()) == pytest.approx(float(per_borough.sum()), rel=0.2)
+    # one run's seed count is binomial(N, 300/1e5): the expectation within 4 of its standard errors
+    expected_seeds = float(per_borough.sum()) * 300.0
+    assert abs(float(seeded.sum()) - expected_seeds) < 4 * math.sqrt(expected_seeds)
 
 
 def test_gradient_mode_needs_a_gradient_state(mixed_pop):

@@ -213,7 +213,7 @@ def _euler_lotka_rate(r0: float, gi: torch.Tensor) -> float:
 def test_a_more_transmissible_variant_grows_at_the_analytic_rate():
     """Well mixed: the resident lineage at R = 1, a variant with 1.5x transmissibility imported from
     day 0. log(variant / resident onsets) grows at r(1.5) - r(1.0) from the Euler-Lotka equation
-    with the model's generation interval (depletion, under 12%, lowers both lineages' R alike)."""
+    with the model's generation interval (depletion, under 15%, lowers both lineages' R alike)."""
     n = 400_000
     infectious = 3.5
     beta = 1.0 / infectious
@@ -222,7 +222,7 @@ def test_a_more_transmissible_variant_grows_at_the_analytic_rate():
                        initial_infections_per_100k=(300.0,) * 5)
     r = run(flat_population(n), p, days=75, seed=6, start_date="2020-03-01")
     by_lineage = r.series["symptomatic_by_lineage"].double()  # (T, 2)
-    assert float(r.series["new_infections"].sum()) < 0.12 * n
+    assert float(r.series["new_infections"].sum()) < 0.15 * n
     window = slice(30, 75)
     y = torch.log(by_lineage[window, 1] / by_lineage[window, 0])
     t = torch.arange(y.numel(), dtype=torch.float64)

@@ -9,7 +9,7 @@ estimator lets gradients of a loss reach ``a`` and ``b`` through the discrete dr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -91,9 +91,13 @@ def align(p: torch.Tensor, a: torch.Tensor | float, b: torch.Tensor | float) -> 
     return torch.sigmoid(a * torch.logit(p) + b)
 
 
-def majority_area(index: torch.Tensor, area: torch.Tensor, k: int, n_areas: int) -> list[int]:
-    """(K,) the area (borough) where most members of each archetype live (0 for an empty archetype)."""
+def majority_area(index: torch.Tensor, area: torch.Tensor, k: int, n_areas: int,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[int]:
+    """(K,) the area (borough) where most members of each archetype live (0 for an empty archetype);
+    `reduce` sums the counts over the ranks of an area-sharded population."""
     cells = torch.bincount(index.long() * n_areas + area.long().to(index.device), minlength=k * n_areas)
+    if reduce is not None:
+        cells = reduce(cells)
     return cells.view(k, n_areas).argmax(dim=1).tolist()
 
 
@@ -117,6 +121,7 @@ def broadcast(
     *,
     generator: torch.Generator | None = None,
     straight_through: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw N agent decisions from K archetype probabilities.
 
@@ -124,6 +129,8 @@ def broadcast(
         probs: (K,) probabilities in [0, 1].
         index: (N,) archetype of each agent, values in 0..K-1, on the population's device.
         generator: source of randomness (on the same device as `index`).
+        uniforms: (N,) float32 uniform draws in [0, 1) to use instead of `generator` (the
+            simulation's counter-based draws, :mod:`lpm_llm.core.rng`); overwritten.
         straight_through: if True, the result carries the gradient of ``probs[index]``
             (forward value: the hard 0/1 draw; backward: d decision / d p = 1).
 
@@ -137,7 +144,12 @@ def broadcast(
     if index.dtype not in (torch.int32, torch.int64):
         index = index.to(torch.int32)
     p = torch.index_select(probs.to(device=index.device, dtype=torch.float32), 0, index)
-    u = torch.rand(p.shape, generator=generator, device=index.device, dtype=torch.float32)
+    if uniforms is not None:
+        if uniforms.shape != p.shape:
+            raise ValueError(f"uniforms must have shape {tuple(p.shape)}, got {tuple(uniforms.shape)}")
+        u = uniforms
+    else:
+        u = torch.rand(p.shape, generator=generator, device=index.device, dtype=torch.float32)
     hard = torch.lt(u, p.detach(), out=u)  # 1.0 where u < p, in place: no (N,) bool temporary
     if straight_through and p.requires_grad:
         return hard + (p - p.detach())
@@ -152,6 +164,7 @@ def broadcast_persistent(
     *,
     generator: torch.Generator | None = None,
     straight_through: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw N agent decisions from K archetype probabilities with a per-agent latent propensity
     that persists from one decision step to the next.
@@ -161,6 +174,9 @@ def broadcast_persistent(
     consecutive values have correlation ``r``. The agent decides yes when ``Phi(z) < p`` of its
     archetype: P(yes) is exactly ``p`` at every step (as with :func:`broadcast`), and with the same
     ``p`` the same agents tend to decide alike (for p = 1/2, P(yes twice) = 1/4 + asin(r) / (2 pi)).
+
+    ``uniforms`` (N,) in [0, 1), if given, replace `generator`: ``eps = Phi^-1((k + 1/2) / 2^24)`` of
+    the draw ``k / 2^24`` (a normal without infinite values).
 
     Returns:
         (N,) float32 decisions (straight-through like :func:`broadcast`), and the new latent (N,).
@@ -172,7 +188,12 @@ def broadcast_persistent(
     if index.dtype not in (torch.int32, torch.int64):
         index = index.to(torch.int32)
     p = torch.index_select(probs.to(device=index.device, dtype=torch.float32), 0, index)
-    eps = torch.randn(p.shape, generator=generator, device=index.device, dtype=torch.float32)
+    if uniforms is not None:
+        if uniforms.shape != p.shape:
+            raise ValueError(f"uniforms must have shape {tuple(p.shape)}, got {tuple(uniforms.shape)}")
+        eps = torch.special.ndtri(uniforms.double() + 2.0**-25).to(torch.float32)
+    else:
+        eps = torch.randn(p.shape, generator=generator, device=index.device, dtype=torch.float32)
     z = eps if latent is None else persistence * latent + math.sqrt(1.0 - persistence**2) * eps
     u = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
     hard = (u < p.detach()).to(torch.float32)

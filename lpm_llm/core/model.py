@@ -105,6 +105,9 @@ class Model(Protocol):
         reads: names of what it reads from other models (optional: absent when nobody publishes it).
         state: the per-agent columns it keeps (documentation; ``setup`` allocates them).
         results: the series ``finish`` returns.
+        area_sharded: optional, True for a model that runs on one rank's shard of an area-sharded
+            population (``sim.shard``): it sums what crosses areas and its series over ranks, so that
+            every rank records the whole population's (absent: False, and a sharded run refuses it).
     """
 
     name: str

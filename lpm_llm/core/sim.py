@@ -39,7 +39,7 @@ from lpm_llm.core.behavior import (
 from lpm_llm.core.interventions import InterventionSchedule
 from lpm_llm.core.model import DecisionUse, Model, StepInputs, decision_day
 from lpm_llm.core.parameters import Bounded
-from lpm_llm.core.rng import day_generator
+from lpm_llm.core.rng import stream_key, uniform
 from lpm_llm.population import Population
 
 __all__ = ["Results", "Simulation", "alignment_specs", "months_between"]
@@ -123,7 +123,8 @@ class Simulation:
        text, or "none"), then what every model contributes, the consuming model's last), the
        source gives (K,) probabilities, the alignment map (if any) is applied, and they are drawn
        per agent with :func:`~lpm_llm.core.behavior.broadcast` (straight-through when gradients are
-       on; decision ``name`` draws from ``day_generator(seed ^ crc32(name), t)``), or handed to
+       on; agent i's draw of decision ``name`` on day t is the counter-based uniform of
+       (seed ^ crc32(name), t, stream 0, i), :mod:`lpm_llm.core.rng`), or handed to
        the model as probabilities; decisions hold until the decision's next day;
     3. step: the models step in an order where a model that publishes something in its step comes
        before those that read it (else the given order), each with the held decisions, the data
@@ -151,6 +152,10 @@ class Simulation:
         persistence: decision name -> week-to-week correlation in [0, 1) of each agent's latent
             propensity (:func:`~lpm_llm.core.behavior.broadcast_persistent`); 0 or absent: a fresh
             independent draw at every step (:func:`~lpm_llm.core.behavior.broadcast`).
+        shard: None, or this rank's :class:`~lpm_llm.distributed.shard.AreaShard` when `population`
+            is the part of an area-sharded population that this rank holds: models that support it
+            sum their cross-area quantities and series over ranks (the epidemic does; a model that
+            does not raises), and the recorded results are the whole population's on every rank.
     """
 
     def __init__(
@@ -171,6 +176,7 @@ class Simulation:
         on_day: Callable[[int, int], None] | None = None,
         checkpoint_days: int | None = None,
         persistence: Mapping[str, float] | None = None,
+        shard: Any = None,
     ):
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
@@ -188,6 +194,14 @@ class Simulation:
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
         self.population = population
+        self.shard = shard
+        if shard is not None:
+            if shard.ids.shape != (population.n,):
+                raise ValueError(f"shard.ids must have shape ({population.n},), got {tuple(shard.ids.shape)}")
+            unsupported = [m.name for m in self.models if not getattr(m, "area_sharded", False)]
+            if unsupported:
+                raise ValueError(f"model(s) {unsupported} cannot run on an area-sharded population; "
+                                 "use distributed.shard: seed")
         self.device = torch.device(device) if device is not None else population.device
         self.days = int(days)
         self.start_date = (
@@ -201,7 +215,9 @@ class Simulation:
 
         self.areas = population.labels("borough") if "borough" in population.codebooks else ("all",)
         self.age_bands = population.labels("age_band") if "age_band" in population.codebooks else ("all",)
-        self.persons_per_agent = population.persons_per_agent()
+        self.persons_per_agent = population.persons_per_agent(
+            None if shard is None or "borough" not in population
+            else shard.sum(torch.bincount(population["borough"].long().cpu(), minlength=len(self.areas))))
         self.uses = self._decision_uses(decisions, decision_every)
         self.decisions = dict(decisions or {})
         if self.decisions and archetypes is None:
@@ -233,7 +249,8 @@ class Simulation:
                     f"archetypes.index must have shape ({population.n},), got {tuple(self.index.shape)}"
                 )
             if "borough" in population:
-                self.home = majority_area(self.index, population["borough"], int(archetypes.k), len(self.areas))
+                self.home = majority_area(self.index, population["borough"], int(archetypes.k), len(self.areas),
+                                          None if shard is None else shard.sum)
         self.order = self._step_order()
         self._consumes = [(m, frozenset(u.name for u in m.decisions)) for m in self.order]
         self.data: dict[str, Any] = {}
@@ -425,13 +442,15 @@ class Simulation:
         rows.extend((t, date, name, i, p_list[i], a_list[i]) for i in range(k))
         if not self.uses[name][0].as_draws:
             return aligned
-        gen = day_generator(self.seed ^ zlib.crc32(name.encode()), t, self.device)
+        ids = self.shard.ids if self.shard is not None else torch.arange(self.population.n, device=self.device)
+        u = uniform(stream_key(self.seed ^ zlib.crc32(name.encode()), t, 0), ids)
+        del ids
         if name in self.persistence:
             drawn, self._latent[name] = broadcast_persistent(
-                aligned, self.index, self._latent.get(name), self.persistence[name], generator=gen,
+                aligned, self.index, self._latent.get(name), self.persistence[name], uniforms=u,
                 straight_through=torch.is_grad_enabled())
             return drawn
-        return broadcast(aligned, self.index, generator=gen, straight_through=torch.is_grad_enabled())
+        return broadcast(aligned, self.index, uniforms=u, straight_through=torch.is_grad_enabled())
 
     def _cell_sizes(self) -> torch.Tensor:
         """(areas x age bands,) float32 agents per cell (computed once)."""
@@ -440,6 +459,8 @@ class Simulation:
             area = pop["borough"].long().cpu() if "borough" in pop else torch.zeros(pop.n, dtype=torch.long)
             band = pop["age_band"].long().cpu() if "age_band" in pop else torch.zeros_like(area)
             self._sizes = torch.bincount(area * a + band, minlength=len(self.areas) * a).to(torch.float32)
+            if self.shard is not None:  # the whole population's
+                self._sizes = self.shard.sum(self._sizes)
         return self._sizes
 
     def _frame(self, series: Mapping[str, torch.Tensor]) -> pd.DataFrame:

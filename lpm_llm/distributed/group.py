@@ -34,7 +34,9 @@ class DistributedSettings(BaseModel):
     """The ``distributed:`` block of an experiment.
 
     ``shard: seed`` gives each rank whole simulations (the scenarios x seeds of a run, dealt out
-    in turn); the run folder is the same as one process's. ``timeout_s`` bounds every collective:
+    in turn); ``shard: area`` runs every simulation on all ranks, each holding the agents of some
+    boroughs (:mod:`lpm_llm.distributed.shard`; the epidemic model only). Either way the run folder is
+    the same as one process's. ``timeout_s`` bounds every collective:
     a rank that stops answering makes the others fail with an error after that long instead of
     waiting forever (under ``torchrun`` a rank that exits with an error stops the others at once).
     """
@@ -43,7 +45,9 @@ class DistributedSettings(BaseModel):
 
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="auto: nccl when the run's device is CUDA, else gloo")
-    shard: Literal["seed"] = Field("seed", description="seed: each rank runs whole simulations (scenarios x seeds)")
+    shard: Literal["seed", "area"] = Field(
+        "seed", description="seed: each rank runs whole simulations (scenarios x seeds); "
+                            "area: each rank holds the agents of some boroughs of every simulation")
     timeout_s: float = Field(300.0, gt=0, description="seconds a collective may wait for the other ranks")
 
 

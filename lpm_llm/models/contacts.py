@@ -35,6 +35,7 @@ contacts of agents not working, on both sides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,9 +132,12 @@ class ContactLayers:
         cell: (N,) int32 ``borough * A + age_band``.
         inv_household: (H,) float32 ``1 / max(n_g - 1, 1)``; same for inv_school (S+1,),
             inv_workplace (W+1,) (slot 0: 0).
-        cell_size: (B, A) float32 agents per cell.
+        cell_size: (B, A) float32 agents per cell (of the whole population when sharded).
         community_matrix: (A, A) float32 row-stochastic.
         cross_borough_share: share of community contacts made outside one's borough.
+        reduce: None for a whole population; for one rank's shard of it
+            (:mod:`lpm_llm.distributed.shard`), the sum over ranks applied to the community pressure
+            (B, A) before it becomes a force, so that every rank sees the city's.
     """
 
     household: torch.Tensor
@@ -146,6 +150,7 @@ class ContactLayers:
     cell_size: torch.Tensor
     community_matrix: torch.Tensor
     cross_borough_share: float
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_population(
@@ -155,10 +160,12 @@ class ContactLayers:
         community_matrix: torch.Tensor | None = None,
         cross_borough_share: float = 0.1,
         device: torch.device | str | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> ContactLayers:
         """Build the layers from columns ``borough``, ``age_band``, ``household`` and (optional)
         ``school``, ``workplace`` (int, -1 = none). Missing school/workplace columns mean no agent
-        belongs to that layer."""
+        belongs to that layer. With `reduce` (the sum over the ranks of an area-sharded population)
+        the population is one rank's shard: the cell sizes are summed over ranks."""
         for name in _REQUIRED:
             if name not in population:
                 raise KeyError(
@@ -176,6 +183,9 @@ class ContactLayers:
         n_age = n_age or int(age.max()) + 1
         cell = borough * n_age + age
         cell_size = torch.bincount(cell, minlength=n_borough * n_age).to(torch.float32).view(n_borough, n_age)
+        if reduce is not None:
+            with torch.no_grad():
+                cell_size = reduce(cell_size)
 
         household = population["household"].to(device=device, dtype=torch.int32)
         if int(household.min()) < 0:
@@ -204,6 +214,7 @@ class ContactLayers:
             cell_size=cell_size,
             community_matrix=community_matrix,
             cross_borough_share=float(cross_borough_share),
+            reduce=reduce,
         )
 
     # -- sizes ----------------------------------------------------------------------------------
@@ -281,6 +292,8 @@ class ContactLayers:
             0, self.cell.index_select(0, infectious), weight_out
         )
         cm = cm.view(b, a)
+        if self.reduce is not None:  # a shard: the city's pressure, each cell from the rank holding it
+            cm = self.reduce(cm)
         cm_rate = (rates[3] * self.community_rate(cm)).reshape(-1)
         return Pressure(hh, sc, wk, cm, cm_rate)
 

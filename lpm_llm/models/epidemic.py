@@ -39,10 +39,11 @@ __all__ = [
 ]
 
 
-def community_matrix(params: EpidemicParams, age_band: torch.Tensor) -> torch.Tensor:
+def community_matrix(params: EpidemicParams, age_band: torch.Tensor, shard: Any = None) -> torch.Tensor:
     """(A, A) community contact matrix of `params` for a population with (N,) ``age_band`` codes:
     ``community_matrix`` if given, else ``community_contacts``, scaled to a mean row sum of 1 over the
-    population's agents (:func:`~lpm_llm.models.contacts.normalised_contacts`)."""
+    population's agents (:func:`~lpm_llm.models.contacts.normalised_contacts`; over the whole
+    population's when `age_band` is the shard `shard` of it)."""
     from lpm_llm.models.contacts import default_community_matrix, normalised_contacts, prem_community_matrix
 
     n_age = len(params.susceptibility)
@@ -53,6 +54,8 @@ def community_matrix(params: EpidemicParams, age_band: torch.Tensor) -> torch.Te
     else:
         matrix = default_community_matrix(n_age, params.community_assortativity)
     counts = torch.bincount(age_band.long().cpu(), minlength=n_age)
+    if shard is not None:
+        counts = shard.sum(counts.to(torch.float32))
     return normalised_contacts(matrix, counts)
 
 
@@ -80,6 +83,7 @@ class Epidemic:
     """
 
     name = "epidemic"
+    area_sharded = True  # see setup: the shard's contact layers and draws; series summed over ranks
     decisions = (DecisionUse("isolate", every_days=7),)
     observes = ("cases_week",)
     publishes = ()
@@ -121,11 +125,14 @@ class Epidemic:
         self.sim = sim
         p = self.params
         population = sim.population
-        matrix = community_matrix(p, population["age_band"])
+        shard = sim.shard  # None, or this rank's part of an area-sharded population
+        matrix = community_matrix(p, population["age_band"], shard)
         self.contacts = ContactLayers.from_population(
-            population, community_matrix=matrix, cross_borough_share=p.cross_borough_share, device=sim.device
+            population, community_matrix=matrix, cross_borough_share=p.cross_borough_share, device=sim.device,
+            reduce=None if shard is None else shard.sum,
         )
-        self.engine = EpidemicModel(p, self.contacts, population["age_band"], population["borough"])
+        self.engine = EpidemicModel(p, self.contacts, population["age_band"], population["borough"],
+                                    ids=None if shard is None else shard.ids)
         self.initial_infected = None if self._initial_infected is None else self._mask(
             self._initial_infected, "initial_infected")
         self.working = None if self._working is None else self._mask(self._working, "working")
@@ -230,8 +237,10 @@ class Epidemic:
         if "isolate" in inputs.decided:
             self.isolating = inputs.decisions["isolate"]
             b, a = c.shape
-            self.isolating_cell = torch.zeros(b * a, device=self.sim.device).index_add(
-                0, c.cell, self.isolating).view(b, a) / c.cell_size.clamp(min=1.0)
+            isolating = torch.zeros(b * a, device=self.sim.device).index_add(0, c.cell, self.isolating).view(b, a)
+            if c.reduce is not None:  # a shard: the city's, every cell from the rank holding it
+                isolating = c.reduce(isolating)
+            self.isolating_cell = isolating / c.cell_size.clamp(min=1.0)
         working = self.working
         if "working" in inputs.data:
             mask = self._mask(inputs.data["working"], "working")

@@ -101,7 +101,7 @@ from functools import cached_property
 
 import torch
 
-from lpm_llm.core.rng import day_generator
+from lpm_llm.core.rng import Draws
 from lpm_llm.models.contacts import LAYERS, ContactLayers, Pressure
 from lpm_llm.models.epidemic_params import TENSOR_PARAMS, EpidemicParams
 from lpm_llm.population import AGE_BANDS
@@ -127,6 +127,9 @@ _MAX_DURATION = 400  # days; longest duration the samplers represent (tail mass 
 _MAX_IMMUNITY = 10_000  # days; the same for the duration of infection-acquired immunity
 
 _A = len(AGE_BANDS)
+# streams of the counter-based draws (lpm_llm.core.rng): each a function of (seed, day, stream, agent id)
+_THRESHOLD, _IMPORT, _SYMPTOMATIC_DRAW, _HOSPITAL_DRAW, _DEATH_DRAW = 0, 1, 2, 3, 4
+_INFECTIOUS_DAYS, _LATENT_DAYS, _IMMUNITY_DAYS, _REINFECTION, _CASE_ISOLATION, _LINEAGE = 5, 6, 7, 8, 9, 10
 
 
 @dataclass
@@ -191,7 +194,8 @@ class EpidemicInputs:
     Attributes:
         rates: (4,) daily transmission rate per layer (``LAYERS`` order), beta_scale and
             interventions applied.
-        seed: base seed; the day's generator is ``day_generator(seed, t)``.
+        seed: base seed; every draw of day t is a function of (seed, t, stream, agent id)
+            (:class:`lpm_llm.core.rng.Draws`).
         isolating: (N,) float32 1.0 for agents isolating (straight-through with grad), or None.
         working: (N,) bool agents working (labour model), or None (everyone in a workplace works).
         imports: (N,) float32 probability of an imported infection today, or None (day-0 seeding).
@@ -331,13 +335,21 @@ class EpidemicModel:
         contacts: the population's contact layers (built on the simulation's device).
         age_band: (N,) int age band code per agent (``AGE_BANDS``).
         borough: (N,) int borough code per agent.
+        ids: (N,) global id of each agent when the population is one rank's shard of a larger one
+            (its random draws are those of these ids, :mod:`lpm_llm.core.rng`); None: the agents' own
+            indices. A shard's contact layers carry the sum over ranks (``contacts.reduce``), which the
+            step also applies to its outputs.
     """
 
     def __init__(
-        self, params: EpidemicParams, contacts: ContactLayers, age_band: torch.Tensor, borough: torch.Tensor
+        self, params: EpidemicParams, contacts: ContactLayers, age_band: torch.Tensor, borough: torch.Tensor,
+        ids: torch.Tensor | None = None,
     ):
         self.params = params
         self.contacts = contacts
+        self.ids = None if ids is None else ids.to(contacts.household.device)
+        if self.ids is not None and self.ids.shape != (contacts.n,):
+            raise ValueError(f"ids must have shape ({contacts.n},), got {tuple(self.ids.shape)}")
         self.device = contacts.household.device
         b, a = contacts.shape
         if a != _A:
@@ -414,18 +426,17 @@ class EpidemicModel:
     def initial_state(
         self, theta: Mapping[str, torch.Tensor], seed: int = 0, *, track_gradients: bool = False
     ) -> EpidemicState:
-        """Everybody susceptible, with infection thresholds drawn from ``day_generator(seed, -1)``; with
+        """Everybody susceptible, with infection thresholds drawn on day -1 (stream ``_THRESHOLD``); with
         `track_gradients` the float columns of the gradient estimator are added.
 
         The threshold is Exp(1) / susceptibility: the daily step then subtracts the force before
         susceptibility, which saves a per-agent multiplication every day (agents with
         susceptibility 0 get an infinite threshold)."""
         n = self.contacts.n
-        gen = day_generator(seed, -1, self.device)
-        threshold = torch.rand(n, generator=gen, device=self.device).neg_().log1p_().neg_()  # Exp(1)
+        threshold = Draws(seed, -1, self.ids, self.device).uniform(_THRESHOLD, n).neg_().log1p_().neg_()  # Exp(1)
         threshold.div_(self._susceptibility(theta).detach())
         counts = torch.zeros(self.contacts.cell_size.numel(), len(STATES), device=self.device)
-        counts[:, S] = self.contacts.cell_size.reshape(-1)
+        counts[:, S] = torch.bincount(self.contacts.cell, minlength=counts.shape[0]).to(torch.float32)
         state = EpidemicState(
             disease=torch.full((n,), S, dtype=torch.int8, device=self.device),
             next_day=torch.full((n,), -1, dtype=torch.int16, device=self.device),
@@ -480,7 +491,7 @@ class EpidemicModel:
                 "gradients are enabled but the state has no `weight`: build it with "
                 "initial_state(track_gradients=True), or run under torch.no_grad()"
             )
-        gen = day_generator(inputs.seed, t, self.device)
+        gen = Draws(inputs.seed, t, self.ids, self.device)
         c = self.contacts
         b, a = c.shape
         if grad:  # never modify the caller's state: checkpointing re-runs steps from saved inputs
@@ -535,7 +546,7 @@ class EpidemicModel:
         hit = threshold < 0
         seeded = None
         if inputs.imports is not None:
-            u = torch.rand(force.shape, generator=gen, device=self.device)
+            u = gen.uniform(_IMPORT, c.n)
             seeded = (u < inputs.imports) & (disease == S)  # seeds are of the resident lineage
             hit |= seeded
         new_inf = hit.nonzero().squeeze(1)
@@ -609,7 +620,7 @@ class EpidemicModel:
             severity = inputs.severity.detach().index_select(0, onset)
             p_h, p_d = p_h * severity, p_d * severity
         p_h, p_d = p_h.clamp(max=1.0), p_d.clamp(max=1.0)
-        u3 = torch.rand((3, onset.numel()), generator=gen, device=self.device)
+        u3 = torch.stack([gen.uniform(s, onset) for s in (_SYMPTOMATIC_DRAW, _HOSPITAL_DRAW, _DEATH_DRAW)])
         symp = u3[0] < p_s.detach()
         hosp = symp & (u3[1] < p_h.detach())
         die = symp & (u3[2] < p_d.detach())
@@ -625,7 +636,7 @@ class EpidemicModel:
             0, lineage.index_select(0, onset).long(), w_symp * symp)
         new_hospitalized = per_cell(onset, w_symp * (_score_weight(p_h, hosp) if grad else 1.0) * hosp)
         bits = (symp * _SYMPTOMATIC + hosp * _HOSPITALIZED + die * _FATED).to(torch.int8)
-        inf_days = self._draw_days(self._infectious_cdf, onset.numel(), gen)
+        inf_days = self._draw_days(self._infectious_cdf, gen.uniform(_INFECTIOUS_DAYS, onset))
         fate = state.fate
         if fate is not None:  # forward 1 for agents fated to die, backward the score of that draw
             fate = fate.index_copy(0, onset, _score_weight(p_d, die) * die)
@@ -645,7 +656,7 @@ class EpidemicModel:
         rs = per_cell(waned, w(waned))
 
         # -- write the new state --------------------------------------------------------------------
-        lat_days = self._draw_days(self._latent_cdf, new_inf.numel(), gen)
+        lat_days = self._draw_days(self._latent_cdf, gen.uniform(_LATENT_DAYS, new_inf))
         disease.index_fill_(0, new_inf, E)
         next_day.index_copy_(0, new_inf, (lat_days + t).to(torch.int16))
         disease.index_fill_(0, onset, I)
@@ -655,7 +666,7 @@ class EpidemicModel:
         # draws added with issue 15 come after the ones above, so that they leave those unchanged
         recovered_until = torch.full_like(leave, -1)
         if self._immunity_cdf is not None:  # the day infection-acquired immunity wanes
-            recovered_until = self._draw_days(self._immunity_cdf, leave.numel(), gen) + t
+            recovered_until = self._draw_days(self._immunity_cdf, gen.uniform(_IMMUNITY_DAYS, leave)) + t
         if delay == 0:
             disease.index_put_((leave,), torch.where(fated, M, R).to(torch.int8))
             next_day.index_put_((leave,), torch.where(fated, -1, recovered_until).to(torch.int16))
@@ -667,7 +678,8 @@ class EpidemicModel:
         threshold = self._wane(waned, disease, next_day, flags, threshold, theta, gen, grad)
         weight, group_weight = self._isolation_draw(
             onset, symp, inputs, weight, group_weight, flags, theta["case_isolation_compliance"], gen)
-        if self.n_lineages > 1 and new_inf.numel() and self._lineages_present(inf_lineage, inputs):
+        sharded = c.reduce is not None  # every rank attributes (its pressure per lineage is summed)
+        if self.n_lineages > 1 and (sharded or (new_inf.numel() and self._lineages_present(inf_lineage, inputs))):
             drawn = self._attribute_lineage(
                 new_inf, infectious, inf_lineage, w_home, w_out, inputs, outside_factor, gen)
             if seeded is not None:
@@ -699,6 +711,8 @@ class EpidemicModel:
             "prevalence": counts.view(b, a, len(STATES)),
             "symptomatic_by_lineage": symptomatic_by_lineage,
         }
+        if c.reduce is not None:  # a shard: the city's series, every cell from the rank holding it
+            out = _reduced(out, c.reduce)
         return new_state, out
 
     # -- the gradient estimator (see "Gradients" in the module docstring) ----------------------------
@@ -751,7 +765,7 @@ class EpidemicModel:
         group_weight: torch.Tensor | None,
         flags: torch.Tensor,
         compliance: torch.Tensor,
-        gen: torch.Generator,
+        gen: Draws,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """At onset, a symptomatic agent will be a reported case who isolates with probability
         ``report_rate[borough] * case_isolation_compliance`` (flag ``_ISOLATES``); with gradients the
@@ -760,7 +774,7 @@ class EpidemicModel:
             return weight, group_weight
         rate = inputs.report_rate.index_select(0, self.borough.index_select(0, onset))
         q = symp * (rate * compliance).clamp(0.0, 1.0)
-        u = torch.rand(onset.numel(), generator=gen, device=self.device)
+        u = gen.uniform(_CASE_ISOLATION, onset)
         isolates = u < q.detach()
         flags.index_copy_(0, onset, flags.index_select(0, onset) | (isolates.to(torch.int8) * _ISOLATES))
         if weight is not None:
@@ -777,7 +791,7 @@ class EpidemicModel:
         flags: torch.Tensor,
         threshold: torch.Tensor,
         theta: Mapping[str, torch.Tensor],
-        gen: torch.Generator,
+        gen: Draws,
         grad: bool,
     ) -> torch.Tensor:
         """Agents whose immunity waned today become susceptible with ``reinfection_susceptibility``: a
@@ -790,7 +804,7 @@ class EpidemicModel:
         next_day.index_fill_(0, waned, -1)
         flags.index_fill_(0, waned, _PRIOR)
         susc = (self._susceptibility(theta).index_select(0, waned) * theta["reinfection_susceptibility"]).detach()
-        tau = torch.rand(waned.numel(), generator=gen, device=self.device).neg_().log1p_().neg_()  # Exp(1)
+        tau = gen.uniform(_REINFECTION, waned).neg_().log1p_().neg_()  # Exp(1)
         fresh = tau / susc  # susceptibility 0: inf
         return threshold.index_copy(0, waned, fresh) if grad else threshold.index_copy_(0, waned, fresh)
 
@@ -810,7 +824,7 @@ class EpidemicModel:
         w_out: torch.Tensor,
         inputs: EpidemicInputs,
         outside_factor: torch.Tensor | None,
-        gen: torch.Generator,
+        gen: Draws,
     ) -> torch.Tensor:
         """(n,) int8 lineage of today's infections `new_inf`: drawn in proportion to the force each
         lineage puts on the agent (its infectious agents' pressure, evaluated for these agents only,
@@ -823,15 +837,16 @@ class EpidemicModel:
             else:
                 hazard = inputs.importation.detach().reshape(n_lin, 1).expand(n_lin, n).clone()
             factor = None if outside_factor is None else outside_factor.detach()
+            sharded = c.reduce is not None  # every rank computes every lineage's (summed) pressure
             for lin in range(n_lin):
                 sel = (inf_lineage == lin).nonzero().squeeze(1)
-                if sel.numel() == 0:
+                if sel.numel() == 0 and not sharded:
                     continue
                 pressure = c.pressure(infectious.index_select(0, sel), w_home.detach().index_select(0, sel),
                                       w_out.detach().index_select(0, sel), inputs.rates.detach(), inputs.working)
                 hazard[lin] += c.force_at(pressure, new_inf, outside_factor=factor, working=inputs.working)
             cumulative = hazard.cumsum(0)
-            u = torch.rand(n, generator=gen, device=self.device) * cumulative[-1]
+            u = gen.uniform(_LINEAGE, new_inf) * cumulative[-1]
             drawn = (cumulative < u.unsqueeze(0)).sum(0).clamp(max=n_lin - 1)
             return torch.where(cumulative[-1] > 0, drawn, 0).to(torch.int8)
 
@@ -970,9 +985,8 @@ class EpidemicModel:
         return weight, group_weight, log_ratio
 
     @staticmethod
-    def _draw_days(cdf: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-        """(n,) int64 whole-day durations >= 1 drawn by inverse CDF."""
-        u = torch.rand(n, generator=gen, device=cdf.device)
+    def _draw_days(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(n,) int64 whole-day durations >= 1 drawn by inverse CDF from the (n,) uniforms `u`."""
         return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1) + 1
 
     # -- reporting ------------------------------------------------------------------------------
@@ -1007,6 +1021,14 @@ class EpidemicModel:
         for i, name in enumerate(STATES):
             series[name] = prevalence[..., i]
         return series
+
+
+def _reduced(out: dict[str, torch.Tensor], reduce) -> dict[str, torch.Tensor]:
+    """The day's outputs summed over ranks in one collective (see ``EpidemicModel``'s `ids`)."""
+    names = list(out)
+    flat = reduce(torch.cat([out[k].reshape(-1) for k in names]))
+    parts = flat.split([out[k].numel() for k in names])
+    return {k: part.view(out[k].shape) for k, part in zip(names, parts, strict=True)}
 
 
 def _shift(x: torch.Tensor, days: int) -> torch.Tensor:

@@ -94,12 +94,16 @@ class Population:
             raise ValueError(f"residents has {len(self.residents)} values; the borough codebook "
                              f"{self.codebooks.get('borough', ())} needs one per area")
 
-    def persons_per_agent(self) -> torch.Tensor:
+    def persons_per_agent(self, agents: torch.Tensor | None = None) -> torch.Tensor:
         """(areas,) float64 real residents represented by one agent, per area of the ``borough``
-        codebook: residents / agents when ``residents`` is known, else ``1 / scale``, else 1."""
+        codebook: residents / agents when ``residents`` is known, else ``1 / scale``, else 1.
+        `agents` (areas,): the agents per area to use instead of this table's (the whole population's
+        when this table is one rank's shard of it)."""
         areas = len(self.codebooks.get("borough", ())) or 1
         if self.residents is not None:
-            agents = torch.bincount(self["borough"].long().cpu(), minlength=areas).double()
+            if agents is None:
+                agents = torch.bincount(self["borough"].long().cpu(), minlength=areas)
+            agents = agents.double().cpu()
             return torch.tensor(self.residents, dtype=torch.float64) / agents.clamp(min=1.0)
         return torch.full((areas,), 1.0 if self.scale is None else 1.0 / self.scale, dtype=torch.float64)
 

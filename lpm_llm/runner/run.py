@@ -7,6 +7,8 @@ way (with the error), so that nothing already paid for (LLM answers are cached a
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import logging
 from collections.abc import Mapping
@@ -101,8 +103,9 @@ def build_models(cfg: ExperimentConfig) -> list[Any]:
 
 
 def _simulate(cfg: ExperimentConfig, population: Population, archetypes: Archetypes, decisions: dict[str, Any],
-              seed: int, tick) -> Any:
-    """One run of the configured models; returns its Results."""
+              seed: int, tick, shard: Any = None) -> Any:
+    """One run of the configured models (on this rank's `shard` of an area-sharded population, if
+    given); returns its Results."""
     from lpm_llm.core.behavior import AlignmentMap
     from lpm_llm.core.sim import Simulation
 
@@ -122,6 +125,7 @@ def _simulate(cfg: ExperimentConfig, population: Population, archetypes: Archety
                        if dc.enabled and dc.alignment is not None and name in decisions},
             on_day=lambda *_: tick(1),
             persistence={name: dc.persistence for name, dc in cfg.decisions.items() if name in decisions},
+            shard=shard,
         )
         return sim.run()
 
@@ -164,9 +168,12 @@ def _prepare(exp: Experiment, timer: _outputs.PhaseTimer, manifest: dict[str, An
 def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> ExperimentResult:
     """Every scenario and seed of ``exp`` into ``out_dir``.
 
-    Started by ``torchrun`` on several ranks (``distributed.shard: seed``), each rank runs its share
-    of the (scenario, seed) simulations, and rank 0 gathers the results and writes the run folder,
-    identical to a single process's but for timings and which answers were cache hits.
+    Started by ``torchrun`` on several ranks: with ``distributed.shard: seed`` each rank runs its
+    share of the (scenario, seed) simulations, and rank 0 gathers the results; with ``shard: area``
+    every simulation runs on all ranks, each holding the agents of some boroughs
+    (:mod:`lpm_llm.distributed.shard`), rank 0 asking the LLM and broadcasting the answers. Either
+    way rank 0 writes the run folder, identical to a single process's but for timings and which
+    answers were cache hits.
     """
     from lpm_llm.distributed import process_group
     from lpm_llm.llm.client import open_client
@@ -178,25 +185,40 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
             _run_folder(exp, out_dir, overwrite, scenarios=list(configs), write=group.is_main) as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
-        with timer.phase("llm_start"):
-            client = run.client = open_client(cfg.llm, http_client=exp.http_client)
+        area = group.world > 1 and cfg.distributed.shard == "area"
+        shard, local, local_archetypes = None, population, archetypes
+        if area:
+            local, local_archetypes, shard = _area_shard(population, archetypes, group)
+            if not group.is_main:  # only rank 0 keeps the whole population (the behaviour report)
+                population = archetypes = None
+        client = None
+        if not area or group.is_main:  # area shards: rank 0 asks, the answers are broadcast
+            with timer.phase("llm_start"):
+                client = run.client = open_client(cfg.llm, http_client=exp.http_client)
         runs = [(name, c, seed) for name, c in configs.items() for seed in c.seeds]
         if group.world > 1:
             run.manifest["distributed"] = {"ranks": group.world, "shard": cfg.distributed.shard,
                                            "backend": cfg.distributed.backend}
+            if area:
+                run.manifest["distributed"]["areas"] = group.gather(list(shard.areas))
         outputs = []
-        for i, (name, c, seed) in group.deal(list(enumerate(runs))):
+        for i, (name, c, seed) in (list(enumerate(runs)) if area else group.deal(list(enumerate(runs)))):
             if group.world > 1 and torch.device(c.device).type == "cuda":
                 c = c.model_copy(update={"device": f"cuda:{group.local_rank}"})  # a GPU per rank
             desc = f"{name} seed {seed} ({i + 1}/{len(runs)})"
             pbar = bar(total=c.days, desc=desc) if bar and group.is_main else None
-            decisions = build_decisions(c, client, archetypes)
+            decisions = build_decisions(c, client, local_archetypes) if client is not None else {}
             run.sources.append(decisions)
             if pbar:
-                decisions = {k: _Announced(v, pbar, desc, archetypes.k) for k, v in decisions.items()}
+                decisions = {k: _Announced(v, pbar, desc, local_archetypes.k) for k, v in decisions.items()}
+            if area:
+                from lpm_llm.distributed.decisions import BroadcastDecisions
+
+                decisions = {k: BroadcastDecisions(decisions.get(k), group)
+                             for k, dc in c.decisions.items() if dc.enabled}
             with timer.phase("simulation"):
-                results = _simulate(c, population, archetypes, decisions, seed,
-                                    pbar.update if pbar else (lambda n: None))
+                results = _simulate(c, local, local_archetypes, decisions, seed,
+                                    pbar.update if pbar else (lambda n: None), shard=shard)
             if pbar:
                 pbar.close()
             daily = len(results.daily.columns) > 4  # models with daily series by area and age band
@@ -211,7 +233,9 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
                             results.tables["labor"].assign(scenario=name, seed=seed)
                             if "labor" in results.tables else None,
                             _decisions_frame(decisions, name, seed), shares))
-        if group.world > 1:
+        if area and not group.is_main:  # every rank has the city's results; rank 0 writes them
+            return ExperimentResult(out_dir=out_dir, metrics=pd.DataFrame(), decisions=pd.DataFrame(), manifest={})
+        if group.world > 1 and not area:
             gathered = group.gather((outputs, _rank_usage(run)))
             if not group.is_main:
                 return ExperimentResult(out_dir=out_dir, metrics=pd.DataFrame(), decisions=pd.DataFrame(),
@@ -243,6 +267,17 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
             plots = _plots(cfg, areas_df, labor_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
     return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=run.manifest,
                             labor=labor_df, plots=plots)
+
+
+def _area_shard(population: Population, archetypes: Archetypes, group: Any) -> tuple[Population, Archetypes, Any]:
+    """This rank's agents (its boroughs'), their archetypes and its AreaShard."""
+    from lpm_llm.distributed.shard import shard_population
+
+    local, shard = shard_population(population, group.rank, group.world)
+    local_archetypes = dataclasses.replace(archetypes, index=archetypes.index.index_select(
+        0, shard.ids.to(device=archetypes.index.device, dtype=torch.int64)))
+    log.info("rank %d: areas %s, %d of %d agents", group.rank, list(shard.areas), local.n, population.n)
+    return local, local_archetypes, shard
 
 
 def _rank_usage(run: _Run) -> dict[str, Any]:

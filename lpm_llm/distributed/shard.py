@@ -1,0 +1,128 @@
+"""One simulation over several ranks: the agents partitioned by area (borough).
+
+Households, classrooms and workplaces never cross a borough, so every group layer is local to a
+rank. What crosses ranks each day is small and aggregated, each time one ``all_reduce`` of a
+(areas x age bands)-sized tensor in which every rank fills the cells of its own areas and leaves
+the others at 0: the community layer's infectious pressure, and the day's result series. Since every
+cell comes from exactly one rank, the sum is exact (x + 0), and a run's numbers are bit-identical
+on any number of ranks (the random draws are counter-based per global agent id:
+:mod:`lpm_llm.core.rng`).
+
+Gradients cross ranks through ``torch.distributed.nn.functional.all_reduce``, whose backward pass
+sums the incoming gradients over ranks. Every rank computes the same series after the reductions;
+the calibration loss is taken on rank 0 only (the others back-propagate it times 0, which keeps the
+collectives of the backward pass in step), and the parameters' gradients are then summed over ranks
+(:meth:`AreaShard.sum_gradients`), so that every rank takes the same optimiser step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lpm_llm.population import Population
+
+__all__ = ["AreaShard", "area_partition", "shard_population"]
+
+_GROUPS = ("household", "school", "workplace")
+
+
+def area_partition(area_sizes: Sequence[float], world: int) -> list[list[int]]:
+    """Areas dealt to `world` ranks so that their agents are balanced: largest first, each to the
+    rank with the fewest agents so far (ties: the lowest rank). Every rank gets at least one area."""
+    if world > len(area_sizes):
+        raise ValueError(f"area sharding over {world} ranks needs at least {world} areas, "
+                         f"the population has {len(area_sizes)}")
+    load = [0.0] * world
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for area in sorted(range(len(area_sizes)), key=lambda a: (-area_sizes[a], a)):
+        r = min(range(world), key=lambda i: (len(owned[i]) > 0, load[i], i))
+        owned[r].append(area)
+        load[r] += area_sizes[area]
+    return [sorted(o) for o in owned]
+
+
+@dataclass
+class AreaShard:
+    """This rank's part of an area-sharded population.
+
+    Attributes:
+        rank, world: this rank and the number of ranks.
+        areas: the area (borough) codes this rank holds.
+        ids: (n,) int32 global id of each local agent (its row in the whole population), in
+            increasing order.
+        n_global: agents in the whole population.
+    """
+
+    rank: int
+    world: int
+    areas: tuple[int, ...]
+    ids: torch.Tensor
+    n_global: int
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over ranks (a new tensor); differentiable when gradients are on (the backward
+        pass sums the gradients over ranks)."""
+        if self.world == 1:
+            return x
+        if torch.is_grad_enabled() and x.requires_grad:
+            from torch.distributed.nn.functional import all_reduce
+
+            return all_reduce(x, op=dist.ReduceOp.SUM)
+        out = x.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def sum_gradients(self, parameters: Sequence[torch.Tensor]) -> None:
+        """Sum the ``.grad`` of `parameters` over ranks, in place (one collective for all)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        i = 0
+        for p, g in zip(parameters, grads, strict=True):
+            p.grad = flat[i:i + g.numel()].view_as(g).clone()
+            i += g.numel()
+
+    def loss_weight(self) -> float:
+        """1 on rank 0, 0 elsewhere: the factor of this rank's copy of a loss computed from reduced series."""
+        return 1.0 if self.rank == 0 else 0.0
+
+
+def shard_population(population: Population, rank: int, world: int, *, area_column: str = "borough"
+                     ) -> tuple[Population, AreaShard]:
+    """This rank's agents (those of its areas, in their global order) and its :class:`AreaShard`.
+
+    The group columns (``household``, ``school``, ``workplace``) are renumbered 0.. in the order of
+    their global ids (-1 stays "none"), so that the local layers are as small as the shard."""
+    if area_column not in population:
+        raise KeyError(f"area sharding needs population column {area_column!r}")
+    area = population[area_column].long()
+    n_areas = len(population.labels(area_column)) if area_column in population.codebooks else int(area.max()) + 1
+    sizes = torch.bincount(area.cpu(), minlength=n_areas).tolist()
+    owned = area_partition(sizes, world)[rank]
+    mask = torch.isin(area, torch.tensor(owned, device=area.device))
+    ids = mask.nonzero().squeeze(1)
+    columns = {}
+    for name, col in population.columns.items():
+        local = col.index_select(0, ids)
+        if name in _GROUPS:
+            local = _renumber(local)
+        columns[name] = local
+    local = Population(columns, population.codebooks, **population._meta())
+    return local, AreaShard(rank, world, tuple(owned), ids.to(torch.int32), population.n)
+
+
+def _renumber(groups: torch.Tensor) -> torch.Tensor:
+    """Group ids renumbered 0..G-1 keeping their order; -1 (none) stays -1."""
+    member = groups >= 0
+    if not bool(member.any()):
+        return groups.clone()
+    _, inverse = torch.unique(groups[member], return_inverse=True)
+    out = torch.full_like(groups, -1)
+    out[member] = inverse.to(groups.dtype)
+    return out

@@ -246,7 +246,9 @@ class SimulationObjective:
         out = {t: simulated_weekly(series[SERIES_OF[t]], self.weeks) for t in self.observed}
         if self.serology is not None:
             infections = series["new_infections"][: self._serology_day + 1].sum()
-            out["serology"] = infections / float(self.simulation.population.n)
+            shard = getattr(self.simulation, "shard", None)  # an area shard: the whole population
+            agents = self.simulation.population.n if shard is None else shard.n_global
+            out["serology"] = infections / float(agents)
         return out
 
     def __call__(self, values: Mapping[str, torch.Tensor], seeds: int | Sequence[int]) -> torch.Tensor:

@@ -17,8 +17,9 @@ collectives of the backward pass in step), and the parameters' gradients are the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,19 @@ class AreaShard:
     def loss_weight(self) -> float:
         """1 on rank 0, 0 elsewhere: the factor of this rank's copy of a loss computed from reduced series."""
         return 1.0 if self.rank == 0 else 0.0
+
+    def objective(self, objective: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """`objective` (a loss of the reduced series, the same on every rank) as this rank's share of
+        it: times :meth:`loss_weight`. Pair with ``Calibrator(aggregate=shard.aggregate)``."""
+        def share(*args: Any, **kwargs: Any) -> torch.Tensor:
+            return objective(*args, **kwargs) * self.loss_weight()
+        return share
+
+    def aggregate(self, loss: torch.Tensor, parameters: Sequence[torch.Tensor]) -> float:
+        """After each rank's backward pass of its share of the loss: the parameters' gradients summed
+        over ranks (the same on every rank), and the loss (rank 0's) returned to every rank."""
+        self.sum_gradients(parameters)
+        return float(self.sum(loss.detach().reshape(1).to(torch.float64)))
 
 
 def shard_population(population: Population, rank: int, world: int, *, area_column: str = "borough"

@@ -302,3 +302,39 @@ def test_two_area_shards_give_the_gradient_and_the_fit_of_one_process(tmp_path):
         torch.testing.assert_close(two["fit"], one["fit"], rtol=1e-6, atol=1e-7)
         assert two["fit_losses"] == pytest.approx(one["fit_losses"], rel=1e-6)
         assert one["fit_losses"][-1] != one["fit_losses"][0]  # the fit moved
+
+
+def test_area_sharding_of_a_model_that_does_not_support_it_fails_before_any_rank_starts(tmp_path, capsys):
+    path = tmp_path / "labour.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "model": "epidemic+labor", "distributed": {"shard": "area"},
+                                    "decisions": {"isolate": {"prompt": "isolation.yaml"},
+                                                  "work": {"prompt": "work.yaml"}}}))
+    assert main(["run", str(path), "--nproc", "2", "--quiet"]) == 2
+    assert "labor" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lpm_llm_calibrate_on_two_area_shards_fits_what_one_process_fits(tmp_path, monkeypatch):
+    endpoint = _Endpoint()
+    path = _experiment(tmp_path, endpoint)
+    config = yaml.safe_load(path.read_text())
+    config["population"]["scale"] = 0.0005
+    config["distributed"] = {"timeout_s": 60, "shard": "area"}
+    config["calibration"] = {"start": "2020-03-01", "end": "2020-03-28", "forecast_weeks": 1, "steps": 2,
+                             "baseline_budget": 2, "lr": 0.1}
+    config["epidemic"] = {"initial_infections_per_100k": [400.0] * 5}
+    del config["scenarios"]
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
+    assert main(["calibrate", str(path), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    done = subprocess.run([sys.executable, "-m", "lpm_llm", "calibrate", str(path), "--out", str(tmp_path / "two"),
+                           "--quiet", "--nproc", "2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "calibration.json").read_text()) for d in ("one", "two"))
+    assert one["losses"]["adam"] != one["losses"]["initial"]  # the fit moved
+    for name, value in one["params"].items():
+        assert two["params"][name] == pytest.approx(value, rel=1e-6), name
+    for name, value in one["losses"].items():
+        assert two["losses"][name] == pytest.approx(value, rel=1e-6), name
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["distributed"]["shard"] == "area" and manifest["status"] == "ok"

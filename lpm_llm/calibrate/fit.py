@@ -597,6 +597,7 @@ def calibrate_first_wave(
     alignment: tuple[float, float] | None = None,
     on_step: Callable[[str, int, float, float], None] | None = None,
     serology: Any = None,
+    shard: Any = None,
 ) -> CalibrationReport:
     """Calibrate the epidemic to New York's first wave and forecast the weeks after it.
 
@@ -636,6 +637,12 @@ def calibrate_first_wave(
             and as ``on_step("scoring", index, loss, seconds)`` after each scoring on the evaluation
             seeds (``3 + 2 * curve_points`` of them, one more when Nelder-Mead ran more simulations
             than Adam).
+        shard: this rank's :class:`~lpm_llm.distributed.shard.AreaShard` when `population` is its part
+            of an area-sharded city (every rank calls this function): Adam's gradients are summed
+            over ranks (:meth:`AreaShard.aggregate`); every rank computes the same losses, takes the
+            same steps and returns the same report. Nelder-Mead then gets Adam's number of
+            simulations unless `baseline_budget` is given (a time limit would end it at a different
+            step on each rank), and the times that place the scoring curve are rank 0's.
     """
     from lpm_llm.core.sim import Simulation
 
@@ -663,7 +670,7 @@ def calibrate_first_wave(
         kwargs = {"checkpoint_days": checkpoint_days} if checkpoint_days else {}
         return Simulation(population, [Epidemic(params)], archetypes=archetypes, decisions=frozen or None,
                           interventions=interventions, start_date=start, days=days, seed=seed,
-                          device=device, **kwargs)
+                          device=device, shard=shard, **kwargs)
 
     objective = SimulationObjective(simulation(7 * weeks), obs_fit, weeks=weeks, scale=scale, serology=serology)
     space = first_wave_space(params, months_between(start, start + dt.timedelta(days=7 * weeks - 1)) + 1,
@@ -685,13 +692,22 @@ def calibrate_first_wave(
     fits = {}
     log.info("calibrating with adam")
     fits["adam"] = Calibrator(space, method="adam", steps=steps, lr=lr, lr_final=lr_final,
-                              seeds_per_step=seeds_per_step, seed=seed, on_step=on_step).fit(objective)
+                              seeds_per_step=seeds_per_step, seed=seed, on_step=on_step,
+                              aggregate=None if shard is None else shard.aggregate,
+                              ).fit(objective if shard is None else shard.objective(objective))
     adam_time, adam_sims = fits["adam"].wall_times_[-1], fits["adam"].simulations_[-1]
     # the baseline: as long as Adam ran (it then gets more simulations), or a given number of simulations
     budget = {"budget": 10**9, "time_limit": adam_time} if baseline_budget is None else {"budget": baseline_budget}
+    if shard is not None and baseline_budget is None:  # ranks must stop at the same simulation
+        baseline_budget = adam_sims
+        budget = {"budget": adam_sims}
     log.info("calibrating with nelder-mead")
     fits["nelder-mead"] = Calibrator(space, method="nelder-mead", steps=steps, seeds_per_step=seeds_per_step,
                                      seed=seed, on_step=on_step, **budget).fit(objective)
+    if shard is not None:  # the scoring curve is placed by rank 0's clock on every rank
+        for fit in fits.values():
+            fit.wall_times_ = shard.broadcast(fit.wall_times_)
+        adam_time = fits["adam"].wall_times_[-1]
     losses = {"initial": initial}
     for method, fit in fits.items():
         losses[method] = evaluate(fit.space_.values())
@@ -728,7 +744,7 @@ def calibrate_first_wave(
         "start": start.isoformat(), "end": end.isoformat(),
         "cutoff": (start + dt.timedelta(days=7 * weeks)).isoformat(),
         "fit_weeks": weeks, "forecast_weeks": forecast_weeks, "targets": list(targets), "scale": scale,
-        "agents": population.n, "steps": steps, "lr": lr, "seeds_per_step": seeds_per_step,
+        "agents": population.n if shard is None else shard.n_global, "steps": steps, "lr": lr, "seeds_per_step": seeds_per_step,
         "baseline_budget": (f"{baseline_budget} simulations" if baseline_budget is not None
                             else f"{adam_time:.1f} s (Adam's fitting time)"),
         "lr_final": lr_final, "parameters": list(space.names),

@@ -77,6 +77,14 @@ class AreaShard:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` (pickled) on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sum_gradients(self, parameters: Sequence[torch.Tensor]) -> None:
         """Sum the ``.grad`` of `parameters` over ranks, in place (one collective for all)."""
         if self.world == 1:

@@ -210,6 +210,10 @@ class ExperimentConfig(_Strict):
                              + ", ".join(f"{d} ({m})" for d, (m, _) in uses.items()))
         if "baseline" in self.scenarios:
             raise ValueError("scenario name 'baseline' is reserved for the unmodified config")
+        sharded = [name for name in self.model_names if not getattr(make_model(name, self), "area_sharded", False)]
+        if self.distributed.shard == "area" and sharded:
+            raise ValueError(f"distributed.shard: area runs the epidemic model only; model(s) {sharded} "
+                             "need distributed.shard: seed")
         return self
 
 

@@ -483,14 +483,32 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
     if cfg.model_names != ["epidemic"]:
         raise ValueError(f"lpm-llm calibrate has targets for 'epidemic' (cases, deaths) or 'labor' "
                          f"(unemployment), not yet for {cfg.model!r}")
-    with _run_folder(exp, out_dir, overwrite, command_kind="calibrate") as run:
+    from lpm_llm.distributed import launched_by_torchrun, process_group
+
+    if launched_by_torchrun() and cfg.distributed.shard != "area":
+        raise ConfigError("lpm-llm calibrate on several ranks shards the city by area: set distributed.shard: area "
+                          "(or privacy.mode for data holders)")
+    with process_group(cfg.distributed, cfg.device) as group, \
+            _run_folder(exp, out_dir, overwrite, command_kind="calibrate", write=group.is_main) as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
-        with timer.phase("llm_start"):
-            client = run.client = open_client(cfg.llm, http_client=exp.http_client)
-        decisions = {k: v for k, v in build_decisions(cfg, client, archetypes).items() if k == "isolate"}
+        shard = None
+        if group.world > 1:  # each rank holds some boroughs; rank 0 asks the LLM and broadcasts
+            population, archetypes, shard = _area_shard(population, archetypes, group)
+            run.manifest["distributed"] = {"ranks": group.world, "shard": "area",
+                                           "backend": cfg.distributed.backend, "areas": group.gather(list(shard.areas))}
+        decisions = {}
+        if group.is_main:
+            with timer.phase("llm_start"):
+                client = run.client = open_client(cfg.llm, http_client=exp.http_client)
+            decisions = {k: v for k, v in build_decisions(cfg, client, archetypes).items() if k == "isolate"}
         run.sources.append(decisions)
-        pbar = exp.progress(total=cal.steps, desc="calibration: adam") if exp.progress else None
+        if shard is not None:
+            from lpm_llm.distributed.decisions import BroadcastDecisions
+
+            enabled = "isolate" in cfg.decisions and cfg.decisions["isolate"].enabled
+            decisions = {"isolate": BroadcastDecisions(decisions.get("isolate"), group)} if enabled else {}
+        pbar = exp.progress(total=cal.steps, desc="calibration: adam") if exp.progress and group.is_main else None
         current = ["adam"]
 
         def on_step(method: str, index: int, loss: float, seconds: float) -> None:
@@ -518,13 +536,16 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
                 baseline_budget=cal.baseline_budget, checkpoint_days=cal.checkpoint_days, scale=scale,
                 device=cfg.device, seed=cfg.seeds[0], parameters=cal.parameters, on_step=on_step,
                 alignment=cfg.decisions["isolate"].alignment if "isolate" in cfg.decisions else None,
-                serology=NYC_SEROLOGY_APRIL_2020 if cal.serology else None,
+                serology=NYC_SEROLOGY_APRIL_2020 if cal.serology else None, shard=shard,
             )
         if pbar:
             pbar.close()
+        if not group.is_main:  # every rank holds the same report; rank 0 writes it
+            return ExperimentResult(out_dir=out_dir, metrics=pd.DataFrame(), decisions=pd.DataFrame(), manifest={})
         with timer.phase("outputs"):
             plots = report.save(out_dir, plots=cfg.outputs.plots)
-            decisions_df = _decisions_frame(decisions, "calibration", cfg.seeds[0])
+            decisions_df = _decisions_frame(run.sources[0] if shard is not None else decisions, "calibration",
+                                            cfg.seeds[0])
             decisions_df.to_csv(out_dir / "decisions.csv", index=False)
         run.manifest["calibration"] = report.to_dict()
     return ExperimentResult(out_dir=out_dir, metrics=report.daily, decisions=decisions_df, manifest=run.manifest,

@@ -160,10 +160,14 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-def _start_slow_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
-    """A 2-rank run whose LLM answers slowly; returns the launcher and its two ranks once both asked."""
+def _start_slow_run(tmp_path: Path, shard: str = "seed") -> tuple[subprocess.Popen, list[int]]:
+    """A 2-rank run whose LLM answers slowly; returns the launcher and its two ranks once they asked."""
     endpoint = _Endpoint(delay=0.2)
     path = _experiment(tmp_path, endpoint, days=60)
+    if shard != "seed":
+        config = yaml.safe_load(path.read_text())
+        config["distributed"]["shard"] = shard
+        path.write_text(yaml.safe_dump(config))
     launcher = subprocess.Popen([sys.executable, "-m", "lpm_llm", "run", str(path), "--out", str(tmp_path / "run"),
                                  "--quiet", "--nproc", "2"], env=_env(), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -177,8 +181,9 @@ def _start_slow_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_rank_killed_mid_run_stops_the_run_with_an_error(tmp_path):
-    launcher, ranks = _start_slow_run(tmp_path)
+@pytest.mark.parametrize("shard", ["seed", "area"])
+def test_a_rank_killed_mid_run_stops_the_run_with_an_error(tmp_path, shard):
+    launcher, ranks = _start_slow_run(tmp_path, shard)
     try:
         os.kill(ranks[1], signal.SIGKILL)
         launcher.wait(timeout=60)  # well within the configured collective timeout

@@ -56,6 +56,8 @@ class AreaShard:
         ids: (n,) int32 global id of each local agent (its row in the whole population), in
             increasing order.
         n_global: agents in the whole population.
+        reductions, reduced_bytes: the sums over ranks this rank took part in, and the bytes of
+            its tensors in them (what it sends; a ring all-reduce moves about twice that per rank).
     """
 
     rank: int
@@ -63,12 +65,16 @@ class AreaShard:
     areas: tuple[int, ...]
     ids: torch.Tensor
     n_global: int
+    reductions: int = 0
+    reduced_bytes: int = 0
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """`x` summed over ranks (a new tensor); differentiable when gradients are on (the backward
         pass sums the gradients over ranks)."""
         if self.world == 1:
             return x
+        self.reductions += 1
+        self.reduced_bytes += x.numel() * x.element_size()
         if torch.is_grad_enabled() and x.requires_grad:
             from torch.distributed.nn.functional import all_reduce
 

@@ -82,7 +82,7 @@ def worker(rank: int, world: int, scenario: str, days: int, threads: int, copies
         if copies > 1:  # global id of agent i of copy k: k * n_city + i
             ids = torch.cat([shard.ids.long() + k * n_city for k in range(copies)]).to(torch.int32)
             local = _replicate(local, copies)
-            shard = AreaShard(rank, world, shard.areas, ids, n_city * copies)
+            shard = AreaShard(rank, world, areas=shard.areas, ids=ids, n_global=n_city * copies)
         pop = local
 
     class _Archetypes:  # borough x age band x sex: 100 archetypes
@@ -163,7 +163,8 @@ def main() -> None:
         total = rows[0]["agents_total"]
         worst = max(r["s_per_day"] for r in rows)
         summary = (f"{total:,} agents on {args.ranks} ranks: {worst:.2f} s per simulated day "
-                   f"({total / worst / 1e6:.1f} M agent-days/s), traffic {rows[0]['traffic_bytes_per_day']:,} B/day/rank")
+                   f"({total / worst / 1e6:.1f} M agent-days/s), "
+                   f"traffic {rows[0]['traffic_bytes_per_day']:,} B/day/rank")
     print(_table(rows))
     print(summary)
 

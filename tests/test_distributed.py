@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
-import torch
 import pytest
+import torch
 import yaml
 
 from lpm_llm.distributed import Group
@@ -319,14 +319,17 @@ def test_area_sharding_of_a_model_that_does_not_support_it_fails_before_any_rank
 
 
 @pytest.mark.slow
-def test_lpm_llm_calibrate_on_two_area_shards_fits_what_one_process_fits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shard", ["area", "seed"])
+def test_lpm_llm_calibrate_on_two_ranks_fits_what_one_process_fits(tmp_path, monkeypatch, shard):
+    """Area shards (each rank some boroughs), or seeds split over ranks (2 per step, 4 per scoring):
+    the fitted parameters and every reported loss equal one process's to 1e-6."""
     endpoint = _Endpoint()
     path = _experiment(tmp_path, endpoint)
     config = yaml.safe_load(path.read_text())
     config["population"]["scale"] = 0.0005
-    config["distributed"] = {"timeout_s": 60, "shard": "area"}
+    config["distributed"] = {"timeout_s": 60, "shard": shard}
     config["calibration"] = {"start": "2020-03-01", "end": "2020-03-28", "forecast_weeks": 1, "steps": 2,
-                             "baseline_budget": 2, "lr": 0.1}
+                             "baseline_budget": 2, "lr": 0.1, "seeds_per_step": 2 if shard == "seed" else 1}
     config["epidemic"] = {"initial_infections_per_100k": [400.0] * 5}
     del config["scenarios"]
     path.write_text(yaml.safe_dump(config))
@@ -342,4 +345,4 @@ def test_lpm_llm_calibrate_on_two_area_shards_fits_what_one_process_fits(tmp_pat
     for name, value in one["losses"].items():
         assert two["losses"][name] == pytest.approx(value, rel=1e-6), name
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
-    assert manifest["distributed"]["shard"] == "area" and manifest["status"] == "ok"
+    assert manifest["distributed"]["shard"] == shard and manifest["status"] == "ok"

@@ -10,8 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from lpm_llm.core.behavior import ConstantDecision
-from lpm_llm.core.rng import Draws
 from lpm_llm.core.interventions import InterventionSchedule, SchoolClosure
+from lpm_llm.core.rng import Draws
 from lpm_llm.models.epidemic import STATES, EpidemicParams, duration_pmf
 from lpm_llm.population import AGE_BANDS, BOROUGHS, Population
 from tests.conftest import epidemic_sim

@@ -207,11 +207,16 @@ class SimulationObjective:
         serology: a serological survey (:class:`~lpm_llm.calibrate.targets.SerologyTarget`) whose
             :func:`~lpm_llm.calibrate.targets.serology_loss` (on the seeds' mean share infected)
             enters the mean over targets as one more target; None: none.
+        ranks: a :class:`~lpm_llm.distributed.shard.Ranks` over which the seeds of a call are split
+            (each rank runs a contiguous block of them; their weekly series are gathered in seed
+            order, so every rank computes the loss of one process), when their number is a multiple
+            of the ranks'; otherwise every rank runs every seed. Use with ``ranks.objective`` and
+            ``Calibrator(aggregate=ranks.aggregate)``.
     """
 
     def __init__(
         self, simulation: Any, observed: Mapping[str, torch.Tensor], *, weeks: int, scale: float, debias: bool = True,
-        serology: Any = None,
+        serology: Any = None, ranks: Any = None,
     ):
         unknown = sorted(set(observed) - set(SERIES_OF))
         if unknown:
@@ -224,6 +229,7 @@ class SimulationObjective:
         self.scale = float(scale)
         self.debias = bool(debias)
         self.serology = serology
+        self.ranks = ranks
         if serology is not None:
             day = (serology.date - simulation.start_date).days - serology.delay
             if not 0 <= day < simulation.days:
@@ -253,18 +259,30 @@ class SimulationObjective:
 
     def __call__(self, values: Mapping[str, torch.Tensor], seeds: int | Sequence[int]) -> torch.Tensor:
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-        runs = [self.weekly(values, s) for s in seeds]
-        stacked = {t: torch.stack([r[t] for r in runs]) for t in self.observed}
-        mean = {t: x.mean(0) for t, x in stacked.items()}
+        stacked = self._stacked(values, seeds)
+        mean = {t: stacked[t].mean(0) for t in self.observed}
         # with 2+ runs, the loss is corrected for the noise of their mean (see log_mse)
         debias = self.debias and len(seeds) > 1
-        variance = {t: x.var(0) / len(seeds) for t, x in stacked.items()} if debias else None
+        variance = {t: stacked[t].var(0) / len(seeds) for t in self.observed} if debias else None
         loss = log_mse(mean, self.observed, self.scale, variance=variance)
         if self.serology is None:
             return loss
-        share = torch.stack([r["serology"] for r in runs]).mean()
+        share = stacked["serology"].mean()
         n = len(self.observed)  # one more target in the mean over targets
         return (loss * n + serology_loss(share, self.serology)) / (n + 1)
+
+    def _stacked(self, values: Mapping[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:
+        """name -> (seeds, ...) the runs' weekly series (and serology share), split over ``ranks``."""
+        ranks = self.ranks
+        split = ranks is not None and ranks.world > 1 and len(seeds) % ranks.world == 0
+        if split:
+            k = len(seeds) // ranks.world
+            seeds = seeds[ranks.rank * k:(ranks.rank + 1) * k]
+        runs = [self.weekly(values, s) for s in seeds]
+        stacked = {t: torch.stack([r[t] for r in runs]) for t in runs[0]}
+        if split:  # every rank's block, in seed order
+            stacked = {t: ranks.gather(x) for t, x in stacked.items()}
+        return stacked
 
 
 # -- the optimiser ------------------------------------------------------------------------------------
@@ -637,10 +655,12 @@ def calibrate_first_wave(
             and as ``on_step("scoring", index, loss, seconds)`` after each scoring on the evaluation
             seeds (``3 + 2 * curve_points`` of them, one more when Nelder-Mead ran more simulations
             than Adam).
-        shard: this rank's :class:`~lpm_llm.distributed.shard.AreaShard` when `population` is its part
-            of an area-sharded city (every rank calls this function): Adam's gradients are summed
-            over ranks (:meth:`AreaShard.aggregate`); every rank computes the same losses, takes the
-            same steps and returns the same report. Nelder-Mead then gets Adam's number of
+        shard: on several ranks (every rank calls this function), this rank's
+            :class:`~lpm_llm.distributed.shard.AreaShard` when `population` is its part of an
+            area-sharded city, or a :class:`~lpm_llm.distributed.shard.Ranks` to split each call's
+            seeds over ranks (whole simulations per rank, :class:`SimulationObjective`'s ``ranks``).
+            Adam's gradients are summed over ranks (:meth:`Ranks.aggregate`); every rank computes
+            the same losses, takes the same steps and returns the same report. Nelder-Mead then gets Adam's number of
             simulations unless `baseline_budget` is given (a time limit would end it at a different
             step on each rank), and the times that place the scoring curve are rank 0's.
     """
@@ -666,13 +686,18 @@ def calibrate_first_wave(
         parameters = [n for n in FIRST_WAVE_PARAMETERS if n not in held]
         log.info("isolation behaviour is fitted: %s held at 1", ", ".join(held))
 
+    from lpm_llm.distributed.shard import AreaShard
+
+    area = shard if isinstance(shard, AreaShard) else None  # else: seeds split over ranks
+
     def simulation(days: int) -> Any:
         kwargs = {"checkpoint_days": checkpoint_days} if checkpoint_days else {}
         return Simulation(population, [Epidemic(params)], archetypes=archetypes, decisions=frozen or None,
                           interventions=interventions, start_date=start, days=days, seed=seed,
-                          device=device, shard=shard, **kwargs)
+                          device=device, shard=area, **kwargs)
 
-    objective = SimulationObjective(simulation(7 * weeks), obs_fit, weeks=weeks, scale=scale, serology=serology)
+    objective = SimulationObjective(simulation(7 * weeks), obs_fit, weeks=weeks, scale=scale, serology=serology,
+                                    ranks=None if area is not None else shard)
     space = first_wave_space(params, months_between(start, start + dt.timedelta(days=7 * weeks - 1)) + 1,
                              alignment=("isolate" in frozen) and (tuple(alignment) if alignment else True),
                              include=parameters, device=device)
@@ -744,7 +769,8 @@ def calibrate_first_wave(
         "start": start.isoformat(), "end": end.isoformat(),
         "cutoff": (start + dt.timedelta(days=7 * weeks)).isoformat(),
         "fit_weeks": weeks, "forecast_weeks": forecast_weeks, "targets": list(targets), "scale": scale,
-        "agents": population.n if shard is None else shard.n_global, "steps": steps, "lr": lr, "seeds_per_step": seeds_per_step,
+        "agents": population.n if area is None else area.n_global, "steps": steps, "lr": lr,
+        "seeds_per_step": seeds_per_step,
         "baseline_budget": (f"{baseline_budget} simulations" if baseline_budget is not None
                             else f"{adam_time:.1f} s (Adam's fitting time)"),
         "lr_final": lr_final, "parameters": list(space.names),

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from lpm_llm.population import Population
 
-__all__ = ["AreaShard", "area_partition", "shard_population"]
+__all__ = ["AreaShard", "Ranks", "area_partition", "shard_population"]
 
 _GROUPS = ("household", "school", "workplace")
 
@@ -47,24 +47,18 @@ def area_partition(area_sizes: Sequence[float], world: int) -> list[list[int]]:
 
 
 @dataclass
-class AreaShard:
-    """This rank's part of an area-sharded population.
+class Ranks:
+    """Sums over the ranks of a group, with the calibration rule of the module docstring: the loss of
+    the summed (or gathered) series on rank 0 only, the parameters' gradients summed over ranks.
 
     Attributes:
         rank, world: this rank and the number of ranks.
-        areas: the area (borough) codes this rank holds.
-        ids: (n,) int32 global id of each local agent (its row in the whole population), in
-            increasing order.
-        n_global: agents in the whole population.
-        reductions, reduced_bytes: the sums over ranks this rank took part in, and the bytes of
-            its tensors in them (what it sends; a ring all-reduce moves about twice that per rank).
+        reductions, reduced_bytes: the collectives this rank took part in, and the bytes of its
+            tensors in them (what it sends; a ring all-reduce moves about twice that per rank).
     """
 
     rank: int
     world: int
-    areas: tuple[int, ...]
-    ids: torch.Tensor
-    n_global: int
     reductions: int = 0
     reduced_bytes: int = 0
 
@@ -82,6 +76,21 @@ class AreaShard:
         out = x.detach().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` (the same shape on each) concatenated along dim 0 in rank order, on every
+        rank; differentiable like :meth:`sum`."""
+        if self.world == 1:
+            return x
+        self.reductions += 1
+        self.reduced_bytes += x.numel() * x.element_size()
+        if torch.is_grad_enabled() and x.requires_grad:
+            from torch.distributed.nn.functional import all_gather
+
+            return torch.cat(all_gather(x))
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.detach().contiguous())
+        return torch.cat(parts)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` (pickled) on every rank."""
@@ -109,7 +118,7 @@ class AreaShard:
 
     def objective(self, objective: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """`objective` (a loss of the reduced series, the same on every rank) as this rank's share of
-        it: times :meth:`loss_weight`. Pair with ``Calibrator(aggregate=shard.aggregate)``."""
+        it: times :meth:`loss_weight`. Pair with ``Calibrator(aggregate=ranks.aggregate)``."""
         def share(*args: Any, **kwargs: Any) -> torch.Tensor:
             return objective(*args, **kwargs) * self.loss_weight()
         return share
@@ -119,6 +128,22 @@ class AreaShard:
         over ranks (the same on every rank), and the loss (rank 0's) returned to every rank."""
         self.sum_gradients(parameters)
         return float(self.sum(loss.detach().reshape(1).to(torch.float64)))
+
+
+@dataclass
+class AreaShard(Ranks):
+    """This rank's part of an area-sharded population (see :class:`Ranks` for the sums).
+
+    Attributes:
+        areas: the area (borough) codes this rank holds.
+        ids: (n,) int32 global id of each local agent (its row in the whole population), in
+            increasing order.
+        n_global: agents in the whole population.
+    """
+
+    areas: tuple[int, ...] = ()
+    ids: torch.Tensor = None  # type: ignore[assignment]
+    n_global: int = 0
 
 
 def shard_population(population: Population, rank: int, world: int, *, area_column: str = "borough"
@@ -142,7 +167,7 @@ def shard_population(population: Population, rank: int, world: int, *, area_colu
             local = _renumber(local)
         columns[name] = local
     local = Population(columns, population.codebooks, **population._meta())
-    return local, AreaShard(rank, world, tuple(owned), ids.to(torch.int32), population.n)
+    return local, AreaShard(rank, world, areas=tuple(owned), ids=ids.to(torch.int32), n_global=population.n)
 
 
 def _renumber(groups: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ way (with the error), so that nothing already paid for (LLM answers are cached a
 from __future__ import annotations
 
 import dataclasses
-
 import datetime as dt
 import logging
 from collections.abc import Mapping
@@ -473,30 +472,34 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
     """
     from lpm_llm.calibrate import calibrate_first_wave
     from lpm_llm.calibrate.targets import NYC_SEROLOGY_APRIL_2020
+    from lpm_llm.distributed import launched_by_torchrun, process_group
     from lpm_llm.llm.client import open_client
 
     cfg, cal = exp.config, exp.config.calibration
     if cfg.privacy.mode != "none":
         return _calibrate_private(exp, out_dir, overwrite)
     if cfg.model_names == ["labor"]:  # the targets follow the model: monthly unemployment
+        if launched_by_torchrun():
+            raise ConfigError("the labour calibration runs in one process: drop --nproc")
         return _calibrate_labor(exp, out_dir, overwrite)
     if cfg.model_names != ["epidemic"]:
         raise ValueError(f"lpm-llm calibrate has targets for 'epidemic' (cases, deaths) or 'labor' "
                          f"(unemployment), not yet for {cfg.model!r}")
-    from lpm_llm.distributed import launched_by_torchrun, process_group
-
-    if launched_by_torchrun() and cfg.distributed.shard != "area":
-        raise ConfigError("lpm-llm calibrate on several ranks shards the city by area: set distributed.shard: area "
-                          "(or privacy.mode for data holders)")
     with process_group(cfg.distributed, cfg.device) as group, \
             _run_folder(exp, out_dir, overwrite, command_kind="calibrate", write=group.is_main) as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
         shard = None
-        if group.world > 1:  # each rank holds some boroughs; rank 0 asks the LLM and broadcasts
-            population, archetypes, shard = _area_shard(population, archetypes, group)
-            run.manifest["distributed"] = {"ranks": group.world, "shard": "area",
-                                           "backend": cfg.distributed.backend, "areas": group.gather(list(shard.areas))}
+        if group.world > 1:  # rank 0 asks the LLM and broadcasts the answers
+            run.manifest["distributed"] = {"ranks": group.world, "shard": cfg.distributed.shard,
+                                           "backend": cfg.distributed.backend}
+            if cfg.distributed.shard == "area":  # each rank holds some boroughs
+                population, archetypes, shard = _area_shard(population, archetypes, group)
+                run.manifest["distributed"]["areas"] = group.gather(list(shard.areas))
+            else:  # each rank runs some of the seeds of every step and scoring
+                from lpm_llm.distributed.shard import Ranks
+
+                shard = Ranks(group.rank, group.world)
         decisions = {}
         if group.is_main:
             with timer.phase("llm_start"):

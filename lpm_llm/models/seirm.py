@@ -20,13 +20,19 @@ Durations are whole days drawn per agent when a state is entered (the agent leav
 d is a gamma draw (shape ``*_shape``) rounded to the nearest day (at least 1), the gamma's own mean
 solved for so that the rounded draws have the stated mean; with ``"exponential"`` d is geometric, a
 daily exit probability of ``1 / mean`` (memoryless; the ODE comparison uses it). Durations are sampled
-from the exact discretised distribution by inverse CDF (a table of at most a few hundred days), so
-every draw comes from the step's explicit generator. An agent who enters I on day s transmits on days
+from the exact discretised distribution by inverse CDF (a table of at most a few hundred days).
+
+Random numbers are counter-based (:mod:`lpm_llm.core.rng`): an agent's draw is a function of (seed,
+day, stream, its global id), one stream per kind of draw (``_THRESHOLD`` .. ``_LINEAGE``). A draw does
+not depend on which other agents draw that day, nor on where the agent is held, so a run is the same on
+1 or N ranks of an area-sharded population (``ids``) and a day can be recomputed alone.
+
+An agent who enters I on day s transmits on days
 s + 1 .. s + d, so the generation interval (``generation_interval_pmf``) is the latent period plus
 a uniform day of the infectious period, weighted by its length.
 
 Issue 15 added, each on its own code path (helpers ``_case_isolated``, ``_isolation_draw``, ``_wane``,
-``_attribute_lineage``; random numbers drawn after the older ones, so that those are unchanged):
+``_attribute_lineage``, each with its own stream of draws):
 - case isolation: at onset a symptomatic agent will be a reported case who isolates with probability
   ``report_rate[borough] * case_isolation_compliance`` (flag 8); from ``case_isolation_delay`` days
   after onset (default ``report_delay``: when the case is known) it emits nothing outside the home;

@@ -257,3 +257,56 @@ def test_secure_dp_reports_the_accountants_epsilon(tmp_path):
     private = _calibrate(_config(tmp_path, "secure+dp", steps=1), tmp_path / "dp")
     assert private["privacy"]["epsilon"] == pytest.approx(epsilon(2.0, 1, 1e-5))
     assert private["privacy"]["delta"] == 1e-5 and private["privacy"]["clip"] == 10.0
+
+
+@pytest.mark.slow
+def test_holders_that_keep_their_microdata_fit_what_one_process_fits(tmp_path):
+    """privacy.microdata: 3 holders each keep their boroughs' residents (area shards); the only quantity
+    of the simulation that crosses them is the city-wide community pressure per age band, through the
+    secure sum (and its gradient in the backward pass). 3 Adam steps agree with the centralized fit."""
+    from lpm_llm.runner.experiment import Experiment
+    from lpm_llm.runner.run import build_population
+
+    path = _config(tmp_path, "secure", steps=3)
+    config = yaml.safe_load(path.read_text())
+    config["privacy"]["microdata"] = True
+    config["distributed"]["shard"] = "area"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "micro"
+    done = subprocess.run([sys.executable, "-m", "lpm_llm", "calibrate", str(path), "--out", str(out), "--quiet",
+                           "--nproc", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    private = json.loads((out / "calibration.json").read_text())
+    cfg = Experiment.from_yaml(path).config
+    population = build_population(cfg)
+    sim = Simulation(population, [Epidemic(cfg.epidemic)], interventions=cfg.interventions.schedule(),
+                     start_date=START, days=7 * WEEKS, seed=5)
+    objective = SimulationObjective(sim, observed_weekly(START, WEEKS, cfg.calibration.targets), weeks=WEEKS,
+                                    scale=population.scale)
+    space = first_wave_space(cfg.epidemic, months_between(START, START + dt.timedelta(days=7 * WEEKS - 1)) + 1,
+                             alignment=False)
+    fit = Calibrator(space, method="adam", steps=3, lr=0.1, seed=5).fit(objective)
+    # the fixed-point city pressure and the holders' partial sums move a few float32 roundings
+    assert private["published_loss"][0] == pytest.approx(fit.loss_history_[0], rel=1e-5)
+    assert private["published_loss"] == pytest.approx(fit.loss_history_, rel=1e-3)
+    for name, value in fit.params_.items():
+        assert np.allclose(private["params"][name], value, rtol=1e-3, atol=0), name
+    held = sorted(b for r in private["holders"].values() for b in r["cases"])
+    assert held == sorted(BOROUGHS)
+    # what the coordinator received: per day the holders' masked pressure by age band (10 values, noise
+    # alone), and per step the masked loss and gradient; never a holder's series or per-area values
+    records = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
+    kinds = {(r["kind"], r.get("what", "")) for r in records}
+    assert kinds == {("public_keys", ""), ("masked", "community pressure by age band"),
+                     ("masked", "community pressure by age band (gradient)"), ("masked", "loss+gradient")}
+    codec = FixedPoint(32, parties=3)
+    pressure = [r for r in records if r.get("what") == "community pressure by age band"]
+    assert len(pressure) >= 3 * 7 * WEEKS
+    for record in pressure[:50]:
+        received = [np.array(m, dtype=np.uint64) for m in record["from_ranks"]]
+        assert all(m.size == 10 for m in received)
+        for m in received:
+            assert (np.abs(codec.decode(m)) > 1e3).all()
+        total = codec.decode(received[0] + received[1] + received[2])
+        assert np.allclose(total, record["sum"]) and (np.abs(total) < 1e3).all()

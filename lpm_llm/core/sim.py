@@ -198,6 +198,9 @@ class Simulation:
         if shard is not None:
             if shard.ids.shape != (population.n,):
                 raise ValueError(f"shard.ids must have shape ({population.n},), got {tuple(shard.ids.shape)}")
+            if getattr(shard, "city_sum", None) is not None and decisions:
+                raise ValueError("data holders who keep their areas' series to themselves cannot take decisions: "
+                                 "the decision contexts show every area's cases to the coordinator")
             unsupported = [m.name for m in self.models if not getattr(m, "area_sharded", False)]
             if unsupported:
                 raise ValueError(f"model(s) {unsupported} cannot run on an area-sharded population; "

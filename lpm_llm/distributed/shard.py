@@ -139,11 +139,16 @@ class AreaShard(Ranks):
         ids: (n,) int32 global id of each local agent (its row in the whole population), in
             increasing order.
         n_global: agents in the whole population.
+        city_sum: None (the day's series and the community pressure per area are summed over
+            ranks), or, for data holders who keep their areas to themselves (:mod:`lpm_llm.privacy`),
+            the sum over ranks of the city-wide community pressure per age band alone (a secure
+            sum): each rank's series then stay its own areas' (other areas' cells 0).
     """
 
     areas: tuple[int, ...] = ()
     ids: torch.Tensor = None  # type: ignore[assignment]
     n_global: int = 0
+    city_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def shard_population(population: Population, rank: int, world: int, *, area_column: str = "borough"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -138,6 +139,11 @@ class ContactLayers:
         reduce: None for a whole population; for one rank's shard of it
             (:mod:`lpm_llm.distributed.shard`), the sum over ranks applied to the community pressure
             (B, A) before it becomes a force, so that every rank sees the city's.
+        reduce_city: instead of `reduce`, for data holders who keep their areas' prevalence to
+            themselves (:mod:`lpm_llm.privacy`): the sum over ranks of the city-wide pressure per age
+            band (A,) alone, the only part of the community force that crosses areas (a secure sum);
+            each rank's own areas' pressure stays local (other areas' rows stay 0: no agent of
+            theirs is here).
     """
 
     household: torch.Tensor
@@ -151,6 +157,7 @@ class ContactLayers:
     community_matrix: torch.Tensor
     cross_borough_share: float
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    reduce_city: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_population(
@@ -160,12 +167,14 @@ class ContactLayers:
         community_matrix: torch.Tensor | None = None,
         cross_borough_share: float = 0.1,
         device: torch.device | str | None = None,
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        shard: Any = None,
     ) -> ContactLayers:
         """Build the layers from columns ``borough``, ``age_band``, ``household`` and (optional)
         ``school``, ``workplace`` (int, -1 = none). Missing school/workplace columns mean no agent
-        belongs to that layer. With `reduce` (the sum over the ranks of an area-sharded population)
-        the population is one rank's shard: the cell sizes are summed over ranks."""
+        belongs to that layer. With `shard` (a :class:`~lpm_llm.distributed.shard.AreaShard`) the
+        population is one rank's part of a larger one: the cell sizes (public counts) are summed
+        over ranks, and the community pressure is summed with ``shard.sum`` (``reduce``), or only its
+        city-wide part with ``shard.city_sum`` when the shard has one (``reduce_city``)."""
         for name in _REQUIRED:
             if name not in population:
                 raise KeyError(
@@ -183,9 +192,12 @@ class ContactLayers:
         n_age = n_age or int(age.max()) + 1
         cell = borough * n_age + age
         cell_size = torch.bincount(cell, minlength=n_borough * n_age).to(torch.float32).view(n_borough, n_age)
-        if reduce is not None:
+        reduce = reduce_city = None
+        if shard is not None:
             with torch.no_grad():
-                cell_size = reduce(cell_size)
+                cell_size = shard.sum(cell_size)
+            reduce_city = getattr(shard, "city_sum", None)
+            reduce = shard.sum if reduce_city is None else None
 
         household = population["household"].to(device=device, dtype=torch.int32)
         if int(household.min()) < 0:
@@ -215,6 +227,7 @@ class ContactLayers:
             community_matrix=community_matrix,
             cross_borough_share=float(cross_borough_share),
             reduce=reduce,
+            reduce_city=reduce_city,
         )
 
     # -- sizes ----------------------------------------------------------------------------------
@@ -294,14 +307,18 @@ class ContactLayers:
         cm = cm.view(b, a)
         if self.reduce is not None:  # a shard: the city's pressure, each cell from the rank holding it
             cm = self.reduce(cm)
-        cm_rate = (rates[3] * self.community_rate(cm)).reshape(-1)
+        city = None if self.reduce_city is None else self.reduce_city(cm.sum(0))  # a holder: the city's total
+        cm_rate = (rates[3] * self.community_rate(cm, city)).reshape(-1)
         return Pressure(hh, sc, wk, cm, cm_rate)
 
-    def community_rate(self, community_pressure: torch.Tensor) -> torch.Tensor:
-        """(B, A) pressure -> (B, A) community force per unit ``beta_C`` (see the module docstring)."""
+    def community_rate(self, community_pressure: torch.Tensor, city_pressure: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """(B, A) pressure -> (B, A) community force per unit ``beta_C`` (see the module docstring);
+        `city_pressure` (A,): the city-wide pressure per age band, if not the sum of the rows."""
         x = self.cross_borough_share
         local = community_pressure / self.cell_size.clamp(min=1.0)
-        city = community_pressure.sum(0) / self.cell_size.sum(0).clamp(min=1.0)
+        total = community_pressure.sum(0) if city_pressure is None else city_pressure
+        city = total / self.cell_size.sum(0).clamp(min=1.0)
         prevalence = (1.0 - x) * local + x * city.unsqueeze(0)
         return prevalence @ self.community_matrix.T
 

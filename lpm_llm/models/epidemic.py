@@ -129,7 +129,7 @@ class Epidemic:
         matrix = community_matrix(p, population["age_band"], shard)
         self.contacts = ContactLayers.from_population(
             population, community_matrix=matrix, cross_borough_share=p.cross_borough_share, device=sim.device,
-            reduce=None if shard is None else shard.sum,
+            shard=shard,
         )
         self.engine = EpidemicModel(p, self.contacts, population["age_band"], population["borough"],
                                     ids=None if shard is None else shard.ids)

@@ -684,7 +684,7 @@ class EpidemicModel:
         threshold = self._wane(waned, disease, next_day, flags, threshold, theta, gen, grad)
         weight, group_weight = self._isolation_draw(
             onset, symp, inputs, weight, group_weight, flags, theta["case_isolation_compliance"], gen)
-        sharded = c.reduce is not None  # every rank attributes (its pressure per lineage is summed)
+        sharded = c.reduce is not None or c.reduce_city is not None  # every rank attributes (summed pressures)
         if self.n_lineages > 1 and (sharded or (new_inf.numel() and self._lineages_present(inf_lineage, inputs))):
             drawn = self._attribute_lineage(
                 new_inf, infectious, inf_lineage, w_home, w_out, inputs, outside_factor, gen)
@@ -843,7 +843,7 @@ class EpidemicModel:
             else:
                 hazard = inputs.importation.detach().reshape(n_lin, 1).expand(n_lin, n).clone()
             factor = None if outside_factor is None else outside_factor.detach()
-            sharded = c.reduce is not None  # every rank computes every lineage's (summed) pressure
+            sharded = c.reduce is not None or c.reduce_city is not None  # every rank: every lineage's pressure
             for lin in range(n_lin):
                 sel = (inf_lineage == lin).nonzero().squeeze(1)
                 if sel.numel() == 0 and not sharded:

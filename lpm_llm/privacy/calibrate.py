@@ -32,7 +32,34 @@ from lpm_llm.privacy.settings import PrivacySettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HolderObjective", "PrivateFit", "calibrate_private", "holder_columns"]
+__all__ = ["HolderObjective", "PrivateFit", "calibrate_private", "holder_columns", "secure_city_sum"]
+
+
+class _SecureSumOp(torch.autograd.Function):
+    """The sum over holders of a tensor through a secure sum; its backward pass is the secure sum of
+    the gradients (each holder's loss reaches the other holders' agents through the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, secure: Any, what: str) -> torch.Tensor:  # noqa: D102
+        ctx.secure, ctx.what = secure, what
+        total = secure(x.detach().double().cpu().numpy().reshape(-1), what=what)
+        return torch.as_tensor(total, dtype=x.dtype, device=x.device).view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        total = ctx.secure(grad.detach().double().cpu().numpy().reshape(-1), what=f"{ctx.what} (gradient)")
+        return torch.as_tensor(total, dtype=grad.dtype, device=grad.device).view_as(grad), None, None
+
+
+def secure_city_sum(secure: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``AreaShard.city_sum`` for data holders that keep their residents' microdata: the city-wide
+    community pressure per age band (A,), summed over holders through `secure` (a
+    :class:`~lpm_llm.privacy.secure_sum.SecureSum`, or :class:`PlainSum`), differentiably. The
+    coordinator learns that sum each day (and, in the backward pass, the sum of the holders'
+    gradients with respect to it), not any holder's prevalence."""
+    def city_sum(x: torch.Tensor) -> torch.Tensor:
+        return _SecureSumOp.apply(x, secure, "community pressure by age band")
+    return city_sum
 
 
 class HolderObjective(SimulationObjective):
@@ -125,6 +152,7 @@ def calibrate_private(
     alignment: tuple[float, float] | bool = False,
     transcript: str | None = None,
     on_step: Callable[[str, int, float, float], None] | None = None,
+    holds: Sequence[int] | None = None,
 ) -> PrivateFit:
     """Fit ``first_wave_space`` to the holders' weekly ``targets`` with Adam, through secure sums.
 
@@ -133,6 +161,9 @@ def calibrate_private(
             same on every rank; its decisions broadcast from rank 0).
         params: the epidemic parameters the fit starts from.
         alignment: fit the isolation decision's alignment map (True, or a starting (a, b)).
+        holds: the boroughs this holder holds microdata and every series of (its area shard,
+            ``simulation.shard``); None: boroughs dealt out in turn, series only (every holder runs
+            the whole simulation).
     """
     if settings.mode == "none":
         raise ValueError("calibrate_private needs privacy.mode secure or secure+dp")
@@ -147,7 +178,13 @@ def calibrate_private(
     unknown = sorted(set(settings.private or ()) - set(targets))
     if unknown:
         raise ValueError(f"privacy.private names {unknown}, which calibration.targets {list(targets)} do not fit")
-    columns = holder_columns(group.rank, group.world, targets, settings.private)
+    if holds is None:
+        columns = holder_columns(group.rank, group.world, targets, settings.private)
+    else:  # microdata: the simulated series of other boroughs are not here, every target is private
+        if settings.private is not None and set(settings.private) != set(targets):
+            raise ValueError("privacy.microdata: every calibration target is private (the holders' simulated "
+                             f"series stay with them); privacy.private {settings.private} leaves some public")
+        columns = {t: sorted(holds) for t in targets}
     observed = {t: observed_weekly(start, weeks, [t], areas=[BOROUGHS[b] for b in c], device=simulation.device)[t]
                 for t, c in columns.items() if c}
     objective = HolderObjective(simulation, observed, columns=columns, n_boroughs=len(BOROUGHS),
@@ -179,9 +216,14 @@ def calibrate_private(
         privacy.update(noise_multiplier=settings.noise_multiplier, clip=settings.clip, delta=settings.delta,
                        epsilon=epsilon(settings.noise_multiplier, secure.rounds, settings.delta),
                        accountant="opacus RDPAccountant (sampling rate 1, holder-level add/remove)")
-    holders = {r: {t: [BOROUGHS[b] for b in c] for t, c in holder_columns(r, group.world, targets,
-                                                                           settings.private).items()}
-               for r in range(group.world)}
+    if holds is None:
+        holders = {r: {t: [BOROUGHS[b] for b in c] for t, c in holder_columns(r, group.world, targets,
+                                                                               settings.private).items()}
+                   for r in range(group.world)}
+    else:
+        everyone = group.gather(sorted(holds)) or []  # on rank 0; a collective of every rank
+        holders = {r: {t: [BOROUGHS[b] for b in areas] for t in targets} for r, areas in enumerate(everyone)}
+        privacy["microdata"] = True
     privacy["private"] = list(targets) if settings.private is None else list(settings.private)
     privacy["secure_sum_bytes_sent_by_rank0"] = secure.bytes_sent
     return PrivateFit(params=fit.params_, loss_history=fit.loss_history_, wall_times=fit.wall_times_,

@@ -33,4 +33,8 @@ class PrivacySettings(BaseModel):
     private: list[Literal["cases", "deaths", "hospitalized"]] | None = Field(
         None, description="the calibration targets whose series each holder keeps (its boroughs'); the others "
         "are published data the coordinator holds for every borough; default: every target")
+    microdata: bool = Field(
+        False, description="each holder also keeps its residents' microdata: the city is sharded by area over the "
+        "holders (distributed.shard: area) and only the city-wide community pressure per age band crosses them, "
+        "through the secure sum; every target is then private and there are no LLM decisions")
     transcript: bool = Field(True, description="write every message the coordinator receives to transcript.jsonl")

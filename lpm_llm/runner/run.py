@@ -636,9 +636,24 @@ def _calibrate_private(exp: Experiment, out_dir: Path, overwrite: bool = False) 
                           "lpm-llm calibrate EXPERIMENT --nproc 5 (one holder per borough)")
     if cfg.model_names != ["epidemic"]:
         raise ValueError(f"privacy.mode {cfg.privacy.mode} calibrates the epidemic, not {cfg.model!r}")
+    microdata = cfg.privacy.microdata
+    if microdata and "isolate" in cfg.decisions and cfg.decisions["isolate"].enabled:
+        raise ConfigError("privacy.microdata: the holders take no LLM decisions (the decision contexts would show "
+                          "every borough's cases to the coordinator); set decisions.isolate.enabled: false")
     with process_group(cfg.distributed, cfg.device) as group, \
             _run_folder(exp, out_dir, overwrite, command_kind="calibrate", write=group.is_main) as run:
         population, scale, archetypes = _prepare(exp, run.timer, run.manifest)
+        shard = holds = None
+        if microdata:  # each holder keeps its boroughs' residents; only the city's pressure crosses, secure
+            from lpm_llm.privacy.calibrate import PlainSum, secure_city_sum
+            from lpm_llm.privacy.secure_sum import SecureSum
+
+            population, archetypes, shard = _area_shard(population, archetypes, group)
+            holds = list(shard.areas)
+            city_transcript = (out_dir / "transcript.jsonl" if cfg.privacy.transcript and group.is_main else None)
+            summer = (SecureSum(group, frac_bits=cfg.privacy.frac_bits, transcript=city_transcript)
+                      if cfg.privacy.mode != "plain" else PlainSum(group, cfg.privacy.frac_bits))
+            shard.city_sum = secure_city_sum(summer)
         decisions = {}
         if "isolate" in cfg.decisions and cfg.decisions["isolate"].enabled:
             source = None
@@ -652,7 +667,7 @@ def _calibrate_private(exp: Experiment, out_dir: Path, overwrite: bool = False) 
         device = f"cuda:{group.local_rank}" if torch.device(cfg.device).type == "cuda" else cfg.device
         simulation = Simulation(population, [Epidemic(cfg.epidemic)], archetypes=archetypes,
                                 decisions=decisions or None, interventions=cfg.interventions.schedule(),
-                                start_date=cal.start, days=7 * weeks, seed=cfg.seeds[0], device=device,
+                                start_date=cal.start, days=7 * weeks, seed=cfg.seeds[0], device=device, shard=shard,
                                 **({"checkpoint_days": cal.checkpoint_days} if cal.checkpoint_days else {}))
         pbar = exp.progress(total=cal.steps, desc="private calibration") if exp.progress and group.is_main else None
 
@@ -667,7 +682,7 @@ def _calibrate_private(exp: Experiment, out_dir: Path, overwrite: bool = False) 
             fit = calibrate_private(
                 simulation, cfg.epidemic, group, cfg.privacy, start=cal.start, weeks=weeks, targets=cal.targets,
                 scale=scale, steps=cal.steps, lr=cal.lr, lr_final=cal.lr_final, seeds_per_step=cal.seeds_per_step,
-                seed=cfg.seeds[0], parameters=cal.parameters, transcript=transcript, on_step=on_step,
+                seed=cfg.seeds[0], parameters=cal.parameters, transcript=transcript, on_step=on_step, holds=holds,
                 alignment=bool(decisions) and (tuple(cfg.decisions["isolate"].alignment)
                                                if cfg.decisions["isolate"].alignment else True),
             )

@@ -9,6 +9,9 @@ sums in the clear), ``secure`` and ``secure+dp`` (holders as ranks started by ``
 --nproc``). Every holder runs the whole simulation (the series are private, the simulation is the
 coordinator's model), so on a machine with fewer cores than holders the holders share the cores:
 the ratio that isolates the protocol's cost is secure / plain.
+With ``--microdata`` each holder keeps its boroughs' residents and simulates them only (the city
+sharded by area over the holders; the city's community pressure by age band crosses through the
+secure sum every day, counted in the bytes sent).
 ``epsilon``: for each noise multiplier, the (epsilon, delta) of the fit and its loss, evaluated
 afterwards without noise on 4 common seeds by the benchmark (which holds every borough's data).
 """
@@ -32,8 +35,8 @@ START, END = dt.date(2020, 3, 1), dt.date(2020, 4, 25)  # 8 weeks of the first w
 WEEKS = ((END - START).days + 1) // 7
 
 
-def _config(scale: float, mode: str, steps: int, noise: float) -> dict:
-    return {
+def _config(scale: float, mode: str, steps: int, noise: float, microdata: bool = False) -> dict:
+    config = {
         "name": "bench_private",
         "population": {"source": "nyc", "scale": scale, "seed": 1},
         "decisions": {"isolate": {"prompt": "isolation.yaml", "enabled": False}},
@@ -43,11 +46,16 @@ def _config(scale: float, mode: str, steps: int, noise: float) -> dict:
         "distributed": {"timeout_s": 600},
         "outputs": {"plots": False},
     }
+    if microdata:  # each holder keeps its boroughs' residents: the city sharded by area over the holders
+        config["privacy"]["microdata"] = True
+        config["distributed"]["shard"] = "area"
+    return config
 
 
-def _distributed(scale: float, mode: str, steps: int, holders: int, noise: float, tmp: Path) -> dict:
+def _distributed(scale: float, mode: str, steps: int, holders: int, noise: float, tmp: Path,
+                 microdata: bool = False) -> dict:
     path = tmp / f"{mode}-{noise}.yaml"
-    path.write_text(yaml.safe_dump(_config(scale, mode, steps, noise)))
+    path.write_text(yaml.safe_dump(_config(scale, mode, steps, noise, microdata)))
     out = tmp / f"{mode}-{noise}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
@@ -89,11 +97,13 @@ def cost(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_private-"))
     rows = [("centralized (1 process)", _per_step(_centralized(args.scale, args.steps)["wall_time"]), 0)]
     for mode, noise in (("plain", 0.0), ("secure", 0.0), ("secure+dp", 1.0)):
-        r = _distributed(args.scale, mode, args.steps, args.holders, noise, tmp)
-        sent = r["privacy"]["secure_sum_bytes_sent_by_rank0"] / max(r["privacy"]["rounds"], 1)
+        r = _distributed(args.scale, mode, args.steps, args.holders, noise, tmp, args.microdata)
+        p = r["privacy"]
+        sent = (p["secure_sum_bytes_sent_by_rank0"] + p.get("city_sum_bytes_sent_by_rank0", 0)) / max(p["rounds"], 1)
         rows.append((f"{mode} ({args.holders} holders)", _per_step(r["wall_time"]), sent))
     print(f"# one Adam step, NYC 1:{round(1 / args.scale)}, {WEEKS} weeks, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cores, {dt.date.today()}")
+          f"{os.cpu_count()} cores, {dt.date.today()}, "
+          f"{'holders keep microdata (area shards)' if args.microdata else 'every holder runs the whole city'}")
     print("| fit | s/step | ratio to plain | bytes sent per holder per step |")
     print("|---|---|---|---|")
     plain = rows[1][1]
@@ -129,6 +139,7 @@ def main() -> None:
     c.add_argument("--scale", type=float, default=0.01)
     c.add_argument("--holders", type=int, default=5)
     c.add_argument("--steps", type=int, default=3)
+    c.add_argument("--microdata", action="store_true", help="holders keep their residents (privacy.microdata)")
     e = sub.add_parser("epsilon")
     e.add_argument("--scale", type=float, default=0.002)
     e.add_argument("--holders", type=int, default=5)

@@ -688,6 +688,8 @@ def _calibrate_private(exp: Experiment, out_dir: Path, overwrite: bool = False) 
             )
         if pbar:
             pbar.close()
+        if microdata:  # what the simulation's own secure sums cost (the city's pressure, forward and backward)
+            fit.privacy.update(city_sum_rounds=summer.rounds, city_sum_bytes_sent_by_rank0=summer.bytes_sent)
         if group.is_main:
             summary = {"params": fit.params, "published_loss": fit.loss_history, "wall_time": fit.wall_times,
                        "holders": fit.holders, "privacy": fit.privacy}

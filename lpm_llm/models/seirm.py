@@ -31,8 +31,8 @@ An agent who enters I on day s transmits on days
 s + 1 .. s + d, so the generation interval (``generation_interval_pmf``) is the latent period plus
 a uniform day of the infectious period, weighted by its length.
 
-Issue 15 added, each on its own code path (helpers ``_case_isolated``, ``_isolation_draw``, ``_wane``,
-``_attribute_lineage``, each with its own stream of draws):
+Issue 15 added, each on its own code path (the methods ``_case_isolated``, ``_isolation_draw``, ``_wane``,
+``_attribute_lineage`` of :mod:`lpm_llm.models._mechanisms`, each with its own stream of draws):
 - case isolation: at onset a symptomatic agent will be a reported case who isolates with probability
   ``report_rate[borough] * case_isolation_compliance`` (flag 8); from ``case_isolation_delay`` days
   after onset (default ``report_delay``: when the case is known) it emits nothing outside the home;
@@ -60,7 +60,8 @@ Per-agent state (``EpidemicState``): ``disease`` int8, ``next_day`` int16, ``fla
 float32 columns are added (``weight`` and ``fate`` (N,), ``group_weight`` and ``log_ratio`` (3, N),
 see below): 32 bytes more.
 
-Gradients. Under ``torch.no_grad()`` the step runs a fast path: hard Bernoulli draws, in-place
+Gradients (the estimator's methods are in :mod:`lpm_llm.models._estimator`). Under ``torch.no_grad()``
+the step runs a fast path: hard Bernoulli draws, in-place
 updates. With gradients enabled the draws stay hard in the forward pass and every agent carries a
 path weight ``weight`` (N,) that is exactly 1.0 forward and whose gradient is the score of the
 agent's own draws so far: each day a susceptible agent is multiplied by ``p / sg(p)`` if infected and
@@ -103,12 +104,27 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import torch
 
 from lpm_llm.core.rng import Draws
-from lpm_llm.models.contacts import LAYERS, ContactLayers, Pressure
+from lpm_llm.models._codes import DEATH_DRAW as _DEATH_DRAW
+from lpm_llm.models._codes import DYING as _DYING
+from lpm_llm.models._codes import FATED as _FATED
+from lpm_llm.models._codes import HOSPITAL_DRAW as _HOSPITAL_DRAW
+from lpm_llm.models._codes import HOSPITALIZED as _HOSPITALIZED
+from lpm_llm.models._codes import IMMUNITY_DAYS as _IMMUNITY_DAYS
+from lpm_llm.models._codes import IMPORT as _IMPORT
+from lpm_llm.models._codes import INFECTIOUS_DAYS as _INFECTIOUS_DAYS
+from lpm_llm.models._codes import LATENT_DAYS as _LATENT_DAYS
+from lpm_llm.models._codes import PRIOR as _PRIOR
+from lpm_llm.models._codes import SYMPTOMATIC as _SYMPTOMATIC
+from lpm_llm.models._codes import SYMPTOMATIC_DRAW as _SYMPTOMATIC_DRAW
+from lpm_llm.models._codes import THRESHOLD as _THRESHOLD
+from lpm_llm.models._codes import E, I, M, R, S
+from lpm_llm.models._estimator import GradientTerms, _score_weight
+from lpm_llm.models._mechanisms import Mechanisms
+from lpm_llm.models.contacts import LAYERS, ContactLayers
 from lpm_llm.models.epidemic_params import TENSOR_PARAMS, EpidemicParams
 from lpm_llm.population import AGE_BANDS
 
@@ -123,19 +139,11 @@ __all__ = [
     "layer_rates",
 ]
 
-S, E, I, R, M = 0, 1, 2, 3, 4
-_DYING = 5  # internal code: no longer infectious, will die; reported in R
 STATES: tuple[str, ...] = ("S", "E", "I", "R", "M")
-_SYMPTOMATIC, _HOSPITALIZED, _FATED = 1, 2, 4  # bits of `flags`
-_ISOLATES = 8  # bit of `flags`: a reported case who isolates (case isolation)
-_PRIOR = 16  # bit of `flags`: infected before (susceptible again after waning immunity)
 _MAX_DURATION = 400  # days; longest duration the samplers represent (tail mass folded into it)
 _MAX_IMMUNITY = 10_000  # days; the same for the duration of infection-acquired immunity
 
 _A = len(AGE_BANDS)
-# streams of the counter-based draws (lpm_llm.core.rng): each a function of (seed, day, stream, agent id)
-_THRESHOLD, _IMPORT, _SYMPTOMATIC_DRAW, _HOSPITAL_DRAW, _DEATH_DRAW = 0, 1, 2, 3, 4
-_INFECTIOUS_DAYS, _LATENT_DAYS, _IMMUNITY_DAYS, _REINFECTION, _CASE_ISOLATION, _LINEAGE = 5, 6, 7, 8, 9, 10
 
 
 @dataclass
@@ -269,71 +277,7 @@ def _duration_cdf(kind: str, mean: float, shape: float) -> torch.Tensor:
     return _discretised_cdf(kind, 0.5 * (lo + hi), shape)
 
 
-def _score_weight(p: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
-    """Forward exactly 1.0; backward the score of a Bernoulli(p) draw with outcome `hard` (bool):
-    ``dp / p`` where it is 1, ``-dp / (1 - p)`` where it is 0 (see "Gradients" in the module docstring)."""
-    pd = p.detach()
-    one = torch.ones_like(pd)
-    return torch.where(hard, p / torch.where(pd > 0, pd, one), (1.0 - p) / torch.where(pd < 1, 1.0 - pd, one))
-
-
-_SMALL_GROUP = 10
-"""Largest household, classroom or workplace whose members' influence on one another enters the gradient
-through the exact likelihood ratio (see "Gradients" in the module docstring); larger groups and the
-community use the tangent, whose bias is of the order of one pair's hazard (< 0.05 there)."""
-
-
-@dataclass
-class _GroupIndex:
-    """One group layer's members, for the gradient estimator (G groups including slot 0 = none).
-
-    Attributes:
-        group: (N,) int64 group of each agent.
-        inv: (G,) float32 ``1 / max(n_g - 1, 1)`` (0 for slot 0 of school and workplace).
-        small: (G,) bool groups of 2 .. ``_SMALL_GROUP`` members (never slot 0).
-        order: (N,) agents sorted by group; ``start`` (G,) first position of each group in it.
-        size: (G,) members of small groups, 0 for the others (the members a new infection looks up).
-    """
-
-    group: torch.Tensor
-    inv: torch.Tensor
-    small: torch.Tensor
-    order: torch.Tensor
-    start: torch.Tensor
-    size: torch.Tensor
-
-
-def _group_index(group: torch.Tensor, inv: torch.Tensor, slot_zero_is_none: bool) -> _GroupIndex:
-    g = group.long()
-    size = torch.bincount(g, minlength=inv.numel())
-    small = (size > 1) & (size <= _SMALL_GROUP)
-    if slot_zero_is_none:
-        small[0] = False
-    order = torch.argsort(g, stable=True)
-    return _GroupIndex(g, inv, small, order, torch.cumsum(size, 0) - size, torch.where(small, size, 0))
-
-
-def _members(index: _GroupIndex, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The members of small groups: for `groups` (n,) group ids, pairs (position in `groups`, member)
-    over every member of each small group listed (other groups have none), as two (total,) int64."""
-    size = index.size.index_select(0, groups)
-    total = int(size.sum())
-    dev = groups.device
-    if total == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        return empty, empty
-    j = torch.repeat_interleave(torch.arange(groups.numel(), device=dev), size, output_size=total)
-    first = torch.cumsum(size, 0) - size
-    offset = torch.arange(total, device=dev) - first.index_select(0, j)
-    return j, index.order.index_select(0, index.start.index_select(0, groups).index_select(0, j) + offset)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(-x))`` for x >= 0 (-inf at 0)."""
-    return torch.log(-torch.expm1(-x))
-
-
-class EpidemicModel:
+class EpidemicModel(GradientTerms, Mechanisms):
     """The SEIRM dynamics of one population on its contact layers; see the module docstring.
 
     Args:
@@ -721,274 +665,6 @@ class EpidemicModel:
             out = _reduced(out, c.reduce)
         return new_state, out
 
-    # -- the gradient estimator (see "Gradients" in the module docstring) ----------------------------
-    def _infection_scores(
-        self,
-        state: EpidemicState,
-        pressure: Pressure,
-        new_inf: torch.Tensor,
-        outside_factor: torch.Tensor | None,
-        inputs: EpidemicInputs,
-        susceptibility: torch.Tensor,
-    ) -> torch.Tensor:
-        """(N,) path weights after today's infection draws: each scored susceptible agent's weight times
-        ``p / sg(p)`` if infected today (`new_inf`), ``(1 - p) / sg(1 - p)`` if not, with ``p = 1 -
-        exp(-force * susceptibility)`` (and the day's imports). Scored: every susceptible agent, or those
-        in ``inputs.scored``, at whom alone the force (with the tangent of the infectious agents'
-        weights, see :meth:`_weighted_pressure`) is then gathered."""
-        c = self.contacts
-        imported = 0.0 if inputs.importation is None else inputs.importation.sum()
-        if inputs.scored is None:  # every agent: dense (gathers at a subset save their indices)
-            f = c.force(pressure, outside_factor=outside_factor, working=inputs.working) + imported
-            p = -torch.expm1(-f * susceptibility)
-            if inputs.imports is not None:
-                p = 1.0 - (1.0 - p) * (1.0 - inputs.imports)
-            hit = torch.zeros(p.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
-            return torch.where(state.disease == S, state.weight * _score_weight(p, hit), state.weight)
-        idx = ((state.disease == S) & inputs.scored).nonzero().squeeze(1)
-        f = c.force(pressure, outside_factor=outside_factor, working=inputs.working, agents=idx) + imported
-        p = -torch.expm1(-f * susceptibility.index_select(0, idx))
-        if inputs.imports is not None:
-            p = 1.0 - (1.0 - p) * (1.0 - inputs.imports.index_select(0, idx))
-        hit = torch.zeros(state.disease.shape, dtype=torch.bool, device=self.device).index_fill_(0, new_inf, True)
-        score = _score_weight(p, hit.index_select(0, idx))
-        return state.weight.index_copy(0, idx, state.weight.index_select(0, idx) * score)
-
-    # -- issue 15: case isolation, waning immunity, lineages ------------------------------------------
-    def _case_isolated(self, inf_flags: torch.Tensor, inf_onset: torch.Tensor, t: int) -> torch.Tensor:
-        """(n_I,) bool: infectious agents who are reported cases isolating on day t (from
-        ``case_isolation_delay`` days after they became infectious, ``report_delay`` if None)."""
-        p = self.params
-        delay = p.report_delay if p.case_isolation_delay is None else p.case_isolation_delay
-        return ((inf_flags & _ISOLATES) != 0) & (inf_onset.to(torch.int32) + delay <= t)
-
-    def _isolation_draw(
-        self,
-        onset: torch.Tensor,
-        symp: torch.Tensor,
-        inputs: EpidemicInputs,
-        weight: torch.Tensor | None,
-        group_weight: torch.Tensor | None,
-        flags: torch.Tensor,
-        compliance: torch.Tensor,
-        gen: Draws,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """At onset, a symptomatic agent will be a reported case who isolates with probability
-        ``report_rate[borough] * case_isolation_compliance`` (flag ``_ISOLATES``); with gradients the
-        path weights of the onset agents take the score of that draw. Writes `flags` in place."""
-        if inputs.report_rate is None or onset.numel() == 0:
-            return weight, group_weight
-        rate = inputs.report_rate.index_select(0, self.borough.index_select(0, onset))
-        q = symp * (rate * compliance).clamp(0.0, 1.0)
-        u = gen.uniform(_CASE_ISOLATION, onset)
-        isolates = u < q.detach()
-        flags.index_copy_(0, onset, flags.index_select(0, onset) | (isolates.to(torch.int8) * _ISOLATES))
-        if weight is not None:
-            score = _score_weight(q, isolates)
-            weight = weight.index_copy(0, onset, weight.index_select(0, onset) * score)
-            group_weight = group_weight.index_copy(1, onset, group_weight.index_select(1, onset) * score)
-        return weight, group_weight
-
-    def _wane(
-        self,
-        waned: torch.Tensor,
-        disease: torch.Tensor,
-        next_day: torch.Tensor,
-        flags: torch.Tensor,
-        threshold: torch.Tensor,
-        theta: Mapping[str, torch.Tensor],
-        gen: Draws,
-        grad: bool,
-    ) -> torch.Tensor:
-        """Agents whose immunity waned today become susceptible with ``reinfection_susceptibility``: a
-        fresh Exp(1) threshold over their reduced susceptibility (see ``initial_state``). Writes
-        `disease`, `next_day` and `flags` in place (copies when gradients are on); returns the
-        thresholds."""
-        if waned.numel() == 0:
-            return threshold
-        disease.index_fill_(0, waned, S)
-        next_day.index_fill_(0, waned, -1)
-        flags.index_fill_(0, waned, _PRIOR)
-        susc = (self._susceptibility(theta).index_select(0, waned) * theta["reinfection_susceptibility"]).detach()
-        tau = gen.uniform(_REINFECTION, waned).neg_().log1p_().neg_()  # Exp(1)
-        fresh = tau / susc  # susceptibility 0: inf
-        return threshold.index_copy(0, waned, fresh) if grad else threshold.index_copy_(0, waned, fresh)
-
-    @staticmethod
-    def _lineages_present(inf_lineage: torch.Tensor | None, inputs: EpidemicInputs) -> bool:
-        """Whether any lineage but the resident one can infect today (infectious or imported)."""
-        if inf_lineage is not None and bool((inf_lineage > 0).any()):
-            return True
-        return inputs.importation is not None and bool((inputs.importation.detach()[1:] > 0).any())
-
-    def _attribute_lineage(
-        self,
-        new_inf: torch.Tensor,
-        infectious: torch.Tensor,
-        inf_lineage: torch.Tensor,
-        w_home: torch.Tensor,
-        w_out: torch.Tensor,
-        inputs: EpidemicInputs,
-        outside_factor: torch.Tensor | None,
-        gen: Draws,
-    ) -> torch.Tensor:
-        """(n,) int8 lineage of today's infections `new_inf`: drawn in proportion to the force each
-        lineage puts on the agent (its infectious agents' pressure, evaluated for these agents only,
-        plus its importation hazard). Competing hazards: given an infection, the lineage is l with
-        probability h_l / sum h. No gradient (the lineage mix is not calibrated by gradient)."""
-        c, n, n_lin = self.contacts, new_inf.numel(), self.n_lineages
-        with torch.no_grad():
-            if inputs.importation is None:
-                hazard = torch.zeros(n_lin, n, device=self.device)
-            else:
-                hazard = inputs.importation.detach().reshape(n_lin, 1).expand(n_lin, n).clone()
-            factor = None if outside_factor is None else outside_factor.detach()
-            sharded = c.reduce is not None or c.reduce_city is not None  # every rank: every lineage's pressure
-            for lin in range(n_lin):
-                sel = (inf_lineage == lin).nonzero().squeeze(1)
-                if sel.numel() == 0 and not sharded:
-                    continue
-                pressure = c.pressure(infectious.index_select(0, sel), w_home.detach().index_select(0, sel),
-                                      w_out.detach().index_select(0, sel), inputs.rates.detach(), inputs.working)
-                hazard[lin] += c.force_at(pressure, new_inf, outside_factor=factor, working=inputs.working)
-            cumulative = hazard.cumsum(0)
-            u = gen.uniform(_LINEAGE, new_inf) * cumulative[-1]
-            drawn = (cumulative < u.unsqueeze(0)).sum(0).clamp(max=n_lin - 1)
-            return torch.where(cumulative[-1] > 0, drawn, 0).to(torch.int8)
-
-    # -- the gradient estimator's group terms (see "Gradients" in the module docstring) --------------
-    @cached_property
-    def _small_groups(self) -> tuple[_GroupIndex, ...]:
-        """Household, classroom and workplace membership (``LAYERS`` order, community excluded)."""
-        c = self.contacts
-        return (
-            _group_index(c.household, c.inv_household, False),
-            _group_index(c.school, c.inv_school, True),
-            _group_index(c.workplace, c.inv_workplace, True),
-        )
-
-    def _weighted_pressure(
-        self,
-        weight: torch.Tensor,
-        infectious: torch.Tensor,
-        w_home: torch.Tensor,
-        w_out: torch.Tensor,
-        inputs: EpidemicInputs,
-    ) -> Pressure:
-        """The pressure with the infectious agents' path weights `weight` (n_I,): live (tangent) in the
-        community and in large groups, detached in small groups, where they enter through
-        :meth:`_group_terms` instead. Forward values are those of the plain pressure."""
-        c = self.contacts
-        live = c.pressure(infectious, w_home * weight, w_out * weight, inputs.rates, inputs.working)
-        # the weights alone are detached: the rates, compliance and isolation keep their gradients
-        fixed = c.pressure(
-            infectious, w_home * weight.detach(), w_out * weight.detach(), inputs.rates, inputs.working
-        )
-        mixed = {}
-        for name, index in zip(("household", "school", "workplace"), self._small_groups, strict=True):
-            lv, fx = getattr(live, name), getattr(fixed, name)
-            mixed[name] = None if lv is None else torch.where(index.small, fx, lv)
-        return replace(live, **mixed)
-
-    def _group_terms(
-        self,
-        state: EpidemicState,
-        weight: torch.Tensor,
-        new_inf: torch.Tensor,
-        hazard: torch.Tensor,
-        infectious: torch.Tensor,
-        w_home: torch.Tensor,
-        outside_factor: torch.Tensor | None,
-        inputs: EpidemicInputs,
-        susceptibility: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add to the path weights of today's infections `new_inf` the terms of their small groups.
-
-        For each group layer and each member m of a small group who has been infectious, ``log_ratio``
-        accumulates the log likelihood ratio of the other members' paths without m's emission in that
-        group (survival days: ``+ hazard from m``; infection days: ``log(1 - exp(-(H - h))) - log(1 -
-        exp(-H))`` with H the infected agent's total hazard that day, h the part from m). A new
-        infection k then takes ``(1 - exp(log_ratio[m])) * d group_weight[m]`` from each such member:
-        the score of m's draws times the exact change that m's emission made to the group's paths
-        (a Rao-Blackwellised score function over the group, unbiased however saturated the group's
-        transmission is), where the tangent (m's weight inside the force) would be biased low.
-
-        Args:
-            weight: (N,) path weights after today's draws (own draws, community and large groups), or
-                None to update ``log_ratio`` alone (no gradients).
-            new_inf: (n,) today's infections; hazard: (n,) float64 their total hazard today.
-            infectious: (n_I,) agents infectious today; w_home: (n_I,) their infectiousness (detached).
-            susceptibility: (N,) detached.
-
-        Returns:
-            weight (N,), group_weight (3, N), log_ratio (3, N) after today.
-        """
-        n, dev = self.contacts.n, self.device
-        # no gradients: the caller's state is updated in place (as the fast path does with the rest)
-        log_ratio = state.log_ratio.clone() if torch.is_grad_enabled() else state.log_ratio
-        group_weight = state.group_weight
-        disease = state.disease
-        rates = inputs.rates.detach()
-        outside = None if outside_factor is None else outside_factor.detach()
-        working = None if inputs.working is None else inputs.working.to(torch.float32)
-        survivors = disease == S
-        survivors.index_fill_(0, new_inf, False)
-        # I, R, M and awaiting death, and those susceptible again after waning: emitted before or today
-        ever_infectious = (disease >= I) | ((state.flags & _PRIOR) != 0)
-
-        def receive(layer: int, idx: torch.Tensor) -> torch.Tensor:
-            """(len(idx),) how much of a group's emission the agents `idx` receive in `layer`."""
-            r = susceptibility.index_select(0, idx)
-            if layer > 0 and outside is not None:
-                r = r * outside.index_select(0, idx)
-            if layer == 2 and working is not None:
-                r = r * working.index_select(0, idx)
-            return r
-
-        terms = []
-        for layer, index in enumerate(self._small_groups):
-            g_inf = index.group.index_select(0, infectious)
-            emit = rates[layer] * index.inv.index_select(0, g_inf) * w_home
-            factor = None  # outside the home: isolation, and work for those working
-            if layer > 0 and outside is not None:
-                factor = outside.index_select(0, infectious)
-            if layer == 2 and working is not None:
-                w_inf = working.index_select(0, infectious)
-                factor = w_inf if factor is None else factor * w_inf
-            emit = (emit if factor is None else emit * factor) * index.small.index_select(0, g_inf)
-            # every member who stayed susceptible today took `emit * receive` from each emitter: summed
-            # over the members of the emitters' groups only (not over every agent)
-            j, members = _members(index, g_inf)
-            exposed = torch.zeros(infectious.numel(), device=dev).index_add_(
-                0, j, receive(layer, members) * survivors.index_select(0, members))
-            log_ratio[layer].index_add_(0, infectious, emit * exposed)
-            # members of the small groups of today's infections who have been infectious
-            k, m = _members(index, index.group.index_select(0, new_inf))
-            if k.numel() == 0:
-                terms.append(None)
-                continue
-            keep = ever_infectious.index_select(0, m)
-            k, m = k[keep], m[keep]
-            emit_now = torch.zeros(n, device=dev).index_copy_(0, infectious, emit).index_select(0, m)
-            h = (receive(layer, new_inf.index_select(0, k)) * emit_now).double()
-            big_h = hazard.index_select(0, k)
-            ratio = torch.where(h > 0, _log1mexp((big_h - h).clamp(min=0.0)) - _log1mexp(big_h), 0.0)
-            log_ratio[layer].index_add_(0, m, ratio.to(torch.float32))
-            if weight is None:
-                continue
-            coef = -torch.expm1(log_ratio[layer].index_select(0, m))
-            w_m = group_weight[layer].index_select(0, m)
-            terms.append(torch.zeros(new_inf.numel(), device=dev).index_add(0, k, coef * (w_m - w_m.detach())))
-        if weight is None:  # the log-ratios alone (a segment's forward pass, see lpm_llm.models._segments)
-            return None, None, log_ratio
-        base = weight.index_select(0, new_inf)
-        present = [x for x in terms if x is not None]
-        total_term = sum(present, torch.zeros_like(base))
-        rows = [base * (1.0 + total_term - (x if x is not None else 0.0)) for x in terms]
-        group_weight = group_weight.index_copy(1, new_inf, torch.stack(rows))
-        if present:
-            weight = weight.index_copy(0, new_inf, base * (1.0 + total_term))
-        return weight, group_weight, log_ratio
 
     @staticmethod
     def _draw_days(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

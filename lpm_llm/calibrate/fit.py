@@ -42,6 +42,7 @@ from lpm_llm.calibrate.targets import (
     observed_weekly,
     serology_loss,
     simulated_weekly,
+    smoothness_penalty,
 )
 from lpm_llm.core.behavior import DecisionSource
 from lpm_llm.core.interventions import InterventionSchedule
@@ -207,11 +208,16 @@ class SimulationObjective:
         serology: a serological survey (:class:`~lpm_llm.calibrate.targets.SerologyTarget`) whose
             :func:`~lpm_llm.calibrate.targets.serology_loss` (on the seeds' mean share infected)
             enters the mean over targets as one more target; None: none.
+        smoothness: weight of :func:`~lpm_llm.calibrate.targets.smoothness_penalty` on the values'
+            ``transmission_change``, added to the loss (0: none).
+
+    ``last`` holds the ``Results`` of the latest run (for outputs that are not differentiated, e.g.
+    the lineage shares of :mod:`lpm_llm.calibrate.period`).
     """
 
     def __init__(
         self, simulation: Any, observed: Mapping[str, torch.Tensor], *, weeks: int, scale: float, debias: bool = True,
-        serology: Any = None,
+        serology: Any = None, smoothness: float = 0.0,
     ):
         unknown = sorted(set(observed) - set(SERIES_OF))
         if unknown:
@@ -224,6 +230,8 @@ class SimulationObjective:
         self.scale = float(scale)
         self.debias = bool(debias)
         self.serology = serology
+        self.smoothness = float(smoothness)
+        self.last: Any = None
         if serology is not None:
             day = (serology.date - simulation.start_date).days - serology.delay
             if not 0 <= day < simulation.days:
@@ -237,7 +245,8 @@ class SimulationObjective:
         sim.set_parameters(values)
         sim.seed = int(seed)
         self.simulations += 1
-        return sim.run()
+        self.last = sim.run()
+        return self.last
 
     def weekly(self, values: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         """target -> (weeks, B) simulated weekly counts of the scaled city (autograd kept); with a
@@ -258,11 +267,13 @@ class SimulationObjective:
         debias = self.debias and len(seeds) > 1
         variance = {t: x.var(0) / len(seeds) for t, x in stacked.items()} if debias else None
         loss = log_mse(mean, self.observed, self.scale, variance=variance)
-        if self.serology is None:
-            return loss
-        share = torch.stack([r["serology"] for r in runs]).mean()
-        n = len(self.observed)  # one more target in the mean over targets
-        return (loss * n + serology_loss(share, self.serology)) / (n + 1)
+        if self.serology is not None:
+            share = torch.stack([r["serology"] for r in runs]).mean()
+            n = len(self.observed)  # one more target in the mean over targets
+            loss = (loss * n + serology_loss(share, self.serology)) / (n + 1)
+        if self.smoothness > 0 and "transmission_change" in values:
+            loss = loss + smoothness_penalty(values["transmission_change"], self.smoothness)
+        return loss
 
 
 # -- the optimiser ------------------------------------------------------------------------------------

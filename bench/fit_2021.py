@@ -9,12 +9,18 @@ survey, and a smoothness penalty (weight SMOOTH) on the monthly transmission cha
 decisions are the embedded model's answers, asked once at the YAML's values (frozen, then reused).
 Every member and its starting point are scored on 2 common evaluation seeds; writes
 bench/results/fit_2021/: fit_2021.json (values, variant rates, losses per target, per-series errors,
-histories), ensemble.csv (weekly series per member and seed), lineages.csv, coverage.csv and plots
+histories), ensemble_weekly.csv (weekly series per member, evaluation seed and area), lineages.csv and plots
 with the ensemble's 5-95% bands (members x evaluation seeds): cases, hospitalized, deaths, coverage,
 lineages, transmission.
 
     python bench/fit_2021.py [SCALE] [MEMBERS] [STEPS] [SMOOTH]      # defaults 0.01 3 30 0.25
-    FIT_2021_CONSTANT=0.4 python bench/fit_2021.py 0.002 1 2         # a smoke test without the LLM
+    FIT_2021_CONSTANT=0.4 FIT_2021_OUT=/tmp/fit python bench/fit_2021.py 0.002 1 2   # a smoke test, no LLM
+
+The bundled values come from `python bench/fit_2021.py 0.01 3 25 0.25` started from these (then the YAML's):
+beta_scale 0.7; transmission_change 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.2, 1.2, 1.2, 1.1, 1.0, 1.0, 1.0;
+initial_infections_per_100k 250 (Staten Island 400); ascertainment 0.1, 0.3, 0.45, 0.5, then 0.6; ascertainment
+by borough 1.46, 1, 0.766, 1.13, 0.935; fatality_scale 0.865; importation_per_100k 0.5; every variant 0.2 per
+100,000 a day; IHR as published. A rerun now starts from the fitted values.
 """
 import datetime as dt
 import json
@@ -44,7 +50,7 @@ torch.set_num_threads(1)
 args = sys.argv[1:] + [None] * 4
 scale = float(args[0] or 0.01)
 members, steps, smooth = int(args[1] or 3), int(args[2] or 30), float(args[3] or 0.25)
-out = Path("bench/results/fit_2021")
+out = Path(os.environ.get("FIT_2021_OUT", "bench/results/fit_2021"))
 out.mkdir(parents=True, exist_ok=True)
 exp = Experiment.from_yaml("experiments/covid_nyc_2021.yaml", [f"population.scale={scale}"])
 cfg, cal = exp.config, exp.config.calibration
@@ -126,7 +132,12 @@ for m in range(members):
 best = min(results, key=lambda r: r["fitted"]["objective"])
 ensemble = pd.concat(frames, ignore_index=True)
 lineages = pd.concat(shares, ignore_index=True)
-ensemble.to_csv(out / "ensemble.csv", index=False)
+first = pd.Timestamp(cal.start)
+week = first + pd.to_timedelta((ensemble["date"] - first).dt.days // 7 * 7, unit="D")
+keys = [ensemble["member"], ensemble["seed"], ensemble["area"], week.rename("week_start")]
+flows = ensemble.groupby(keys)[["new_infections", "reported_cases", "hospitalized", "deaths"]].sum()
+stocks = ensemble.sort_values("date").groupby(keys)[["vaccinated_1", "population"]].last()
+flows.join(stocks).reset_index().round(1).to_csv(out / "ensemble_weekly.csv", index=False)
 lineages.to_csv(out / "lineages.csv", index=False)
 summary = {"scale": scale, "agents": pop.n, "weeks": weeks, "members": members, "steps": steps,
            "smoothness": smooth, "evaluation_seeds": evaluation, "best_member": best["member"],

@@ -10,7 +10,6 @@ import json
 import math
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 import respx
@@ -45,7 +44,8 @@ def test_smoothness_penalty_is_a_random_walk_on_log_transmission_and_its_gradien
     log_c = torch.tensor([0.2, -0.1, -0.1, 0.4, 0.0], dtype=torch.float64, requires_grad=True)
     penalty = smoothness_penalty(torch.exp(log_c), w)
     path = [0.0, *log_c.tolist()]  # month 0 is 1 (log 0)
-    assert float(penalty.detach()) == pytest.approx(w * sum((b - a) ** 2 for a, b in zip(path, path[1:])), rel=1e-12)
+    steps = [b - a for a, b in zip(path, path[1:], strict=False)]
+    assert float(penalty.detach()) == pytest.approx(w * sum(d**2 for d in steps), rel=1e-12)
     (grad,) = torch.autograd.grad(penalty, log_c)
     expected = [2 * w * ((path[m] - path[m - 1]) - (path[m + 1] - path[m] if m + 1 < len(path) else 0.0))
                 for m in range(1, len(path))]
@@ -166,7 +166,8 @@ def test_the_2021_experiment_covers_the_whole_period_with_every_model(tmp_path: 
     monkeypatch.setenv("LPM_TEST_KEY", "sk-test-not-a-secret")
     (tmp_path / "arch.yaml").write_text("{name: borough, method: group, attributes: [borough]}\n")
     exp = Experiment.from_yaml(ROOT / "experiments/covid_nyc_2021.yaml", [
-        "population.scale=0.001", f"archetypes={tmp_path / 'arch.yaml'}", "llm.provider=openai", "llm.model=mock-model", f"llm.base_url={ENDPOINT}",
+        "population.scale=0.001", f"archetypes={tmp_path / 'arch.yaml'}", "llm.provider=openai",
+        "llm.model=mock-model", f"llm.base_url={ENDPOINT}",
         "llm.api_key_env=LPM_TEST_KEY", "llm.cache_mode='off'", "llm.max_retries=0", "outputs.behaviour=false"])
     cfg = exp.config
     assert cfg.start_date == dt.date(2020, 3, 1) and cfg.days == 487 and cfg.model_names == ["epidemic", "vaccination"]

@@ -137,7 +137,7 @@ week = first + pd.to_timedelta((ensemble["date"] - first).dt.days // 7 * 7, unit
 keys = [ensemble["member"], ensemble["seed"], ensemble["area"], week.rename("week_start")]
 flows = ensemble.groupby(keys)[["new_infections", "reported_cases", "hospitalized", "deaths"]].sum()
 stocks = ensemble.sort_values("date").groupby(keys)[["vaccinated_1", "population"]].last()
-flows.join(stocks).reset_index().round(1).to_csv(out / "ensemble_weekly.csv", index=False)
+flows.join(stocks).round(1).reset_index().to_csv(out / "ensemble_weekly.csv", index=False)
 lineages.to_csv(out / "lineages.csv", index=False)
 summary = {"scale": scale, "agents": pop.n, "weeks": weeks, "members": members, "steps": steps,
            "smoothness": smooth, "evaluation_seeds": evaluation, "best_member": best["member"],

@@ -194,3 +194,70 @@ def plot_loss_curves(history: dict[str, dict[str, list[float]]], path: str | Pat
     ax.set_title(title or "Calibration loss against wall time")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_coverage(simulated: pd.DataFrame, observed: pd.DataFrame | None, path: str | Path, *,
+                  title: str = "People with at least one vaccine dose (% of residents)") -> Path:
+    """One panel per area: simulated coverage (mean and 5-95% band over ``seed``) against observed.
+
+    Args:
+        simulated: daily rows with date, area, ``vaccinated_1`` and ``population`` (agents), and
+            optionally ``seed`` (any grouping of runs: seeds, or ensemble members x seeds).
+        observed: rows with date, area, ``percent`` (or None).
+    """
+    sim = simulated.assign(percent=100.0 * simulated["vaccinated_1"] / simulated["population"].clip(lower=1))
+    areas = _areas(sim)
+    fig, axes = _grid(len(areas))
+    for ax, area in zip(axes.flat, areas, strict=False):
+        ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter("%b %d"))
+        s = sim[(sim["area"] == area) & (sim["date"] >= pd.Timestamp("2020-12-01"))]
+        g = s.groupby("date")["percent"]
+        mean = g.mean()
+        if "seed" in s.columns and s["seed"].nunique() > 1:
+            ax.fill_between(mean.index, g.quantile(0.05).values, g.quantile(0.95).values, alpha=0.25, color="C2",
+                            label="simulated 5-95%")
+        ax.plot(mean.index, mean.values, color="C2", label="simulated")
+        if observed is not None and len(observed):
+            o = observed[observed["area"] == area]
+            ax.plot(o["date"], o["percent"], color="k", lw=1, label="observed")
+        ax.set_title(area)
+        ax.tick_params(axis="x", labelrotation=30)
+    return _save_grid(fig, axes, len(areas), title, path)
+
+
+def plot_lineages(shares: pd.DataFrame, path: str | Path, *,
+                  title: str = "Lineage shares of symptomatic infections per 4-week period (%)") -> Path:
+    """One panel per lineage group: simulated share (mean and 5-95% band over ``seed``) against NYC's
+    sequenced share, per 4-week period.
+
+    Args:
+        shares: rows as :func:`lpm_llm.models.lineages.compare_lineage_shares` (``period_start``,
+            ``variant``, ``simulated_percent``, ``observed_percent``), optionally with ``seed``.
+    """
+    variants = list(dict.fromkeys(shares["variant"]))
+    fig, axes = _grid(len(variants))
+    for ax, v in zip(axes.flat, variants, strict=False):
+        s = shares[shares["variant"] == v].assign(period=lambda x: pd.to_datetime(x["period_start"]))
+        g = s.groupby("period")["simulated_percent"]
+        mean = g.mean()
+        if "seed" in s.columns and s["seed"].nunique() > 1:
+            ax.fill_between(mean.index, g.quantile(0.05).values, g.quantile(0.95).values, alpha=0.25, color="C1",
+                            label="simulated 5-95%")
+        ax.plot(mean.index, mean.values, "-", color="C1", label="simulated")
+        obs = s.groupby("period")["observed_percent"].first()
+        ax.plot(obs.index, obs.values, "o", ms=4, color="k", label="sequenced (NYC)")
+        ax.set_ylim(0, 100)
+        ax.set_title(v)
+        ax.tick_params(axis="x", labelrotation=30)
+    return _save_grid(fig, axes, len(variants), title, path)
+
+
+def observed_coverage(areas_population: pd.Series) -> pd.DataFrame:
+    """NYC's observed coverage by borough and city-wide: date, area, percent (people with >= 1 dose
+    over `areas_population`, residents per area)."""
+    from lpm_llm.data.vaccination import load_vaccination
+
+    t = load_vaccination()
+    t = t[(t["dimension"] == "borough") & t["group"].isin(areas_population.index)]
+    return pd.DataFrame({"date": t["date"], "area": t["group"],
+                         "percent": 100.0 * t["people_1plus"] / t["group"].map(areas_population).to_numpy()})

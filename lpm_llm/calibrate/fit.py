@@ -42,6 +42,7 @@ from lpm_llm.calibrate.targets import (
     observed_weekly,
     serology_loss,
     simulated_weekly,
+    smoothness_penalty,
 )
 from lpm_llm.core.behavior import DecisionSource
 from lpm_llm.core.interventions import InterventionSchedule
@@ -212,11 +213,16 @@ class SimulationObjective:
             order, so every rank computes the loss of one process), when their number is a multiple
             of the ranks'; otherwise every rank runs every seed. Use with ``ranks.objective`` and
             ``Calibrator(aggregate=ranks.aggregate)``.
+        smoothness: weight of :func:`~lpm_llm.calibrate.targets.smoothness_penalty` on the values'
+            ``transmission_change``, added to the loss (0: none).
+
+    ``last`` holds the ``Results`` of the latest run (for outputs that are not differentiated, e.g.
+    the lineage shares of :mod:`lpm_llm.calibrate.period`); with ``ranks``, this rank's latest.
     """
 
     def __init__(
         self, simulation: Any, observed: Mapping[str, torch.Tensor], *, weeks: int, scale: float, debias: bool = True,
-        serology: Any = None, ranks: Any = None,
+        serology: Any = None, ranks: Any = None, smoothness: float = 0.0,
     ):
         unknown = sorted(set(observed) - set(SERIES_OF))
         if unknown:
@@ -230,6 +236,8 @@ class SimulationObjective:
         self.debias = bool(debias)
         self.serology = serology
         self.ranks = ranks
+        self.smoothness = float(smoothness)
+        self.last: Any = None
         if serology is not None:
             day = (serology.date - simulation.start_date).days - serology.delay
             if not 0 <= day < simulation.days:
@@ -243,7 +251,8 @@ class SimulationObjective:
         sim.set_parameters(values)
         sim.seed = int(seed)
         self.simulations += 1
-        return sim.run()
+        self.last = sim.run()
+        return self.last
 
     def weekly(self, values: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         """target -> (weeks, B) simulated weekly counts of the scaled city (autograd kept); with a
@@ -265,11 +274,13 @@ class SimulationObjective:
         debias = self.debias and len(seeds) > 1
         variance = {t: stacked[t].var(0) / len(seeds) for t in self.observed} if debias else None
         loss = log_mse(mean, self.observed, self.scale, variance=variance)
-        if self.serology is None:
-            return loss
-        share = stacked["serology"].mean()
-        n = len(self.observed)  # one more target in the mean over targets
-        return (loss * n + serology_loss(share, self.serology)) / (n + 1)
+        if self.serology is not None:
+            share = stacked["serology"].mean()
+            n = len(self.observed)  # one more target in the mean over targets
+            loss = (loss * n + serology_loss(share, self.serology)) / (n + 1)
+        if self.smoothness > 0 and "transmission_change" in values:
+            loss = loss + smoothness_penalty(values["transmission_change"], self.smoothness)
+        return loss
 
     def _stacked(self, values: Mapping[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:
         """name -> (seeds, ...) the runs' weekly series (and serology share), split over ``ranks``."""

@@ -27,6 +27,7 @@ __all__ = [
     "observed_weekly",
     "serology_loss",
     "simulated_weekly",
+    "smoothness_penalty",
 ]
 
 SERIES_OF: dict[str, str] = {"cases": "reported_cases", "deaths": "deaths", "hospitalized": "hospitalized"}
@@ -75,6 +76,23 @@ def serology_loss(infected_share: torch.Tensor, target: SerologyTarget) -> torch
     below = torch.log(torch.tensor(target.lower, dtype=p.dtype, device=p.device)) - torch.log(p)
     above = torch.log(p) - torch.log(torch.tensor(target.upper, dtype=p.dtype, device=p.device))
     return torch.clamp(torch.maximum(below, above), min=0.0).pow(2)
+
+
+def smoothness_penalty(change: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * sum_m (log c_m - log c_{m-1})^2`` over the months of a ``transmission_change``
+    (M-1,) tensor, with ``c_0 = 1`` (the first month, against which the others are relative).
+
+    A Gaussian random-walk prior on the log of transmission by month (up to a constant, with
+    ``weight = 1 / (2 sigma^2)`` for a monthly step of SD sigma): a change of transmission that
+    the dated policies (and, where fitted, the behaviour) do not explain costs in proportion to its
+    square, month by month, so the fitted curve moves only where the data ask for it. Its gradient
+    in ``l_m = log c_m`` is ``2 weight ((l_m - l_{m-1}) - (l_{m+1} - l_m))`` (the last month has
+    only the first term)."""
+    if weight < 0:
+        raise ValueError(f"the smoothness weight must be >= 0, got {weight}")
+    log_c = torch.log(change.clamp(min=1e-12)).reshape(-1)
+    path = torch.cat([log_c.new_zeros(1), log_c])
+    return weight * path.diff().pow(2).sum()
 
 
 def _check_targets(targets: Sequence[str]) -> None:

@@ -53,6 +53,9 @@ class DecisionUse:
             probability (:func:`~lpm_llm.core.behavior.broadcast`); False: the model receives the
             (K,) archetype probabilities and draws itself.
         required: the model cannot run without this decision.
+        first: the decision is not taken before this date (None: from day 0); the cadence still
+            counts from day 0. The vaccination model's question is not asked months before anyone
+            can be vaccinated.
     """
 
     name: str
@@ -60,6 +63,7 @@ class DecisionUse:
     cadence: Literal["days", "monthly"] = "days"
     as_draws: bool = True
     required: bool = False
+    first: dt.date | None = None
 
     def __post_init__(self) -> None:
         if self.every_days < 1:
@@ -70,6 +74,8 @@ class DecisionUse:
 
 def decision_day(use: DecisionUse, day: int, date: dt.date) -> bool:
     """Whether `use`'s decision is taken on `day` (date `date`)."""
+    if use.first is not None and date < use.first:
+        return False
     if use.cadence == "monthly":
         return day > 0 and date.day == 1
     return day % use.every_days == 0

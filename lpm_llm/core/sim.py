@@ -291,7 +291,8 @@ class Simulation:
                 if days < 1:
                     raise ValueError(f"decision_every must be >= 1, got {days} for {name!r}")
                 use, consumers = declared[name]
-                declared[name] = (DecisionUse(name, int(days), use.cadence, use.as_draws), consumers)
+                declared[name] = (DecisionUse(name, int(days), use.cadence, use.as_draws, use.required, use.first),
+                                  consumers)
         return {n: declared[n] for n in decisions or {}}
 
     def _read_by_others(self, model: Model) -> set[str]:

@@ -7,7 +7,7 @@ Its dynamics (the SEIRM states, the daily step, the gradient estimator) are in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -119,6 +119,20 @@ class Epidemic:
     def set_parameters(self, values: Mapping[str, torch.Tensor]) -> None:
         """Calibrated values replace the parameters of the same name for the next runs."""
         self.tensor_overrides = dict(values)
+
+    def set_variant_importation(self, rates: Sequence[float]) -> None:
+        """Each variant's ``importation_per_100k`` (``params.variants`` order) for the next runs. Not
+        a tensor parameter: the lineage of an infection is drawn without a score
+        (``EpidemicModel._attribute_lineage``), so these rates are fitted to the lineage
+        shares outside the gradient (:func:`lpm_llm.calibrate.period.update_variant_rates`)."""
+        rates = [float(r) for r in rates]
+        if len(rates) != len(self.params.variants) or any(r < 0 for r in rates):
+            raise ValueError(f"need {len(self.params.variants)} rates >= 0 (one per variant), got {rates}")
+        variants = tuple(v.model_copy(update={"importation_per_100k": r})
+                         for v, r in zip(self.params.variants, rates, strict=True))
+        self.params = self.params.model_copy(update={"variants": variants})
+        if self.sim is not None:
+            self.engine.params = self.params
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, sim: Any) -> None:

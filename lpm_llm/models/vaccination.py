@@ -9,7 +9,9 @@ against infection and severe outcomes by dose, waning over months, is handed to 
 schedule, the approximations and every number with its source are in
 :mod:`lpm_llm.models.vaccination_params`.
 
-One week (on the decision's days, every 7 days from day 0):
+One week (on the decision's days, every 7 days from day 0, from ``FIRST_QUESTION`` on: two weeks
+before the first eligibility date, so that a run from March 2020 asks nothing for nine months; a
+run starting later asks from day 0, as before):
 
 1. at risk: agents eligible today (``eligible_day <= t``) who have no first dose (given or scheduled);
 2. willingness: agent i of archetype k says yes with probability ``p_k`` (every agent answers every
@@ -67,6 +69,10 @@ _PFIZER, _MODERNA, _JANSSEN = 0, 1, 2
 _STREAM = 0x7AC  # mixes the run seed for this model's draws
 
 
+FIRST_QUESTION = min(e.date for e in ELIGIBILITY) - dt.timedelta(days=14)
+"""The vaccination question is not asked before this date (2020-11-30)."""
+
+
 def _score(p: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
     """Forward 1.0; backward the score of a Bernoulli(p) draw with outcome `hard` (bool)."""
     pd = p.detach()
@@ -102,7 +108,7 @@ class Vaccination:
     """
 
     name = "vaccination"
-    decisions = (DecisionUse("vaccinate", every_days=7, as_draws=False, required=True),)
+    decisions = (DecisionUse("vaccinate", every_days=7, as_draws=False, required=True, first=FIRST_QUESTION),)
     observes = ()
     publishes = ("susceptibility", "severity")
     reads = ("cases_week",)

@@ -263,7 +263,9 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
                 ensemble_summary(areas_df).to_csv(out_dir / "summary.csv", index=False)
             if lineages:
                 pd.concat(lineages, ignore_index=True).to_csv(out_dir / "lineages.csv", index=False)
-            plots = _plots(cfg, areas_df, labor_df, decisions_df, out_dir, scale) if cfg.outputs.plots else []
+            lineages_df = pd.concat(lineages, ignore_index=True) if lineages else None
+            plots = (_plots(cfg, areas_df, labor_df, decisions_df, out_dir, scale, lineages_df)
+                     if cfg.outputs.plots else [])
     return ExperimentResult(out_dir=out_dir, metrics=metrics_df, decisions=decisions_df, manifest=run.manifest,
                             labor=labor_df, plots=plots)
 
@@ -402,8 +404,10 @@ def _resolved(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _plots(cfg, per_area: pd.DataFrame | None, labor: pd.DataFrame | None, decisions: pd.DataFrame,
-           out_dir: Path, scale: float) -> list[Path]:
-    """Cases and deaths (and unemployment) against observed data, decision heatmaps, scenario comparison.
+           out_dir: Path, scale: float, lineages: pd.DataFrame | None = None) -> list[Path]:
+    """Cases and deaths (and unemployment) against observed data, decision heatmaps, scenario comparison;
+    with vaccination, coverage by borough; with lineage shares, their plot; hospital admissions when the
+    experiment is fitted to them (``calibration.targets``).
 
     Simulated counts are divided by `scale` so that they read as counts of the real city.
     """
@@ -429,6 +433,17 @@ def _plots(cfg, per_area: pd.DataFrame | None, labor: pd.DataFrame | None, decis
         plots.plot_epidemic(base, observed, out_dir / "deaths.png", sim_column="deaths", obs_column="deaths",
                             title=f"{cfg.name}: weekly deaths (simulation scaled x{1 / scale:g})"),
     ]
+    if "hospitalized" in cfg.calibration.targets:  # an experiment fitted to admissions plots them too
+        paths.append(plots.plot_epidemic(
+            base.assign(hospitalized=base["hospitalized"] / scale), observed, out_dir / "hospitalized.png",
+            sim_column="hospitalized", obs_column="hospitalized",
+            title=f"{cfg.name}: weekly hospital admissions (simulation scaled x{1 / scale:g})"))
+    if "vaccinated_1" in base:
+        residents = base[base["date"] == base["date"].min()].set_index("area")["population"] / scale
+        paths.append(plots.plot_coverage(base, plots.observed_coverage(residents) if cfg.outputs.observed else None,
+                                         out_dir / "coverage.png"))
+    if lineages is not None and len(lineages):
+        paths.append(plots.plot_lineages(lineages[lineages["scenario"] == "baseline"], out_dir / "lineages.png"))
     paths += _decision_plots(decisions, out_dir)
     if per_area["scenario"].nunique() > 1:
         series = {name: g for name, g in per_area.groupby("scenario", sort=False)}

@@ -1,0 +1,220 @@
+"""The whole-period fit (issue 15): New York from 2020-03-01 to 2021-06-30, with vaccination, lineages,
+waning immunity, importation and the policies through June 2021.
+
+    objective = SimulationObjective(sim, observed, weeks=69, scale=0.01, serology=NYC_SEROLOGY_APRIL_2020,
+                                    smoothness=0.25)
+    fit = fit_period(objective, space, epidemic, steps=25, lr=0.1, lr_final=0.01, seed=0)
+    fit.values, fit.variant_rates, fit.history
+
+What is fitted, and how:
+
+- by gradient (Adam on the path-weight gradients, :class:`~lpm_llm.calibrate.fit.SimulationObjective`):
+  the transmission scale, ``transmission_change`` by calendar month (15 values after March 2020)
+  under a smoothness penalty (:func:`~lpm_llm.calibrate.targets.smoothness_penalty`), seeding by
+  borough, ascertainment by month and relative by borough, the fatality scale and the rate of
+  continuous importation (``importation_per_100k``), to weekly reported cases, hospital admissions
+  and deaths by borough and the April 2020 antibody survey;
+- by a damped fixed-point iteration outside the gradient: each variant's importation rate, to the
+  lineage shares of NYC's sequenced cases (``variants_4weekly.csv``). The lineage of an infection is
+  drawn in proportion to the lineages' hazards without a score, so the path-weight estimator has no
+  gradient for it (:meth:`Epidemic.set_variant_importation`); every ``variant_every`` steps
+  :func:`update_variant_rates` moves each rate by ``step`` times the mean log ratio of observed to
+  simulated share over the periods where the variant was sequenced, from the step's own run.
+
+Identifiability. In the first-wave fit ``transmission_change`` is held at 1 when the isolation
+decision is fitted (:data:`~lpm_llm.calibrate.fit.BEHAVIOUR_EXPLAINS`). The whole-period experiment has
+no isolation decision (70 weekly questions to 30 archetypes would make its first run far longer than
+15 minutes, and the first-wave ablation found the embedded model's isolation answers no better than a
+constant): the policies of the dated schedule explain what they can, and the monthly change carries
+the rest, paying for every month-to-month move through the penalty. The vaccination decision is
+not fitted here (its city-wide alignment is validated in ``bench/bench_vaccination.py``), so no
+behaviour competes with the monthly change.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from lpm_llm.calibrate.fit import SimulationObjective
+from lpm_llm.core.parameters import Bounded, ParameterSpace
+from lpm_llm.models.lineages import compare_lineage_shares
+
+__all__ = ["HOSPITALISATION_SCALE", "PERIOD_PARAMETERS", "PeriodFit", "PeriodObjective", "fit_period",
+           "lineage_errors", "period_space", "update_variant_rates"]
+
+log = logging.getLogger(__name__)
+
+PERIOD_PARAMETERS = (
+    "beta_scale", "transmission_change", "initial_infections_per_100k", "ascertainment",
+    "ascertainment_by_borough", "fatality_scale", "importation_per_100k",
+)
+"""The epidemic parameters the whole-period fit calibrates by gradient."""
+HOSPITALISATION_SCALE = Bounded(0.1, 10.0, 1.0, log=True, doc="multiplier of the IHR by age (admissions as NYC "
+                                 "counted them against Verity et al.'s infection hospitalisation ratio)")
+"""``hospitalisation_scale``: fitted with the rest; an experiment carries it as ``epidemic.ihr`` times the value."""
+_SHARE_FLOOR = 1.0  # percent: a share below 1% of sequenced cases is read as "about 1%"
+
+
+class PeriodObjective(SimulationObjective):
+    """:class:`~lpm_llm.calibrate.fit.SimulationObjective` that also takes ``hospitalisation_scale``
+    (:data:`HOSPITALISATION_SCALE`), given to `epidemic` as its ``ihr`` times the scale (the IHR by age
+    is a tensor parameter of the epidemic, not a calibrated one)."""
+
+    def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *, epidemic: Any, **kwargs: Any):
+        super().__init__(simulation, observed, **kwargs)
+        self.epidemic = epidemic
+        self.ihr = torch.tensor(epidemic.params.ihr, dtype=torch.float32)
+
+    def run(self, values: Mapping[str, torch.Tensor], seed: int):
+        values = dict(values)
+        scale = values.pop("hospitalisation_scale", None)
+        self.simulation.set_parameters(values)
+        if scale is not None:
+            self.epidemic.tensor_overrides["ihr"] = scale * self.ihr.to(scale.device)
+        self.simulation.seed = int(seed)
+        self.simulations += 1
+        self.last = self.simulation.run()
+        return self.last
+
+
+def period_space(simulation: Any, *, hospitalisation: bool = True, device: str = "cpu") -> ParameterSpace:
+    """The gradient-fitted parameters (:data:`PERIOD_PARAMETERS` among the simulation's declared ones,
+    initialised from the configured values; ``importation_per_100k`` only when the configured rate is
+    above 0) and, with `hospitalisation`, :data:`HOSPITALISATION_SCALE` starting at 1."""
+    specs = {k: v for k, v in simulation.parameters().items() if k in PERIOD_PARAMETERS}
+    if hospitalisation:
+        specs["hospitalisation_scale"] = HOSPITALISATION_SCALE
+    return ParameterSpace(specs, device=device)
+
+
+def lineage_errors(symptomatic_by_lineage: torch.Tensor, start: dt.date, params: Any) -> tuple[float, dict[str, float]]:
+    """Lineage shares of one run against NYC's sequenced shares.
+
+    Returns:
+        the mean over 4-week periods and lineage groups of ``(log(sim% + 1) - log(obs% + 1))^2``
+        (NaN when the run covers no observed period), and per variant (Pango name) the mean of
+        ``log(obs% + 1) - log(sim% + 1)`` over the periods where it was sequenced (the direction in
+        which its importation rate should move; absent when it was never sequenced in the run's periods).
+    """
+    both = compare_lineage_shares(symptomatic_by_lineage, start, params)
+    if not len(both):
+        return float("nan"), {}
+    gap = ((both["observed_percent"] + _SHARE_FLOOR).map(math.log)
+           - (both["simulated_percent"] + _SHARE_FLOOR).map(math.log))
+    loss = float((gap ** 2).mean())
+    per: dict[str, float] = {}
+    for v in params.variants:
+        rows = (both["variant"] == v.lineage) & (both["observed_percent"] > 0)
+        if rows.any():
+            per[v.lineage] = float(gap[rows].mean())
+    return loss, per
+
+
+def update_variant_rates(rates: Sequence[float], lineages: Sequence[str], log_ratio: Mapping[str, float], *,
+                         step: float = 0.5, max_move: float = 1.0, bounds: tuple[float, float] = (1e-3, 100.0)
+                         ) -> list[float]:
+    """One damped fixed-point step: ``rate_v *= exp(clip(step * log_ratio[v], +-max_move))`` within
+    `bounds`, for each variant with a log ratio (observed over simulated share); others unchanged.
+
+    A variant's share in its first months grows with its importation rate at the rate its
+    transmissibility gives, so the log share moves about one-for-one with the log rate; ``step`` < 1
+    damps the noise of a single run."""
+    lo, hi = bounds
+    out = []
+    for rate, name in zip(rates, lineages, strict=True):
+        move = max(-max_move, min(max_move, step * log_ratio.get(name, 0.0)))
+        out.append(min(hi, max(lo, float(rate) * math.exp(move))))
+    return out
+
+
+@dataclass
+class PeriodFit:
+    """The result of :func:`fit_period`.
+
+    Attributes:
+        values: name -> fitted value (lists for vectors), as :meth:`ParameterSpace.to_dict`.
+        variant_rates: lineage -> fitted importation per day per 100,000.
+        space: the fitted parameter space (a copy).
+        history: per step ``loss`` (the objective, penalty included), ``lineage_loss``, ``seconds``
+            and ``variant_rates``.
+    """
+
+    values: dict[str, Any]
+    variant_rates: dict[str, float]
+    space: ParameterSpace
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit_period(
+    objective: Any,
+    space: ParameterSpace,
+    epidemic: Any,
+    *,
+    steps: int,
+    lr: float = 0.1,
+    lr_final: float | None = 0.01,
+    seeds_per_step: int = 1,
+    seed: int = 0,
+    variant_every: int = 2,
+    variant_step: float = 0.5,
+    time_limit: float | None = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> PeriodFit:
+    """Adam on `space` against `objective` (a :class:`~lpm_llm.calibrate.fit.SimulationObjective`
+    over the whole period), with every ``variant_every`` steps a :func:`update_variant_rates` step of
+    the variants' importation rates of `epidemic` (an :class:`~lpm_llm.models.epidemic.Epidemic` of
+    the objective's simulation) from the step's last run. Step i uses seeds ``seed + 1000 + i *
+    seeds_per_step + j``; the learning rate decays geometrically from `lr` to `lr_final`. Stops after
+    `steps` steps or `time_limit` seconds."""
+    space = copy.deepcopy(space)
+    opt = torch.optim.Adam(space.raw.parameters(), lr=lr, betas=(0.5, 0.9))
+    gamma = (lr_final / lr) ** (1 / max(steps - 1, 1)) if lr_final else 1.0
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
+    variants = list(epidemic.params.variants)
+    rates = [v.importation_per_100k for v in variants]
+    history: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i in range(steps):
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            break
+        opt.zero_grad()
+        seeds = [seed + 1000 + i * seeds_per_step + j for j in range(seeds_per_step)]
+        loss = objective(space.values(), seeds)
+        loss.backward()
+        opt.step()
+        sched.step()
+        results = objective.last
+        lineage_loss, ratio = lineage_errors(results.series["symptomatic_by_lineage"],
+                                             objective.simulation.start_date, epidemic.params)
+        if variant_every and (i + 1) % variant_every == 0 and ratio:
+            rates = update_variant_rates(rates, [v.lineage for v in variants], ratio, step=variant_step)
+            epidemic.set_variant_importation(rates)
+        record = {"step": i + 1, "loss": float(loss.detach()), "lineage_loss": lineage_loss,
+                  "seconds": time.perf_counter() - t0,
+                  "variant_rates": dict(zip([v.lineage for v in variants], rates, strict=True))}
+        history.append(record)
+        log.info("period fit step %d: loss %.4f, lineage loss %.3f (%.0f s)", i + 1, record["loss"], lineage_loss,
+                 record["seconds"])
+        if on_step is not None:
+            on_step(i + 1, record)
+    return PeriodFit(values=space.to_dict(), variant_rates=dict(zip([v.lineage for v in variants], rates,
+                                                                       strict=True)),
+                     space=space, history=history)
+
+
+def weekly_frame(results: Any, scale: float, member: int, seed: int) -> pd.DataFrame:
+    """``Results.by_area()`` with counts divided by `scale`, tagged with the ensemble member and seed."""
+    df = results.by_area()
+    counts = [c for c in df.columns if c not in ("date", "area", "isolating")]
+    df[counts] = df[counts] / scale
+    return df.assign(member=member, seed=seed)

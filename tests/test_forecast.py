@@ -215,6 +215,8 @@ def test_a_clean_back_test_starts_from_the_prior_and_never_sees_data_after_its_d
     values (as if fitted to later data) and observations after the last as-of date multiplied by 1000
     give bit-identical forecasts for every week, the starting-parameter fit included. The control: the
     same stream started from the experiment's parameters differs."""
+    import json
+
     import respx
 
     from lpm_llm.models.epidemic import EpidemicParams
@@ -251,6 +253,10 @@ def test_a_clean_back_test_starts_from_the_prior_and_never_sees_data_after_its_d
     b = stream("b", later_fit, poisoned, "prior")
     assert sorted(set(a["forecast_date"])) == [first.isoformat(), last.isoformat()]
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+    weeks = json.loads((tmp_path / "a" / "weeks.json").read_text())
+    grid = weeks[0]["settings"]["start_grid"]["initial_infections_per_100k"]  # the cold start searched the seeding
+    assert grid["best"] == grid["values"][int(np.argmin(grid["losses"]))] and len(set(grid["losses"])) > 1
+    assert "start_grid" not in weeks[1]["settings"] and weeks[1]["settings"]["warm_start"]
     c = stream("c", [], clean, "experiment", to=first)
     first_a = a[a["forecast_date"] == first.isoformat()].reset_index(drop=True)
     assert len(c) == len(first_a) and not np.allclose(c["value"], first_a["value"])

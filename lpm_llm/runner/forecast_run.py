@@ -41,17 +41,23 @@ if TYPE_CHECKING:
 __all__ = ["START_FROM", "assimilate_experiment", "forecast_experiment", "prior_config"]
 
 START_FROM = ("experiment", "prior")
+PRIOR_GRID = (("initial_infections_per_100k", (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)),)
+"""The start grid of a ``prior`` start (:attr:`~lpm_llm.forecast.ForecastSettings.start_grid`): the
+day-0 seeding, which the data fix first and which no default can know, searched over half decades
+on the known weeks before the first fit."""
 
 log = logging.getLogger(__name__)
 
 
-def _settings(exp: Experiment, options: Mapping[str, Any]) -> ForecastSettings:
+def _settings(exp: Experiment, options: Mapping[str, Any], start: str = "experiment") -> ForecastSettings:
     from lpm_llm.forecast import ForecastSettings
 
     cal = exp.config.calibration
     kw = {"fit_targets": tuple(cal.targets), "lr": cal.lr, "seeds_per_step": cal.seeds_per_step,
           "parameters": tuple(cal.parameters) if cal.parameters else None, "seed": exp.config.seeds[0],
           "checkpoint_days": cal.checkpoint_days}
+    if start == "prior":
+        kw["start_grid"] = PRIOR_GRID
     kw.update({k: v for k, v in options.items() if v is not None})
     return ForecastSettings(**kw)
 
@@ -122,7 +128,7 @@ def forecast_experiment(exp: Experiment, as_of: str | dt.date, out_dir: Path, ov
     `options`: :class:`~lpm_llm.forecast.ForecastSettings` fields."""
     exp.check_devices()
     with _run_folder(exp, out_dir, overwrite, command_kind="forecast") as run:
-        settings = _settings(exp, options)
+        settings = _settings(exp, options, start)
         forecaster = _forecaster(exp, run, settings, observed, start)
         with run.timer.phase("forecast"):
             result, _ = forecaster.update(as_of)
@@ -144,7 +150,7 @@ def assimilate_experiment(exp: Experiment, first: str | dt.date, last: str | dt.
     from lpm_llm.forecast import assimilate
 
     exp.check_devices()
-    settings = _settings(exp, options)
+    settings = _settings(exp, options, start)
     stream = {"config": _resolved(exp.config), "from": str(first), "to": str(last), "every": every, "start": start,
               "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()
                            if k != "scenario"}}

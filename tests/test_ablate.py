@@ -165,6 +165,31 @@ def test_forecasts_never_see_data_after_their_forecast_date(tiny):
 
 
 @pytest.mark.slow
+def test_forecasts_never_see_policies_announced_after_their_forecast_date(tiny):
+    """A fictitious lockdown from the day after the forecast date changes nothing (the schedule is cut
+    at the date: later policies removed, those in force held open-ended): fits, forecasts and scores
+    are identical for the heuristic (which reads the policies) and the LLM (whose prompts show them).
+    The control: the same lockdown from the day before the date changes the forecast."""
+    from lpm_llm.core.interventions import InterventionSchedule, StayAtHome
+
+    pop, arch = tiny
+
+    def with_lockdown(start):
+        lockdown = StayAtHome(start=start, workplace_reduction=0.99, community_reduction=0.99, description="fictitious")
+        return InterventionSchedule(policies=(*nyc_2020().policies, lockdown))
+
+    def rows(schedule):
+        report = ablate_first_wave(pop, arch, _Responsive(), FIRST_WAVE, schedule, forecast_dates=["2020-03-15"],
+                                   forecast_weeks=2, sources=("llm", "heuristic"), steps=1, rounds=1, eval_seeds=1)
+        return report.rows.drop(columns=["seconds"]).set_index("source")
+
+    plain, later, earlier = rows(nyc_2020()), rows(with_lockdown("2020-03-16")), rows(with_lockdown("2020-03-14"))
+    pd.testing.assert_frame_equal(plain, later)
+    for source in plain.index:
+        assert earlier.loc[source, "forecast_loss"] != plain.loc[source, "forecast_loss"], source
+
+
+@pytest.mark.slow
 def test_ablate_command_runs_end_to_end_with_a_mocked_llm(tmp_path, monkeypatch):
     """``lpm-llm ablate`` on a 1:500 city, its LLM a mocked endpoint (answers a fixed function of the
     prompt): every source is fitted and scored, the table, JSON and answers are written, and the

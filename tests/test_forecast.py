@@ -206,3 +206,57 @@ def test_cli_assimilate_resumes_its_folder(tmp_path, capsys):
     table = pd.read_csv(out / "forecasts.csv", dtype={"location": str})
     check_hub_frame(table)
     assert sorted(set(table["forecast_date"])) == ["2020-03-21", "2020-03-28"]
+
+
+@pytest.mark.slow
+def test_a_clean_back_test_starts_from_the_prior_and_never_sees_data_after_its_date(tmp_path, monkeypatch):
+    """``start="prior"`` through the runner (mocked LLM endpoint): the stream's first fit starts from the
+    package's defaults, so a config whose fitted parameters and alignment map are replaced by other
+    values (as if fitted to later data) and observations after the last as-of date multiplied by 1000
+    give bit-identical forecasts for every week, the starting-parameter fit included. The control: the
+    same stream started from the experiment's parameters differs."""
+    import json
+
+    import respx
+
+    from lpm_llm.models.epidemic import EpidemicParams
+    from lpm_llm.runner.experiment import Experiment
+    from lpm_llm.runner.forecast_run import assimilate_experiment, prior_config
+    from tests.regression.cases import ENDPOINT, KEY_ENV, _answer
+
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
+    base = [f"population.scale={SCALE}", "outputs.plots=false", "llm.provider=openai", "llm.model=mock",
+            f"llm.base_url={ENDPOINT}", f"llm.api_key_env={KEY_ENV}", 'llm.cache_mode="off"', "llm.max_retries=0"]
+    later_fit = ["epidemic.beta_scale=3.0", "epidemic.fatality_scale=5.0", "epidemic.ascertainment=[0.9, 0.5]",
+                 "epidemic.initial_infections_per_100k=[4000, 3000, 2000, 1000, 500]",
+                 "epidemic.ascertainment_by_borough=[2, 1, 1, 1, 0.5]", "decisions.isolate.alignment=[2.0, 1.5]"]
+    first, last = dt.date(2020, 3, 21), dt.date(2020, 3, 28)
+    clean = load_covid("2020-02-29", "2020-06-30")
+    poisoned = clean.copy()
+    after = poisoned["date"] > pd.Timestamp(last)
+    for col in ("cases", "probable_cases", "hospitalized", "deaths"):
+        poisoned.loc[after, col] = poisoned.loc[after, col] * 1000
+    options = dict(horizon=2, steps=1, first_steps=2, members=2, draws=20, targets=("cases", "hospitalized", "deaths"))
+
+    def stream(name, overrides, observed, start, to=last):
+        exp = Experiment.from_yaml("experiments/covid_nyc.yaml", [*base, *overrides])
+        with respx.mock(assert_all_mocked=True) as mock:
+            mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_answer)
+            assimilate_experiment(exp, first, to, tmp_path / name, observed=observed, start=start, **options)
+        return pd.read_csv(tmp_path / name / "forecasts.csv")
+
+    cfg = Experiment.from_yaml("experiments/covid_nyc.yaml", base).config
+    other = Experiment.from_yaml("experiments/covid_nyc.yaml", [*base, *later_fit]).config
+    assert prior_config(cfg).epidemic == EpidemicParams() == prior_config(other).epidemic
+    assert prior_config(other).decisions["isolate"].alignment is None
+    a = stream("a", [], clean, "prior")
+    b = stream("b", later_fit, poisoned, "prior")
+    assert sorted(set(a["forecast_date"])) == [first.isoformat(), last.isoformat()]
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    weeks = json.loads((tmp_path / "a" / "weeks.json").read_text())
+    grid = weeks[0]["settings"]["start_grid"]["initial_infections_per_100k"]  # the cold start searched the seeding
+    assert grid["best"] == grid["values"][int(np.argmin(grid["losses"]))] and len(set(grid["losses"])) > 1
+    assert "start_grid" not in weeks[1]["settings"] and weeks[1]["settings"]["warm_start"]
+    c = stream("c", [], clean, "experiment", to=first)
+    first_a = a[a["forecast_date"] == first.isoformat()].reset_index(drop=True)
+    assert len(c) == len(first_a) and not np.allclose(c["value"], first_a["value"])

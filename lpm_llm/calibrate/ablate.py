@@ -56,6 +56,7 @@ from lpm_llm.core.behavior import majority_area
 from lpm_llm.core.interventions import InterventionSchedule, Reopening, StayAtHome
 from lpm_llm.core.parameters import Bounded, ParameterSpace
 from lpm_llm.core.sim import months_between
+from lpm_llm.forecast.asof import schedule_as_of
 from lpm_llm.population import BOROUGHS, Population
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,9 @@ def ablate_first_wave(
     and `rounds` - 1 refits).
     The other sources then get as many steps as the LLM used, so that every source has the same
     budget. A forecast uses only data before its date: the observations of later weeks enter its
-    scores, never its fit; the decision contexts are the simulation's own cases.
+    scores, never its fit; the decision contexts are the simulation's own cases; the policy schedule
+    is the one known on the date (:func:`~lpm_llm.forecast.asof.schedule_as_of`: later policies
+    removed, those in force held open-ended), in the simulation and in the heuristic's features.
 
     Scores (on ``eval_seeds`` common seeds 10000 + j, mean weekly series): ``fit_loss`` and
     ``forecast_loss`` (:func:`log_mse` over the targets), MAE per borough-week of cases and deaths
@@ -349,8 +352,7 @@ def ablate_first_wave(
         raise ValueError(f"rounds, steps and forecast_weeks must be >= 1, got {rounds}, {steps}, {forecast_weeks}")
     scale = float(scale) if scale is not None else population.scale or population.n / 8_336_817
     params = params.model_copy(update=dict.fromkeys(BEHAVIOUR_EXPLAINS, 1.0))  # what behaviour explains
-    schedule = interventions or InterventionSchedule()
-    policy, policy_names = isolation_policy_features(schedule)
+    full_schedule = interventions or InterventionSchedule()
     homes = home_population(population, archetypes) if archetypes is not None else []
     eval_list = [10_000 + seed + j for j in range(eval_seeds)]
     rows = []
@@ -365,6 +367,9 @@ def ablate_first_wave(
         obs_all = observed_weekly(start, total, targets, observed=observed, device=device)
         n_months = months_between(start, fit_end) + 1
         budget = steps
+        # the policies as known on the forecast date: later ones removed, those in force held open-ended
+        schedule = schedule_as_of(full_schedule, date)
+        policy, policy_names = isolation_policy_features(schedule)
         for name in [s for s in ("llm", "heuristic", "constant", "none") if s in sources]:
             t0 = time.perf_counter()
             own: list[Any] = []
@@ -378,7 +383,7 @@ def ablate_first_wave(
                 own = [ConstantProbability("isolate", int(archetypes.k))]
                 decision = own[0]
 
-            def simulation(days: int, decision: Any = decision) -> Any:
+            def simulation(days: int, decision: Any = decision, schedule: InterventionSchedule = schedule) -> Any:
                 return Simulation(population, [Epidemic(params)], archetypes=archetypes if decision else None,
                                   decisions={"isolate": decision} if decision is not None else None,
                                   interventions=schedule, start_date=start, days=days, seed=seed, device=device)

@@ -87,6 +87,13 @@ class ForecastSettings:
             ``negbin``: a negative binomial with the member's count as mean, its size fitted by
             maximum likelihood (the city the sum of the boroughs' draws).
         reporting_lag_days: last days treated as not yet reported (see :mod:`~lpm_llm.forecast.asof`).
+        start_grid: ``((name, (v1, v2, ...)), ...)``: for an update without a previous week (a cold
+            start), before the fit, each named parameter in turn is set to each value (every entry
+            of a vector alike), the loss on the known weeks evaluated (``seeds_per_step`` runs,
+            common seeds) and the best value kept. From a far-off start (the package's defaults
+            seed 10 infections per 100,000: less than 2 agents of a 1:500 city, where the epidemic
+            often dies out and the loss has no gradient) this finds the basin with the known data
+            only; the grid's losses are in the result's ``settings``.
         scenario: policies assumed after the as-of date (default: the schedule held as it stood).
         seed: base seed (every run's seed is a function of it and the as-of date).
     """
@@ -108,6 +115,7 @@ class ForecastSettings:
     noise: str = "lognormal"
     reporting_lag_days: int = 0
     scenario: tuple[Policy, ...] = ()
+    start_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()
     seed: int = 0
     checkpoint_days: int | None = None
 
@@ -124,6 +132,9 @@ class ForecastSettings:
             raise ValueError(f"noise must be 'lognormal' or 'negbin', got {self.noise!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        self.start_grid = tuple((str(n), tuple(float(v) for v in vals)) for n, vals in self.start_grid)
+        if any(not vals for _, vals in self.start_grid):
+            raise ValueError("every start_grid entry needs at least one value")
 
 
 @dataclass
@@ -340,6 +351,31 @@ class Forecaster:
             i += n
         return out
 
+    def _grid_start(self, space: ParameterSpace, objective: SimulationObjective, seed0: int) -> dict[str, Any]:
+        """Set each ``start_grid`` parameter of `space` to its best grid value (in turn, the others as
+        they stand); returns name -> {"values", "losses", "best"}. `objective`'s simulation runs
+        without decisions: asking the LLM at every grid point would cost K questions per decision
+        date and point, and a stream keeps the first answers it gets for a date, so they would be
+        those of a far-off trajectory; the decisions (and their alignment) enter with the fit."""
+        out: dict[str, Any] = {}
+        seeds = [seed0 + 900 + j for j in range(self.settings.seeds_per_step)]
+        for name, values in self.settings.start_grid:
+            if name not in space.specs:
+                raise KeyError(f"start_grid names {name!r}, which is not fitted; fitted: {', '.join(space.names)}")
+            shape = tuple(space.specs[name].shape)
+            losses = []
+            probe = copy.deepcopy(space)
+            declared = set(objective.simulation.parameters())
+            with torch.no_grad():
+                for v in values:
+                    probe.set_values({name: _resized(v, shape)})
+                    losses.append(float(objective({k: x for k, x in probe.values().items() if k in declared}, seeds)))
+            best = values[int(np.argmin(losses))]
+            space.set_values({name: _resized(best, shape)})
+            out[name] = {"values": list(values), "losses": losses, "best": best}
+            log.info("start grid %s: %s -> %s", name, dict(zip(values, np.round(losses, 4), strict=True)), best)
+        return out
+
     # -- the update -------------------------------------------------------------------------------
     def update(self, as_of: str | dt.date, state: FitState | None = None) -> tuple[ForecastResult, FitState]:
         """Fit with the data known on `as_of` (warm-started from `state`), forecast; returns the
@@ -381,6 +417,11 @@ class Forecaster:
                               if k in space.specs})
             optimizer = _resize_optimizer(state.optimizer, old_shapes, space)
         objective = SimulationObjective(fit_sim, {t: known[t] for t in s.fit_targets}, weeks=weeks, scale=self.scale)
+        grid = {}
+        if state is None and s.start_grid:  # without decisions: the LLM is first asked at the chosen start
+            grid_sim = self._simulation(7 * weeks, schedule, {}, seed0)
+            grid = self._grid_start(space, SimulationObjective(grid_sim, {t: known[t] for t in s.fit_targets},
+                                                               weeks=weeks, scale=self.scale), seed0)
         steps = s.steps if state is not None else (s.first_steps if s.first_steps is not None else s.steps)
         history: list[float] = []
         if steps > 0:
@@ -481,7 +522,8 @@ class Forecaster:
                     "fit_targets": list(s.fit_targets), "steps": steps, "members": s.members,
                     "draws": s.draws, "scale": self.scale, "agents": int(self.population.n),
                     "parameters": list(space.names), "seed": seed0, "warm_start": state is not None,
-                    "incomplete_week": "dropped", "reporting_lag_days": s.reporting_lag_days}
+                    "incomplete_week": "dropped", "reporting_lag_days": s.reporting_lag_days,
+                    **({"start_grid": grid} if grid else {})}
         result = ForecastResult(
             as_of=as_of, forecast=forecast, known=pd.DataFrame(known_rows, columns=cols),
             fitted=pd.DataFrame(fitted_rows, columns=cols), params=space.to_dict(), sd=sd,

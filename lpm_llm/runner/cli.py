@@ -137,6 +137,9 @@ def _forecast_parsers(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--members", type=int, help="ensemble members (default 16)")
         s.add_argument("--targets", help="comma-separated forecast targets (default: calibration.targets)")
         s.add_argument("--reporting-lag-days", type=int, help="last days treated as unreported (default 0)")
+        s.add_argument("--start", choices=("experiment", "prior"), default="experiment",
+                       help="first fit starts from the experiment's parameters (default) or the package's "
+                            "defaults ('prior': a clean back-test, nothing fitted after the as-of date)")
         s.add_argument("--out", help="output folder (default: runs/NAME-forecast-...); assimilate resumes it")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value (repeatable)")
@@ -156,9 +159,9 @@ def _run_forecast(exp, args) -> object:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.command == "forecast":
         out = Path(args.out) if args.out else Path("runs") / f"{exp.config.name}-forecast-{args.as_of}-{stamp}"
-        return forecast_experiment(exp, args.as_of, out, args.overwrite, **options)
+        return forecast_experiment(exp, args.as_of, out, args.overwrite, start=args.start, **options)
     out = Path(args.out) if args.out else Path("runs") / f"{exp.config.name}-assimilate-{args.first}-{args.last}"
-    return assimilate_experiment(exp, args.first, args.last, out, every=args.every, **options)
+    return assimilate_experiment(exp, args.first, args.last, out, every=args.every, start=args.start, **options)
 
 
 def _progress_factory(quiet: bool):

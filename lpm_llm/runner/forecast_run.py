@@ -3,6 +3,14 @@
 The experiment gives the city, archetypes, LLM decisions, models, starting parameters and policy
 schedule; :mod:`lpm_llm.forecast` fits and forecasts. ``forecast`` writes one run folder;
 ``assimilate`` writes a stream folder that a rerun with the same arguments resumes.
+
+Where a fit starts (``start``): ``experiment`` (default) starts the first update from the
+experiment's parameters and alignment maps; the bundled experiments' were fitted to data through
+July 2020, so a forecast before then starts from values that saw its future. ``prior`` starts from
+the package's own defaults instead (:func:`prior_config`: every calibrated epidemic parameter at its
+:class:`~lpm_llm.models.epidemic.EpidemicParams` default, every alignment map at the identity), so
+that with a stream's warm start, chained through earlier as-of dates only, nothing a forecast uses
+comes from after its as-of date: a clean back-test.
 """
 
 from __future__ import annotations
@@ -30,29 +38,61 @@ if TYPE_CHECKING:
     from lpm_llm.forecast import Forecaster, ForecastSettings
     from lpm_llm.runner.experiment import Experiment
 
-__all__ = ["assimilate_experiment", "forecast_experiment"]
+__all__ = ["START_FROM", "assimilate_experiment", "forecast_experiment", "prior_config"]
+
+START_FROM = ("experiment", "prior")
+PRIOR_GRID = (("initial_infections_per_100k", (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)),)
+"""The start grid of a ``prior`` start (:attr:`~lpm_llm.forecast.ForecastSettings.start_grid`): the
+day-0 seeding, which the data fix first and which no default can know, searched over half decades
+on the known weeks before the first fit."""
 
 log = logging.getLogger(__name__)
 
 
-def _settings(exp: Experiment, options: Mapping[str, Any]) -> ForecastSettings:
+def _settings(exp: Experiment, options: Mapping[str, Any], start: str = "experiment") -> ForecastSettings:
     from lpm_llm.forecast import ForecastSettings
 
     cal = exp.config.calibration
     kw = {"fit_targets": tuple(cal.targets), "lr": cal.lr, "seeds_per_step": cal.seeds_per_step,
           "parameters": tuple(cal.parameters) if cal.parameters else None, "seed": exp.config.seeds[0],
           "checkpoint_days": cal.checkpoint_days}
+    if start == "prior":
+        kw["start_grid"] = PRIOR_GRID
     kw.update({k: v for k, v in options.items() if v is not None})
     return ForecastSettings(**kw)
 
 
-def _forecaster(exp: Experiment, run: Any, settings: ForecastSettings, observed: Any = None) -> Forecaster:
-    """Population, archetypes, LLM decisions and models of the experiment, as a Forecaster."""
+def prior_config(cfg: Any) -> Any:
+    """`cfg` with what a fit to data may have set put back to the package's defaults: every calibrated
+    epidemic parameter (those :func:`~lpm_llm.models.epidemic_params.calibrated_specs` declares:
+    transmission scale and monthly change, seeding, ascertainment by month and borough, fatality
+    scale, importation) at its :class:`EpidemicParams` default, and every decision's alignment map
+    removed (the identity). Other settings (the disease's literature values, the policies, the LLM)
+    are kept. Only the epidemic model's parameters are known here: a config with another model
+    (e.g. ``epidemic+labor``) is refused rather than started half from its fitted values."""
+    from lpm_llm.models.epidemic_params import EpidemicParams, calibrated_specs
+
+    if cfg.model_names != ["epidemic"]:
+        raise ValueError(f"start 'prior' knows the epidemic model's calibrated parameters only, not {cfg.model!r}")
+    fields = EpidemicParams.model_fields
+    names = [n for n in calibrated_specs(cfg.epidemic, 2, len(cfg.epidemic.initial_infections_per_100k))
+             if n in fields] + ["importation_per_100k"]
+    epidemic = cfg.epidemic.model_copy(update={n: fields[n].default for n in dict.fromkeys(names)})
+    decisions = {k: dc.model_copy(update={"alignment": None}) for k, dc in cfg.decisions.items()}
+    return cfg.model_copy(update={"epidemic": epidemic, "decisions": decisions})
+
+
+def _forecaster(exp: Experiment, run: Any, settings: ForecastSettings, observed: Any = None,
+                start: str = "experiment") -> Forecaster:
+    """Population, archetypes, LLM decisions and models of the experiment, as a Forecaster; `start`:
+    ``experiment`` (its parameters) or ``prior`` (:func:`prior_config`)."""
     from lpm_llm.forecast import Forecaster
     from lpm_llm.llm.client import open_client
     from lpm_llm.runner.run import build_models
 
-    cfg = exp.config
+    if start not in START_FROM:
+        raise ValueError(f"start must be one of {', '.join(START_FROM)}, got {start!r}")
+    cfg = prior_config(exp.config) if start == "prior" else exp.config
     if "epidemic" not in cfg.model_names:
         raise ValueError(f"lpm-llm forecast needs an epidemic model (weekly cases, admissions, deaths), "
                          f"got {cfg.model!r}")
@@ -81,34 +121,37 @@ def _forecaster(exp: Experiment, run: Any, settings: ForecastSettings, observed:
 
 
 def forecast_experiment(exp: Experiment, as_of: str | dt.date, out_dir: Path, overwrite: bool = False,
-                        observed: Any = None, **options: Any) -> ExperimentResult:
+                        observed: Any = None, start: str = "experiment", **options: Any) -> ExperimentResult:
     """Fit with the data known on `as_of` and forecast; writes a run folder with ``forecast.csv``
     (the Hub's long format), ``known.csv``, ``fitted.csv``, ``forecast.json``, the fan charts,
-    ``config.yaml`` and ``manifest.json``. `options`: :class:`~lpm_llm.forecast.ForecastSettings` fields."""
+    ``config.yaml`` and ``manifest.json``. `start`: where the fit starts (``experiment`` or ``prior``).
+    `options`: :class:`~lpm_llm.forecast.ForecastSettings` fields."""
     exp.check_devices()
     with _run_folder(exp, out_dir, overwrite, command_kind="forecast") as run:
-        settings = _settings(exp, options)
-        forecaster = _forecaster(exp, run, settings, observed)
+        settings = _settings(exp, options, start)
+        forecaster = _forecaster(exp, run, settings, observed, start)
         with run.timer.phase("forecast"):
             result, _ = forecaster.update(as_of)
         with run.timer.phase("outputs"):
             paths = result.save(out_dir, plot=exp.config.outputs.plots)
-        run.manifest["forecast"] = result.summary()
+        run.manifest["forecast"] = {**result.summary(), "start": start}
     return ExperimentResult(out_dir=out_dir, metrics=result.forecast, decisions=result.known,
                             manifest=run.manifest, plots=[p for p in paths if p.suffix == ".png"])
 
 
 def assimilate_experiment(exp: Experiment, first: str | dt.date, last: str | dt.date, out_dir: Path,
-                          every: int = 7, observed: Any = None, **options: Any) -> ExperimentResult:
+                          every: int = 7, observed: Any = None, start: str = "experiment",
+                          **options: Any) -> ExperimentResult:
     """Weekly fits and forecasts from `first` to `last` into `out_dir`; a rerun with the same
     experiment and arguments resumes after the last finished week (see
-    :func:`lpm_llm.forecast.assimilate`). Writes ``stream.json`` (the arguments), ``config.yaml``,
+    :func:`lpm_llm.forecast.assimilate`). `start`: where the first week's fit starts (``experiment`` or
+    ``prior``; later weeks start from the week before). Writes ``stream.json`` (the arguments), ``config.yaml``,
     ``forecasts.csv``, ``weeks.json``, ``manifest.json`` and ``weeks/<as-of>/``."""
     from lpm_llm.forecast import assimilate
 
     exp.check_devices()
-    settings = _settings(exp, options)
-    stream = {"config": _resolved(exp.config), "from": str(first), "to": str(last), "every": every,
+    settings = _settings(exp, options, start)
+    stream = {"config": _resolved(exp.config), "from": str(first), "to": str(last), "every": every, "start": start,
               "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()
                            if k != "scenario"}}
     stream = json.loads(json.dumps(stream, default=str))
@@ -128,7 +171,7 @@ def assimilate_experiment(exp: Experiment, first: str | dt.date, last: str | dt.
     run = _Stream(exp.config, out_dir, _outputs.PhaseTimer(), manifest)
     weeks: dict[str, str] = {}
     try:
-        forecaster = _forecaster(exp, run, settings, observed)
+        forecaster = _forecaster(exp, run, settings, observed, start)
         with run.timer.phase("assimilate"):
             table = assimilate(forecaster, first, last, out_dir, every=every, plots=exp.config.outputs.plots,
                                on_week=lambda d, r, done: weeks.__setitem__(

@@ -126,8 +126,10 @@ def test_holders_losses_and_gradients_sum_to_the_citys(tiny_nyc, private):
     """Every target private (each holder its boroughs), or deaths published (held by rank 0 for all)."""
     targets = ("cases", "deaths")
     scale = tiny_nyc.scale
-    space = first_wave_space(EpidemicParams(), months_between(START, START + dt.timedelta(days=7 * WEEKS - 1)) + 1,
-                             alignment=False)
+    # seeded in every borough (the default 10 per 100,000 is under 2 agents of this city: a holder's
+    # boroughs may have no epidemic, and then no gradient)
+    space = first_wave_space(EpidemicParams(initial_infections_per_100k=(300.0,) * 5),
+                             months_between(START, START + dt.timedelta(days=7 * WEEKS - 1)) + 1, alignment=False)
 
     def loss_and_grad(objective) -> tuple[float, torch.Tensor]:
         space.zero_grad()

@@ -56,7 +56,6 @@ from lpm_llm.core.behavior import majority_area
 from lpm_llm.core.interventions import InterventionSchedule, Reopening, StayAtHome
 from lpm_llm.core.parameters import Bounded, ParameterSpace
 from lpm_llm.core.sim import months_between
-from lpm_llm.forecast.asof import schedule_as_of
 from lpm_llm.population import BOROUGHS, Population
 
 log = logging.getLogger(__name__)
@@ -330,7 +329,7 @@ def ablate_first_wave(
     The other sources then get as many steps as the LLM used, so that every source has the same
     budget. A forecast uses only data before its date: the observations of later weeks enter its
     scores, never its fit; the decision contexts are the simulation's own cases; the policy schedule
-    is the one known on the date (:func:`~lpm_llm.forecast.asof.schedule_as_of`: later policies
+    is the one known on the date (:meth:`~lpm_llm.core.interventions.InterventionSchedule.as_of`: later policies
     removed, those in force held open-ended), in the simulation and in the heuristic's features.
 
     Scores (on ``eval_seeds`` common seeds 10000 + j, mean weekly series): ``fit_loss`` and
@@ -368,7 +367,7 @@ def ablate_first_wave(
         n_months = months_between(start, fit_end) + 1
         budget = steps
         # the policies as known on the forecast date: later ones removed, those in force held open-ended
-        schedule = schedule_as_of(full_schedule, date)
+        schedule = full_schedule.as_of(date)
         policy, policy_names = isolation_policy_features(schedule)
         for name in [s for s in ("llm", "heuristic", "constant", "none") if s in sources]:
             t0 = time.perf_counter()

@@ -230,6 +230,22 @@ class InterventionSchedule(BaseModel):
 
     policies: tuple[Policy, ...] = ()
 
+    def as_of(self, date: DateLike, scenario: tuple[Policy, ...] | list[Policy] = ()) -> InterventionSchedule:
+        """The schedule as known on `date`, held at its state on that date, plus a scenario.
+
+        Policies starting after `date` are removed; those in force on `date` lose their end date
+        (held open-ended); those that ended on or before it stay as they were. `scenario`: policies
+        assumed for the future (added as given)."""
+        d = _as_date(date)
+        kept = []
+        for p in self.policies:
+            if p.start > d:
+                continue
+            if p.end is not None and p.end > d:
+                p = p.model_copy(update={"end": None})
+            kept.append(p)
+        return InterventionSchedule(policies=tuple(kept) + tuple(scenario))
+
     def active(self, date: DateLike) -> list[str]:
         """Descriptions of the policies in force on `date`, in schedule order (empty if none)."""
         d = _as_date(date)

@@ -72,18 +72,6 @@ def observed_as_of(as_of: str | dt.date, observed: pd.DataFrame | None = None) -
 def schedule_as_of(
     schedule: InterventionSchedule, as_of: str | dt.date, scenario: Sequence[Policy] = ()
 ) -> InterventionSchedule:
-    """The schedule as known on `as_of`, held at its state on that date, plus a scenario.
-
-    Policies starting after `as_of` are removed; those in force on `as_of` lose their end date
-    (held open-ended); those that ended on or before it stay as they were. `scenario`: policies
-    the user assumes for the future (added as given).
-    """
-    d = as_date(as_of)
-    kept = []
-    for p in schedule.policies:
-        if p.start > d:
-            continue
-        if p.end is not None and p.end > d:
-            p = p.model_copy(update={"end": None})
-        kept.append(p)
-    return InterventionSchedule(policies=tuple(kept) + tuple(scenario))
+    """The schedule as known on `as_of`, held at its state on that date, plus a scenario
+    (:meth:`InterventionSchedule.as_of`)."""
+    return schedule.as_of(as_date(as_of), tuple(scenario))

@@ -121,16 +121,23 @@ def _env() -> dict[str, str]:
     return {**os.environ, KEY_ENV: "sk-test-not-a-secret", "OMP_NUM_THREADS": "1"}
 
 
+def _one_and_two_ranks(tmp_path: Path, path: Path, endpoint: _Endpoint, monkeypatch, command: str = "run") -> int:
+    """`command` of `path` in this process into tmp_path/one, then with --nproc 2 into tmp_path/two;
+    returns the questions the endpoint got from the one process."""
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
+    assert main([command, str(path), "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    asked_by_one = endpoint.asked
+    done = subprocess.run([sys.executable, "-m", "lpm_llm", command, str(path), "--out", str(tmp_path / "two"),
+                           "--quiet", "--nproc", "2"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return asked_by_one
+
+
 @pytest.mark.slow
 def test_two_ranks_write_the_run_folder_of_one_process(tmp_path, monkeypatch):
     endpoint = _Endpoint()
     path = _experiment(tmp_path, endpoint)
-    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
-    assert main(["run", str(path), "--out", str(tmp_path / "one"), "--quiet"]) == 0
-    asked_by_one = endpoint.asked
-    done = subprocess.run([sys.executable, "-m", "lpm_llm", "run", str(path), "--out", str(tmp_path / "two"),
-                           "--quiet", "--nproc", "2"], env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    asked_by_one = _one_and_two_ranks(tmp_path, path, endpoint, monkeypatch)
     one, two = tmp_path / "one", tmp_path / "two"
     pd.testing.assert_frame_equal(pd.read_parquet(one / "metrics.parquet"), pd.read_parquet(two / "metrics.parquet"))
     pd.testing.assert_frame_equal(pd.read_csv(one / "summary.csv"), pd.read_csv(two / "summary.csv"))
@@ -263,12 +270,7 @@ def test_two_area_shards_give_the_run_of_one_process(tmp_path, monkeypatch):
     variants and waning: the metrics are bit-identical to one process's."""
     endpoint = _Endpoint()
     path = _area_experiment(tmp_path, endpoint)
-    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
-    assert main(["run", str(path), "--out", str(tmp_path / "one"), "--quiet"]) == 0
-    asked_by_one = endpoint.asked
-    done = subprocess.run([sys.executable, "-m", "lpm_llm", "run", str(path), "--out", str(tmp_path / "two"),
-                           "--quiet", "--nproc", "2"], env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    asked_by_one = _one_and_two_ranks(tmp_path, path, endpoint, monkeypatch)
     one, two = tmp_path / "one", tmp_path / "two"
     m1 = pd.read_parquet(one / "metrics.parquet")
     pd.testing.assert_frame_equal(m1, pd.read_parquet(two / "metrics.parquet"), check_exact=True)
@@ -333,11 +335,7 @@ def test_lpm_llm_calibrate_on_two_ranks_fits_what_one_process_fits(tmp_path, mon
     config["epidemic"] = {"initial_infections_per_100k": [400.0] * 5}
     del config["scenarios"]
     path.write_text(yaml.safe_dump(config))
-    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
-    assert main(["calibrate", str(path), "--out", str(tmp_path / "one"), "--quiet"]) == 0
-    done = subprocess.run([sys.executable, "-m", "lpm_llm", "calibrate", str(path), "--out", str(tmp_path / "two"),
-                           "--quiet", "--nproc", "2"], env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _one_and_two_ranks(tmp_path, path, endpoint, monkeypatch, command="calibrate")
     one, two = (json.loads((tmp_path / d / "calibration.json").read_text()) for d in ("one", "two"))
     assert one["losses"]["adam"] != one["losses"]["initial"]  # the fit moved
     for name, value in one["params"].items():

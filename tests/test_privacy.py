@@ -203,26 +203,19 @@ def test_private_calibration_needs_holders(tmp_path, capsys):
     assert "--nproc" in capsys.readouterr().err
 
 
-def _calibrate(path: Path, out: Path) -> dict:
+def _calibrate(path: Path, out: Path, nproc: int = 2) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "lpm_llm", "calibrate", str(path), "--out", str(out), "--quiet",
-                           "--nproc", "2"], env=env, capture_output=True, text=True, timeout=300)
+                           "--nproc", str(nproc)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "calibration.json").read_text())
 
 
-@pytest.mark.slow
-def test_two_holders_fit_what_one_process_fits_and_the_coordinator_sees_only_sums(tmp_path):
+def _centralized_fit(path: Path, steps: int) -> Calibrator:
+    """The same Adam fit in one process, on the whole city's loss."""
     from lpm_llm.runner.experiment import Experiment
     from lpm_llm.runner.run import build_population
 
-    path = _config(tmp_path, "secure", steps=10)
-    private = _calibrate(path, tmp_path / "secure")
-    plain = _calibrate(_config(tmp_path, "plain", steps=10), tmp_path / "plain")
-    # the masks change nothing: the same fit, bit for bit, as the holders' sums in the clear
-    assert private["published_loss"] == plain["published_loss"]
-    assert private["params"] == plain["params"]
-    # the same Adam fit in one process, on the whole city's loss
     cfg = Experiment.from_yaml(path).config
     population = build_population(cfg)
     sim = Simulation(population, [Epidemic(cfg.epidemic)], interventions=cfg.interventions.schedule(),
@@ -231,7 +224,19 @@ def test_two_holders_fit_what_one_process_fits_and_the_coordinator_sees_only_sum
                                     scale=population.scale)
     space = first_wave_space(cfg.epidemic, months_between(START, START + dt.timedelta(days=7 * WEEKS - 1)) + 1,
                              alignment=False)
-    fit = Calibrator(space, method="adam", steps=10, lr=0.1, seed=5).fit(objective)
+    return Calibrator(space, method="adam", steps=steps, lr=0.1, seed=5).fit(objective)
+
+
+@pytest.mark.slow
+def test_two_holders_fit_what_one_process_fits_and_the_coordinator_sees_only_sums(tmp_path):
+    path = _config(tmp_path, "secure", steps=10)
+    private = _calibrate(path, tmp_path / "secure")
+    plain = _calibrate(_config(tmp_path, "plain", steps=10), tmp_path / "plain")
+    # the masks change nothing: the same fit, bit for bit, as the holders' sums in the clear
+    assert private["published_loss"] == plain["published_loss"]
+    assert private["params"] == plain["params"]
+    # the same Adam fit in one process, on the whole city's loss
+    fit = _centralized_fit(path, steps=10)
     # and the centralized fit: the same loss at the start; after 10 steps the float32 rounding of
     # summing the holders' gradients instead of differentiating one sum (1e-7 relative) has moved a
     # few agents' discrete draws, so the parameters agree to about 1e-4 (2e-4 measured), not 1e-6
@@ -266,30 +271,15 @@ def test_holders_that_keep_their_microdata_fit_what_one_process_fits(tmp_path):
     """privacy.microdata: 5 holders, one per borough, each keep their residents (area shards); the only quantity
     of the simulation that crosses them is the city-wide community pressure per age band, through the
     secure sum (and its gradient in the backward pass). 3 Adam steps agree with the centralized fit."""
-    from lpm_llm.runner.experiment import Experiment
-    from lpm_llm.runner.run import build_population
-
     path = _config(tmp_path, "secure", steps=3)
     config = yaml.safe_load(path.read_text())
     config["privacy"]["microdata"] = True
     config["distributed"]["shard"] = "area"
     config["population"]["scale"] = 0.001
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "micro"
-    done = subprocess.run([sys.executable, "-m", "lpm_llm", "calibrate", str(path), "--out", str(out), "--quiet",
-                           "--nproc", "5"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    private = json.loads((out / "calibration.json").read_text())
-    cfg = Experiment.from_yaml(path).config
-    population = build_population(cfg)
-    sim = Simulation(population, [Epidemic(cfg.epidemic)], interventions=cfg.interventions.schedule(),
-                     start_date=START, days=7 * WEEKS, seed=5)
-    objective = SimulationObjective(sim, observed_weekly(START, WEEKS, cfg.calibration.targets), weeks=WEEKS,
-                                    scale=population.scale)
-    space = first_wave_space(cfg.epidemic, months_between(START, START + dt.timedelta(days=7 * WEEKS - 1)) + 1,
-                             alignment=False)
-    fit = Calibrator(space, method="adam", steps=3, lr=0.1, seed=5).fit(objective)
+    private = _calibrate(path, out, nproc=5)
+    fit = _centralized_fit(path, steps=3)
     # the fixed-point city pressure and the holders' partial sums move a few float32 roundings
     assert private["published_loss"][0] == pytest.approx(fit.loss_history_[0], rel=1e-5)
     assert private["published_loss"] == pytest.approx(fit.loss_history_, rel=1e-3)

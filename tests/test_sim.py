@@ -316,3 +316,15 @@ def test_persistent_isolation_keeps_the_same_people_isolating(pop, r):
             Simulation(pop, [Epidemic(), plain], archetypes=arch, decisions={"isolate": ConstantDecision(0.5, k=50)},
                        days=15, seed=3).run()
         assert all(torch.equal(a, b) for a, b in zip(plain.draws, recorder.draws, strict=True))
+
+
+def test_precision_sets_and_restores_the_default_dtype():
+    from lpm_llm.core.precision import precision
+
+    before = torch.get_default_dtype()
+    with pytest.raises(RuntimeError), precision("float64") as dtype:
+        assert dtype is torch.float64 and torch.tensor(0.5).dtype is torch.float64
+        raise RuntimeError("the block fails")
+    assert torch.get_default_dtype() is before
+    with pytest.raises(ValueError, match="float32, float64"), precision("float16"):
+        pass

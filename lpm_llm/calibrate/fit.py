@@ -114,7 +114,7 @@ class FrozenDecisions:
             )
         step = context[self.key]
         if step not in self.answers:
-            p = torch.as_tensor(self.source.probabilities(context), dtype=torch.float32)
+            p = torch.as_tensor(self.source.probabilities(context), dtype=torch.get_default_dtype())
             self.answers[step] = p.detach().clone()
             self.calls += 1
         return self.answers[step]

@@ -73,7 +73,7 @@ class PeriodObjective(SimulationObjective):
     def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *, epidemic: Any, **kwargs: Any):
         super().__init__(simulation, observed, **kwargs)
         self.epidemic = epidemic
-        self.ihr = torch.tensor(epidemic.params.ihr, dtype=torch.float32)
+        self.ihr = torch.tensor(epidemic.params.ihr, dtype=torch.get_default_dtype())
 
     def run(self, values: Mapping[str, torch.Tensor], seed: int):
         values = dict(values)

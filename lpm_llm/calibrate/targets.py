@@ -117,7 +117,7 @@ def observed_weekly(
         areas: the boroughs to return, in this order (a data holder reads only its own rows).
 
     Returns:
-        target -> (weeks, len(areas)) float32 tensor (real city counts, not scaled).
+        target -> (weeks, len(areas)) tensor of the default dtype (real city counts, not scaled).
     """
     _check_targets(targets)
     areas = list(areas)
@@ -135,7 +135,7 @@ def observed_weekly(
         if table.isna().any().any():
             missing = sorted(int(x) for x in table.index[table.isna().any(axis=1)])
             raise ValueError(f"observed {col!r}: no complete data for week(s) {missing} from {start.date()}")
-        out[target] = torch.tensor(table.to_numpy(np.float32), device=device)
+        out[target] = torch.tensor(table.to_numpy(np.float64), dtype=torch.get_default_dtype(), device=device)
     return out
 
 

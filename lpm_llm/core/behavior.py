@@ -47,7 +47,7 @@ class ConstantDecision:
     """A fixed probability per archetype (or one for all): a baseline, and a stand-in in tests."""
 
     def __init__(self, p: float | torch.Tensor, k: int | None = None):
-        p = torch.as_tensor(p, dtype=torch.float32)
+        p = torch.as_tensor(p, dtype=torch.get_default_dtype())
         if p.dim() == 0:
             if k is None:
                 raise ValueError("ConstantDecision with a scalar probability needs k, the archetype count")
@@ -143,13 +143,13 @@ def broadcast(
     # and skipping advanced indexing halves the time at N = 8.3M (bench/bench_broadcast.py).
     if index.dtype not in (torch.int32, torch.int64):
         index = index.to(torch.int32)
-    p = torch.index_select(probs.to(device=index.device, dtype=torch.float32), 0, index)
+    p = torch.index_select(probs.to(device=index.device, dtype=torch.get_default_dtype()), 0, index)
     if uniforms is not None:
         if uniforms.shape != p.shape:
             raise ValueError(f"uniforms must have shape {tuple(p.shape)}, got {tuple(uniforms.shape)}")
         u = uniforms
     else:
-        u = torch.rand(p.shape, generator=generator, device=index.device, dtype=torch.float32)
+        u = torch.rand(p.shape, generator=generator, device=index.device, dtype=torch.get_default_dtype())
     hard = torch.lt(u, p.detach(), out=u)  # 1.0 where u < p, in place: no (N,) bool temporary
     if straight_through and p.requires_grad:
         return hard + (p - p.detach())
@@ -187,16 +187,16 @@ def broadcast_persistent(
         raise ValueError(f"persistence must lie in [0, 1), got {persistence}")
     if index.dtype not in (torch.int32, torch.int64):
         index = index.to(torch.int32)
-    p = torch.index_select(probs.to(device=index.device, dtype=torch.float32), 0, index)
+    p = torch.index_select(probs.to(device=index.device, dtype=torch.get_default_dtype()), 0, index)
     if uniforms is not None:
         if uniforms.shape != p.shape:
             raise ValueError(f"uniforms must have shape {tuple(p.shape)}, got {tuple(uniforms.shape)}")
-        eps = torch.special.ndtri(uniforms.double() + 2.0**-25).to(torch.float32)
+        eps = torch.special.ndtri(uniforms.double() + 2.0**-25).to(torch.get_default_dtype())
     else:
-        eps = torch.randn(p.shape, generator=generator, device=index.device, dtype=torch.float32)
+        eps = torch.randn(p.shape, generator=generator, device=index.device, dtype=torch.get_default_dtype())
     z = eps if latent is None else persistence * latent + math.sqrt(1.0 - persistence**2) * eps
     u = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    hard = (u < p.detach()).to(torch.float32)
+    hard = (u < p.detach()).to(torch.get_default_dtype())
     if straight_through and p.requires_grad:
         return hard + (p - p.detach()), z
     return hard, z

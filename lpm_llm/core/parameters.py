@@ -77,14 +77,15 @@ class ParameterSpace(nn.Module):
 
     Args:
         specs: name -> :class:`Bounded`, in the order used by the flat vector.
-        dtype, device: of the raw parameters.
+        dtype, device: of the raw parameters (dtype default: torch's default dtype, float32 unless the
+            experiment sets ``precision: float64``).
     """
 
     def __init__(
         self,
         specs: Mapping[str, Bounded],
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
     ):
         super().__init__()
@@ -94,7 +95,8 @@ class ParameterSpace(nn.Module):
         self.raw = nn.ParameterDict()
         for name, spec in self.specs.items():
             init = torch.as_tensor(spec.init, dtype=torch.float64).expand(spec.shape).clone()
-            self.raw[name] = nn.Parameter(spec.inverse(init).to(dtype=dtype, device=device))
+            raw = spec.inverse(init).to(dtype=dtype or torch.get_default_dtype(), device=device)
+            self.raw[name] = nn.Parameter(raw)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -435,7 +435,8 @@ class Simulation:
         return context
 
     def _decide(self, name: str, context: Mapping[str, Any], t: int, date: dt.date, rows: list) -> torch.Tensor:
-        probs = torch.as_tensor(self.decisions[name].probabilities(context), dtype=torch.float32).to(self.device)
+        probs = torch.as_tensor(self.decisions[name].probabilities(context), dtype=torch.get_default_dtype())
+        probs = probs.to(self.device)
         k = int(self.archetypes.k)
         if probs.shape != (k,):
             raise ValueError(f"decision source {name!r} returned shape {tuple(probs.shape)}, expected ({k},)")
@@ -462,7 +463,7 @@ class Simulation:
             pop, a = self.population, len(self.age_bands)
             area = pop["borough"].long().cpu() if "borough" in pop else torch.zeros(pop.n, dtype=torch.long)
             band = pop["age_band"].long().cpu() if "age_band" in pop else torch.zeros_like(area)
-            self._sizes = torch.bincount(area * a + band, minlength=len(self.areas) * a).to(torch.float32)
+            self._sizes = torch.bincount(area * a + band, minlength=len(self.areas) * a).to(torch.get_default_dtype())
             if self.shard is not None:  # the whole population's
                 self._sizes = self.shard.sum(self._sizes)
         return self._sizes

@@ -198,7 +198,7 @@ class GradientTerms:
         disease = state.disease
         rates = inputs.rates.detach()
         outside = None if outside_factor is None else outside_factor.detach()
-        working = None if inputs.working is None else inputs.working.to(torch.float32)
+        working = None if inputs.working is None else inputs.working.to(torch.get_default_dtype())
         survivors = disease == S
         survivors.index_fill_(0, new_inf, False)
         # I, R, M and awaiting death, and those susceptible again after waning: emitted before or today
@@ -241,7 +241,7 @@ class GradientTerms:
             h = (receive(layer, new_inf.index_select(0, k)) * emit_now).double()
             big_h = hazard.index_select(0, k)
             ratio = torch.where(h > 0, _log1mexp((big_h - h).clamp(min=0.0)) - _log1mexp(big_h), 0.0)
-            log_ratio[layer].index_add_(0, m, ratio.to(torch.float32))
+            log_ratio[layer].index_add_(0, m, ratio.to(torch.get_default_dtype()))
             if weight is None:
                 continue
             coef = -torch.expm1(log_ratio[layer].index_select(0, m))

@@ -69,7 +69,7 @@ def _forward_values(flags: torch.Tensor, counts: torch.Tensor, n_layers: int) ->
     n, dev = flags.numel(), flags.device
     return {
         "weight": torch.ones(n, device=dev),
-        "fate": ((flags & _FATED) != 0).to(torch.float32),
+        "fate": ((flags & _FATED) != 0).to(torch.get_default_dtype()),
         "group_weight": torch.ones((n_layers, n), device=dev),
         "counts": counts.clone(),
     }

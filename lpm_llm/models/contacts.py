@@ -67,8 +67,8 @@ def default_community_matrix(n_age: int, assortativity: float = 0.4) -> torch.Te
 def normalised_contacts(matrix: torch.Tensor, age_counts: torch.Tensor) -> torch.Tensor:
     """(A, A) contacts scaled so that the mean row sum over agents (``age_counts`` (A,) agents per
     band) is 1; the relative volumes between bands and each row's split are kept."""
-    matrix = torch.as_tensor(matrix, dtype=torch.float32)
-    weights = age_counts.to(torch.float32).cpu() / age_counts.sum().clamp(min=1).cpu()
+    matrix = torch.as_tensor(matrix, dtype=torch.get_default_dtype())
+    weights = age_counts.to(torch.get_default_dtype()).cpu() / age_counts.sum().clamp(min=1).cpu()
     mean = float((matrix.sum(1) * weights).sum())
     if mean <= 0:
         raise ValueError("community contact matrix has no contacts in the population's age bands")
@@ -103,7 +103,7 @@ def prem_community_matrix(age_edges: tuple[int, ...] = (0, 5, 13, 18, 25, 35, 45
     )  # (A, 16) years in common
     rows_w = overlap / overlap.sum(1, keepdim=True)  # a band of ours: average of the survey rows it covers
     cols_w = overlap / overlap.sum(0, keepdim=True)  # a survey column: split over our bands by years
-    return (rows_w @ survey @ cols_w.T).to(torch.float32)
+    return (rows_w @ survey @ cols_w.T).to(torch.get_default_dtype())
 
 
 @dataclass
@@ -191,7 +191,8 @@ class ContactLayers:
         n_borough = n_borough or int(borough.max()) + 1
         n_age = n_age or int(age.max()) + 1
         cell = borough * n_age + age
-        cell_size = torch.bincount(cell, minlength=n_borough * n_age).to(torch.float32).view(n_borough, n_age)
+        cell_size = torch.bincount(cell, minlength=n_borough * n_age).to(torch.get_default_dtype())
+        cell_size = cell_size.view(n_borough, n_age)
         reduce = reduce_city = None
         if shard is not None:
             with torch.no_grad():
@@ -208,7 +209,7 @@ class ContactLayers:
 
         if community_matrix is None:
             community_matrix = default_community_matrix(n_age)
-        community_matrix = torch.as_tensor(community_matrix, dtype=torch.float32, device=device)
+        community_matrix = torch.as_tensor(community_matrix, dtype=torch.get_default_dtype(), device=device)
         if community_matrix.shape != (n_age, n_age):
             raise ValueError(
                 f"community_matrix must have shape ({n_age}, {n_age}), got {tuple(community_matrix.shape)}"
@@ -394,7 +395,7 @@ class ContactLayers:
 
 def _inverse_contacts(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
     """(G,) float32 ``1 / max(size - 1, 1)`` for groups given as (N,) ids in 0..G-1."""
-    size = torch.bincount(groups, minlength=n_groups).to(torch.float32)
+    size = torch.bincount(groups, minlength=n_groups).to(torch.get_default_dtype())
     return 1.0 / (size - 1.0).clamp(min=1.0)
 
 

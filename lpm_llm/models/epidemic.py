@@ -48,14 +48,14 @@ def community_matrix(params: EpidemicParams, age_band: torch.Tensor, shard: Any 
 
     n_age = len(params.susceptibility)
     if params.community_matrix is not None:
-        matrix = torch.tensor(params.community_matrix, dtype=torch.float32)
+        matrix = torch.tensor(params.community_matrix, dtype=torch.get_default_dtype())
     elif params.community_contacts == "prem2017_usa":
         matrix = prem_community_matrix()
     else:
         matrix = default_community_matrix(n_age, params.community_assortativity)
     counts = torch.bincount(age_band.long().cpu(), minlength=n_age)
     if shard is not None:
-        counts = shard.sum(counts.to(torch.float32))
+        counts = shard.sum(counts.to(torch.get_default_dtype()))
     return normalised_contacts(matrix, counts)
 
 
@@ -166,10 +166,10 @@ class Epidemic:
         self.theta = engine.tensors(self.tensor_overrides, n_months=int(self.month_index[-1]) + 1)
         multipliers = torch.tensor(
             [[day[layer] for layer in LAYERS] for day in sim.day_multipliers],
-            dtype=torch.float32, device=sim.device,
+            dtype=torch.get_default_dtype(), device=sim.device,
         )
         self.rates = layer_rates(self.theta, multipliers, self.month_index)  # (T, 4)
-        self.imports = (self.initial_infected.to(torch.float32) if self.initial_infected is not None
+        self.imports = (self.initial_infected.to(torch.get_default_dtype()) if self.initial_infected is not None
                         else engine.import_probability(self.theta))
         # continuous importation by lineage (T, L), None when nothing is ever imported
         importation = engine.importation_hazard(self.theta, sim.dates)
@@ -183,7 +183,7 @@ class Epidemic:
         self.reporting = engine.reporting_rate(self.theta, self.month_index).detach().cpu()  # (T, B)
         # area-level policies (cluster zones): (T, B) multipliers of outside-home contacts, None if none
         by_area = torch.tensor([sim.interventions.area_multipliers(d, list(sim.areas)) for d in sim.dates],
-                               dtype=torch.float32, device=sim.device).reshape(len(sim.dates), -1)
+                               dtype=torch.get_default_dtype(), device=sim.device).reshape(len(sim.dates), -1)
         self.area_factor = by_area if bool((by_area != 1.0).any()) else None
         self.isolating: torch.Tensor | None = None
         self.isolating_cell = torch.zeros(c.shape, device=sim.device)
@@ -230,7 +230,7 @@ class Epidemic:
         reported = self._reported(day)
         agents = self.contacts.cell_size.sum(1).cpu().clamp(min=1.0)
         week = reported[-7:].sum(0) if reported.numel() else torch.zeros_like(agents)
-        return {"cases_week": (week / agents * 1e5).to(torch.float32)}
+        return {"cases_week": (week / agents * 1e5).to(torch.get_default_dtype())}
 
     def context(self, decision: str, day: int, date: Any) -> dict[str, Any]:
         if decision != "isolate":

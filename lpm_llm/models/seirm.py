@@ -312,12 +312,12 @@ class EpidemicModel(GradientTerms, Mechanisms):
         self._infectious_cdf = _duration_cdf(
             params.duration_distribution, params.infectious_mean, params.infectious_shape
         )
-        self._latent_cdf = self._latent_cdf.to(device=self.device, dtype=torch.float32)
-        self._infectious_cdf = self._infectious_cdf.to(device=self.device, dtype=torch.float32)
+        self._latent_cdf = self._latent_cdf.to(device=self.device, dtype=torch.get_default_dtype())
+        self._infectious_cdf = self._infectious_cdf.to(device=self.device, dtype=torch.get_default_dtype())
         self._immunity_cdf = None
         if params.immunity_mean is not None:  # geometric: a constant daily waning probability
             self._immunity_cdf = _discretised_cdf("exponential", params.immunity_mean, 1.0, _MAX_IMMUNITY).to(
-                device=self.device, dtype=torch.float32)
+                device=self.device, dtype=torch.get_default_dtype())
         variants = params.variants
         self.n_lineages = 1 + len(variants)
         if self.n_lineages > 127:
@@ -342,7 +342,7 @@ class EpidemicModel(GradientTerms, Mechanisms):
                 value = (float(value),) * b
             if TENSOR_PARAMS[name] == "B" and len(value) != b:
                 raise ValueError(f"{name} has {len(value)} values, the population {b} boroughs")
-            out[name] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+            out[name] = torch.as_tensor(value, dtype=torch.get_default_dtype(), device=self.device)
         for name, value in (overrides or {}).items():
             if name not in TENSOR_PARAMS:
                 raise KeyError(
@@ -351,8 +351,8 @@ class EpidemicModel(GradientTerms, Mechanisms):
             t = torch.as_tensor(value)
             if t.device != torch.device(self.device):
                 t = t.to(self.device)
-            if t.dtype != torch.float32:
-                t = t.to(torch.float32)
+            if t.dtype != torch.get_default_dtype():
+                t = t.to(torch.get_default_dtype())
             kind = TENSOR_PARAMS[name]
             if kind == "M":
                 if t.dim() > 1 or t.numel() == 0:
@@ -383,10 +383,11 @@ class EpidemicModel(GradientTerms, Mechanisms):
         susceptibility, which saves a per-agent multiplication every day (agents with
         susceptibility 0 get an infinite threshold)."""
         n = self.contacts.n
-        threshold = Draws(seed, -1, self.ids, self.device).uniform(_THRESHOLD, n).neg_().log1p_().neg_()  # Exp(1)
+        uniform = Draws(seed, -1, self.ids, self.device).uniform(_THRESHOLD, n).to(torch.get_default_dtype())
+        threshold = uniform.neg_().log1p_().neg_()  # Exp(1)
         threshold.div_(self._susceptibility(theta).detach())
         counts = torch.zeros(self.contacts.cell_size.numel(), len(STATES), device=self.device)
-        counts[:, S] = torch.bincount(self.contacts.cell, minlength=counts.shape[0]).to(torch.float32)
+        counts[:, S] = torch.bincount(self.contacts.cell, minlength=counts.shape[0]).to(torch.get_default_dtype())
         state = EpidemicState(
             disease=torch.full((n,), S, dtype=torch.int8, device=self.device),
             next_day=torch.full((n,), -1, dtype=torch.int16, device=self.device),
@@ -416,7 +417,7 @@ class EpidemicModel(GradientTerms, Mechanisms):
         resident = (theta["importation_per_100k"] / 1e5).reshape(1, 1).expand(len(dates), 1)
         rates = [[v.importation_per_100k / 1e5 if d >= v.introduced else 0.0 for v in self.params.variants]
                  for d in dates]
-        variants = torch.tensor(rates, dtype=torch.float32, device=self.device).reshape(len(dates), -1)
+        variants = torch.tensor(rates, dtype=torch.get_default_dtype(), device=self.device).reshape(len(dates), -1)
         return torch.cat([resident, variants], dim=1)
 
     def import_probability(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -461,7 +462,7 @@ class EpidemicModel(GradientTerms, Mechanisms):
         infectious = state.infectious
         inf_flags = flags.index_select(0, infectious)
         symptomatic = (inf_flags & _SYMPTOMATIC) != 0
-        w_home = torch.where(symptomatic, 1.0, theta["rel_infectiousness_asymptomatic"]).to(torch.float32)
+        w_home = torch.where(symptomatic, 1.0, theta["rel_infectiousness_asymptomatic"]).to(torch.get_default_dtype())
         inf_lineage = None
         if self.n_lineages > 1:  # each lineage's relative transmissibility
             inf_lineage = lineage.index_select(0, infectious).long()
@@ -531,7 +532,7 @@ class EpidemicModel(GradientTerms, Mechanisms):
             threshold = threshold.index_fill(0, new_inf, math.inf)
         else:
             new_infections = torch.bincount(c.cell.index_select(0, new_inf), minlength=b * a).to(
-                torch.float32
+                torch.get_default_dtype()
             )
             weight = None
             if state.log_ratio is not None:  # a checkpointed segment's forward pass keeps the log-ratios

@@ -130,7 +130,7 @@ class Vaccination:
 
     def set_parameters(self, values: Mapping[str, torch.Tensor]) -> None:
         if "vaccine_supply_scale" in values:
-            self.supply_scale = torch.as_tensor(values["vaccine_supply_scale"], dtype=torch.float32)
+            self.supply_scale = torch.as_tensor(values["vaccine_supply_scale"], dtype=torch.get_default_dtype())
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, sim: Any) -> None:
@@ -179,7 +179,8 @@ class Vaccination:
         a = len(sim.age_bands)
         self.cell = (self.borough * a + pop["age_band"].long().to(dev))
         self.n_cells = len(sim.areas) * a
-        self.borough_agents = torch.bincount(self.borough, minlength=len(sim.areas)).to(torch.float32).clamp(min=1)
+        self.borough_agents = torch.bincount(self.borough, minlength=len(sim.areas)).to(torch.get_default_dtype())
+        self.borough_agents = self.borough_agents.clamp(min=1)
         self.residents = {b: float(r) for b, r in zip(sim.areas, (sim.persons_per_agent.double()
                                                                     * self.borough_agents.double().cpu()).tolist(),
                                                        strict=True)}
@@ -238,7 +239,7 @@ class Vaccination:
         if decision != "vaccinate":
             return {}
         cases = self._cases_per_100k(date)
-        done = ((self.dose1_day >= 0) & (self.dose1_day < day)).to(torch.float32)
+        done = ((self.dose1_day >= 0) & (self.dose1_day < day)).to(torch.get_default_dtype())
         share = (torch.zeros_like(self.borough_agents).index_add(0, self.borough, done)
                  / self.borough_agents * 100).tolist()
         home = self.sim.home
@@ -315,7 +316,7 @@ class Vaccination:
         partial = (product >= 0) & ~jans & (dose1 >= 0) & (day >= dose1 + onset1)
         start = full_day + torch.where(jans, onset_j, onset2)
         full = (full_day >= 0) & (day >= start)
-        tau = (day - start).clamp(min=0).to(torch.float32)
+        tau = (day - start).clamp(min=0).to(torch.get_default_dtype())
         ve_inf = torch.where(full, torch.where(jans, p.ve_infection[2], p.ve_infection[1])
                              * torch.exp(-p.waning_infection * tau), torch.where(partial, p.ve_infection[0], 0.0))
         ve_sev = torch.where(full, torch.where(jans, p.ve_severe[2], p.ve_severe[1])
@@ -329,7 +330,7 @@ class Vaccination:
         if not self.publish:
             return {}
         ve_inf, ve_sev = self.protection(day, self.scheduled)
-        susceptibility = (~self.prior).to(torch.float32).index_copy(
+        susceptibility = (~self.prior).to(torch.get_default_dtype()).index_copy(
             0, self.scheduled, torch.where(self.prior.index_select(0, self.scheduled), 0.0, 1.0 - ve_inf))
         severity = torch.ones_like(susceptibility).index_copy(
             0, self.scheduled, ((1.0 - ve_sev) / (1.0 - ve_inf).clamp(min=1e-6)).clamp(max=1.0))

@@ -173,6 +173,9 @@ class ExperimentConfig(_Strict):
     days: int = Field(122, ge=1, le=3650)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     device: str = "cpu"
+    precision: Literal["float32", "float64"] = Field(
+        "float32", description="float type of the simulation, its parameters and gradients (lpm_llm.core.precision); "
+        "float64 for checks that must agree beyond float32 rounding, at twice the float columns' memory")
     scenarios: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="name -> overrides of this config (baseline is always run)"
     )

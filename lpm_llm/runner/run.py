@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from lpm_llm.core.precision import precision
 from lpm_llm.population import Population
 from lpm_llm.population.archetypes import Archetypes, ArchetypeSpec
 from lpm_llm.resources import resolve_path
@@ -326,48 +327,49 @@ def _run_folder(exp: Experiment, out_dir: Path, overwrite: bool = False, write: 
     phase, so that a failed run still says what it did and what it cost; the LLM client is closed.
     """
     cfg = exp.config
-    if not write:  # a rank other than 0: no folder, its usage goes to rank 0
-        run = _Run(cfg, out_dir, _outputs.PhaseTimer(), {})
+    with precision(cfg.precision):  # float32 unless the config asks for float64
+        if not write:  # a rank other than 0: no folder, its usage goes to rank 0
+            run = _Run(cfg, out_dir, _outputs.PhaseTimer(), {})
+            try:
+                yield run
+            finally:
+                if run.client is not None:
+                    _close(run.client)
+            return
+        _outputs.prepare_run_folder(out_dir, overwrite)
+        manifest = _outputs.base_manifest(exp.config_path)
+        manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device, **fields, "status": "running"})
+        try:
+            _outputs.write_config(out_dir / "config.yaml", _resolved(cfg))
+        except OSError as e:
+            raise _outputs.RunFolderError(f"cannot write into the output folder {out_dir}: {e.strerror or e}; "
+                                          "choose a writable --out") from None
+        run = _Run(cfg, out_dir, _outputs.PhaseTimer(), manifest)
         try:
             yield run
+            manifest["status"] = "ok"
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into one by the CLI
+            manifest["status"] = "interrupted"
+            manifest["error"] = str(e) or "SIGINT (Ctrl-C)"
+            raise
+        except BaseException as e:
+            manifest["status"] = "failed"
+            manifest["error"] = f"{type(e).__name__}: {e}"
+            raise
         finally:
             if run.client is not None:
+                manifest["llm"] = _llm_manifest(cfg, run.client)
+                masses = [r.get("answer_mass") for source in run.sources for d in source.values()
+                          for r in getattr(d, "records", [])]
+                for other in run.other_ranks:
+                    manifest["llm"]["usage"] = _add_usage(manifest["llm"]["usage"], other["usage"])
+                    masses += other["masses"]
+                if cfg.llm.probability_mode == "logprobs":
+                    manifest["llm"]["answer_mass"] = _outputs.summarize_masses(masses, cfg.llm.min_answer_mass)
                 _close(run.client)
-        return
-    _outputs.prepare_run_folder(out_dir, overwrite)
-    manifest = _outputs.base_manifest(exp.config_path)
-    manifest.update({"name": cfg.name, "seeds": cfg.seeds, "device": cfg.device, **fields, "status": "running"})
-    try:
-        _outputs.write_config(out_dir / "config.yaml", _resolved(cfg))
-    except OSError as e:
-        raise _outputs.RunFolderError(f"cannot write into the output folder {out_dir}: {e.strerror or e}; "
-                                      "choose a writable --out") from None
-    run = _Run(cfg, out_dir, _outputs.PhaseTimer(), manifest)
-    try:
-        yield run
-        manifest["status"] = "ok"
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into one by the CLI
-        manifest["status"] = "interrupted"
-        manifest["error"] = str(e) or "SIGINT (Ctrl-C)"
-        raise
-    except BaseException as e:
-        manifest["status"] = "failed"
-        manifest["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        if run.client is not None:
-            manifest["llm"] = _llm_manifest(cfg, run.client)
-            masses = [r.get("answer_mass") for source in run.sources for d in source.values()
-                      for r in getattr(d, "records", [])]
-            for other in run.other_ranks:
-                manifest["llm"]["usage"] = _add_usage(manifest["llm"]["usage"], other["usage"])
-                masses += other["masses"]
-            if cfg.llm.probability_mode == "logprobs":
-                manifest["llm"]["answer_mass"] = _outputs.summarize_masses(masses, cfg.llm.min_answer_mass)
-            _close(run.client)
-        manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in run.timer.seconds.items()},
-                                   "total": round(run.timer.total(), 3)}
-        _outputs.write_manifest(out_dir / "manifest.json", manifest)
+            manifest["wall_time_s"] = {**{k: round(v, 3) for k, v in run.timer.seconds.items()},
+                                       "total": round(run.timer.total(), 3)}
+            _outputs.write_manifest(out_dir / "manifest.json", manifest)
 
 
 def _close(client: Any) -> None:

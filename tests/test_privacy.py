@@ -193,7 +193,7 @@ def _config(tmp_path: Path, mode: str, steps: int = 3, dtype: str = "float32", f
         "calibration": {"start": "2020-03-01", "end": "2020-03-28", "steps": steps, "lr": 0.1},
         "privacy": {"mode": mode, "noise_multiplier": 0.0 if mode == "secure" else 2.0, "clip": 10.0,
                     "frac_bits": frac_bits},
-        "distributed": {"timeout_s": 60},
+        "distributed": {"timeout_s": 240},  # generous: 5 ranks on 2 loaded cores
         "outputs": {"plots": False},
     }
     path = tmp_path / f"{mode}.yaml"

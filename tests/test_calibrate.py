@@ -382,12 +382,18 @@ def test_ascertainment_by_borough_moves_reported_cases_between_boroughs_only(tin
 
 def test_calibrate_first_wave_on_bundled_data(tiny_nyc, tmp_path):
     pop, arch = tiny_nyc
+    methods = []
     report = calibrate_first_wave(
         pop, arch, {"isolate": ConstantDecision(0.2, arch.k)},
         EpidemicParams(initial_infections_per_100k=(100.0,) * 5), nyc_2020(),
         start=START, end="2020-03-28", forecast_weeks=1, steps=2, seeds_per_step=1, baseline_budget=3,
-        eval_seeds=1, lr=0.1,
+        eval_seeds=1, lr=0.1, on_step=lambda method, *_: methods.append(method),
     )
+    # 3 + 2 x 8 points are scored (one more: Nelder-Mead at Adam's simulations), but a point already scored
+    # is not simulated again: Adam's last curve point is its fit, and Nelder-Mead's best over 3
+    # simulations stands at several curve times
+    nm_curve = report.history["nelder-mead"]["eval_loss"]
+    assert methods.count("scoring") <= 4 + 2 * 8 - 1 - (len(nm_curve) - len(set(nm_curve)))
     assert report.settings["fit_weeks"] == 4 and report.settings["cutoff"] == "2020-03-29"
     assert report.settings["decision_steps_asked"] == 5  # decision days 0, 7, 14, 21 and 28: once each
     assert len(report.history["adam"]["loss"]) == 2 and len(report.history["nelder-mead"]["loss"]) == 3

@@ -664,8 +664,9 @@ def calibrate_first_wave(
         curve_points: times at which both fits are scored for the loss-against-time curve.
         on_step: called as ``on_step(method, index, loss, seconds)`` after each step/evaluation,
             and as ``on_step("scoring", index, loss, seconds)`` after each scoring on the evaluation
-            seeds (``3 + 2 * curve_points`` of them, one more when Nelder-Mead ran more simulations
-            than Adam).
+            seeds (at most ``3 + 2 * curve_points`` of them, one more when Nelder-Mead ran more
+            simulations than Adam; a point already scored, such as a Nelder-Mead best that did not move,
+            is not simulated again).
         shard: on several ranks (every rank calls this function), this rank's
             :class:`~lpm_llm.distributed.shard.AreaShard` when `population` is its part of an
             area-sharded city, or a :class:`~lpm_llm.distributed.shard.Ranks` to split each call's
@@ -715,10 +716,14 @@ def calibrate_first_wave(
     eval_list = [10_000 + seed + j for j in range(eval_seeds)]
 
     scored = [0, time.perf_counter()]
+    scores: dict[bytes, float] = {}  # a point scored once (the seeds are common): Nelder-Mead's best often stays
 
     def evaluate(values: Mapping[str, torch.Tensor]) -> float:
+        key = b"".join(v.detach().cpu().numpy().tobytes() for v in values.values())
+        if key in scores:
+            return scores[key]
         with torch.no_grad():
-            loss = float(objective(values, eval_list))
+            loss = scores[key] = float(objective(values, eval_list))
         if on_step is not None:  # the scoring is long on a large city: report it like the steps
             on_step("scoring", scored[0], loss, time.perf_counter() - scored[1])
         scored[0] += 1

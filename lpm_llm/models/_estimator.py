@@ -192,8 +192,9 @@ class GradientTerms:
             weight (N,), group_weight (3, N), log_ratio (3, N) after today.
         """
         n, dev = self.contacts.n, self.device
-        # no gradients: the caller's state is updated in place (as the fast path does with the rest)
-        log_ratio = state.log_ratio.clone() if torch.is_grad_enabled() else state.log_ratio
+        # updated in place: the log-ratios carry no gradient (every input here is detached), and no one
+        # reads an earlier day's (a checkpointed segment saves a compact copy at its start)
+        log_ratio = state.log_ratio
         group_weight = state.group_weight
         disease = state.disease
         rates = inputs.rates.detach()
@@ -253,7 +254,7 @@ class GradientTerms:
         present = [x for x in terms if x is not None]
         total_term = sum(present, torch.zeros_like(base))
         rows = [base * (1.0 + total_term - (x if x is not None else 0.0)) for x in terms]
-        group_weight = group_weight.index_copy(1, new_inf, torch.stack(rows))
+        group_weight.index_copy_(1, new_inf, torch.stack(rows))  # in place: (3, N), autograd records it
         if present:
             weight = weight.index_copy(0, new_inf, base * (1.0 + total_term))
         return weight, group_weight, log_ratio

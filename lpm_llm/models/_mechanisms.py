@@ -61,7 +61,7 @@ class Mechanisms:
         if weight is not None:
             score = _score_weight(q, isolates)
             weight = weight.index_copy(0, onset, weight.index_select(0, onset) * score)
-            group_weight = group_weight.index_copy(1, onset, group_weight.index_select(1, onset) * score)
+            group_weight.index_copy_(1, onset, group_weight.index_select(1, onset) * score)  # in place (3, N)
         return weight, group_weight
 
     def _wane(

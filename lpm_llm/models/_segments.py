@@ -58,9 +58,11 @@ def _expand(saved: _Saved, template: Any, leaves: dict[str, torch.Tensor | None]
     n = saved.disease.numel()
     log_ratio = torch.zeros((saved.log_ratio.shape[0], n), device=saved.disease.device)
     log_ratio.index_copy_(1, saved.ever, saved.log_ratio)
+    group_weight = leaves["group_weight"]  # updated in place by the steps: a leaf itself cannot be
+    group_weight = group_weight.clone() if group_weight.requires_grad else group_weight
     return replace(template, disease=saved.disease, next_day=saved.next_day, flags=saved.flags,
                    threshold=saved.threshold, infectious=saved.infectious, counts=leaves["counts"],
-                   weight=leaves["weight"], fate=leaves["fate"], group_weight=leaves["group_weight"],
+                   weight=leaves["weight"], fate=leaves["fate"], group_weight=group_weight,
                    log_ratio=log_ratio)
 
 

@@ -581,7 +581,7 @@ class EpidemicModel(GradientTerms, Mechanisms):
             score = _score_weight(p_s, symp)
             w_symp = w_onset * score
             weight = weight.index_copy(0, onset, w_symp)
-            group_weight = group_weight.index_copy(1, onset, group_weight.index_select(1, onset) * score)
+            group_weight.index_copy_(1, onset, group_weight.index_select(1, onset) * score)  # in place, as there
         new_symptomatic = per_cell(onset, w_symp * symp)
         symptomatic_by_lineage = torch.zeros(self.n_lineages, device=self.device).index_add(
             0, lineage.index_select(0, onset).long(), w_symp * symp)

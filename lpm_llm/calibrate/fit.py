@@ -268,11 +268,16 @@ class SimulationObjective:
 
     def __call__(self, values: Mapping[str, torch.Tensor], seeds: int | Sequence[int]) -> torch.Tensor:
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-        stacked = self._stacked(values, seeds)
+        return self.loss(self._stacked(values, seeds), values)
+
+    def loss(self, stacked: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of runs already made: `stacked` maps each target (and ``"serology"``) to the
+        (seeds, ...) stack of :meth:`weekly`'s outputs, one per seed; `values` give the penalty."""
+        n_seeds = next(iter(stacked.values())).shape[0]
         mean = {t: stacked[t].mean(0) for t in self.observed}
         # with 2+ runs, the loss is corrected for the noise of their mean (see log_mse)
-        debias = self.debias and len(seeds) > 1
-        variance = {t: stacked[t].var(0) / len(seeds) for t in self.observed} if debias else None
+        debias = self.debias and n_seeds > 1
+        variance = {t: stacked[t].var(0) / n_seeds for t in self.observed} if debias else None
         loss = log_mse(mean, self.observed, self.scale, variance=variance)
         if self.serology is not None:
             share = stacked["serology"].mean()

@@ -23,17 +23,17 @@ BASELINE = Path(__file__).resolve().parent
 ENDPOINT = "http://127.0.0.1:9/v1"  # never contacted: respx answers
 KEY_ENV = "LPM_REGRESSION_KEY"
 
-#: experiment -> overrides that make it small: a 1:500 city (1:1000 for the whole period), fewer days, no plots,
-#: the mocked LLM.
+#: experiment -> overrides that make it small: a 1:500 city (1:1000 for 2020-2021), fewer days, no plots, the
+#: mocked LLM.
 CASES: dict[str, list[str]] = {
     "covid_nyc": ["population.scale=0.002", "days=63"],
     "covid_nyc_scenarios": ["population.scale=0.002", "days=42", "seeds=[0,1]"],
     "covid_labor_nyc": ["population.scale=0.002", "days=92"],
     "labor_nyc": ["population.scale=0.002"],
     "covid_vaccination_nyc": ["population.scale=0.002", "days=42"],
-    # the whole period (2020-03-01 .. 2021-06-30) at 1:1000: waning and reinfection, importation, vaccination
+    # 1:1000, 2020-10-01 .. 2021-05-31 (seeded on the first day): waning and reinfection, importation, vaccination
     # asked weekly from 2020-12-06, and all four variants (Delta from 2021-04-15); its lineage shares are compared too
-    "covid_nyc_2021": ["population.scale=0.001"],
+    "covid_nyc_2021": ["population.scale=0.001", "start_date=2020-10-01", "days=243"],
 }
 #: experiment -> tables read back from the run folder (CSV) besides the result's
 FILES: dict[str, tuple[str, ...]] = {"covid_nyc_2021": ("lineages",)}

@@ -15,6 +15,8 @@ lineages, transmission.
 
     python bench/fit_2021.py [SCALE] [MEMBERS] [STEPS] [SMOOTH]      # defaults 0.01 3 30 0.25
     FIT_2021_CONSTANT=0.4 FIT_2021_OUT=/tmp/fit python bench/fit_2021.py 0.002 1 2   # a smoke test, no LLM
+    FIT_2021_SET="epidemic.fatality_scale=[1.6,1.6];calibration.fatality_smoothness=0.05" python bench/fit_2021.py
+        # --set overrides of the experiment, separated by ';' (here: a start by month, and its penalty weight)
 
 The bundled values come from `python bench/fit_2021.py 0.01 3 25 0.25` started from these (then the YAML's):
 beta_scale 0.7; transmission_change 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.2, 1.2, 1.2, 1.1, 1.0, 1.0, 1.0;
@@ -49,8 +51,9 @@ scale = float(args[0] or 0.01)
 members, steps, smooth = int(args[1] or 3), int(args[2] or 30), float(args[3] or 0.25)
 out = Path(os.environ.get("FIT_2021_OUT", "bench/results/fit_2021"))
 out.mkdir(parents=True, exist_ok=True)
+extra = [x for x in os.environ.get("FIT_2021_SET", "").split(";") if x.strip()]  # e.g. a fatality by month to start
 exp = Experiment.from_yaml("experiments/covid_nyc_2021.yaml", [f"population.scale={scale}",
-                                                                 f"calibration.smoothness={smooth}"])
+                                                                 f"calibration.smoothness={smooth}", *extra])
 cfg, cal = exp.config, exp.config.calibration
 t0 = time.time()
 pop = build_population(cfg)
@@ -111,7 +114,8 @@ stocks = ensemble.sort_values("date").groupby(keys)[["vaccinated_1", "population
 flows.join(stocks).round(1).reset_index().to_csv(out / "ensemble_weekly.csv", index=False)
 lineages.to_csv(out / "lineages.csv", index=False)
 summary = {"scale": scale, "agents": pop.n, "weeks": weeks, "members": members, "steps": steps,
-           "smoothness": smooth, "evaluation_seeds": evaluation, "best_member": best["member"],
+           "smoothness": smooth, "overrides": extra, "fatality_smoothness": cal.fatality_smoothness,
+           "evaluation_seeds": evaluation, "best_member": best["member"],
            "llm_requests": client.usage.requests, "seconds": time.time() - t0, "members_detail": results}
 (out / "fit_2021.json").write_text(json.dumps(summary, indent=1, default=str))
 

@@ -113,7 +113,8 @@ def period_objective(cfg: ExperimentConfig, population: Population, archetypes: 
     observed = observed_weekly(cal.start, weeks, tuple(cal.targets), device=cfg.device)
     objective = PeriodObjective(sim, observed, weeks=weeks, scale=population.scale,
                                 serology=NYC_SEROLOGY_APRIL_2020 if cal.serology else None,
-                                smoothness=cal.smoothness, epidemic=epidemic)
+                                smoothness=cal.smoothness, fatality_smoothness=cal.fatality_smoothness,
+                                epidemic=epidemic)
     return objective, epidemic
 
 
@@ -185,6 +186,7 @@ def calibrate_period(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
         with timer.phase("outputs"):
             summary = {"steps": cal.steps, "lr": cal.lr, "lr_final": cal.lr_final,
                        "seeds_per_step": cal.seeds_per_step, "smoothness": cal.smoothness,
+                       "fatality_smoothness": cal.fatality_smoothness,
                        "weeks": objective.weeks, "targets": list(cal.targets), "serology": cal.serology,
                        "evaluation_seeds": seeds, "start": start.summary, "fitted": fitted.summary,
                        "values": fit.values, "variant_rates": fit.variant_rates, "fit_seconds": round(fit_seconds, 3)}

@@ -15,6 +15,8 @@ lineages, transmission.
 
     python bench/fit_2021.py [SCALE] [MEMBERS] [STEPS] [SMOOTH]      # defaults 0.01 3 30 0.25
     FIT_2021_CONSTANT=0.4 FIT_2021_OUT=/tmp/fit python bench/fit_2021.py 0.002 1 2   # a smoke test, no LLM
+    FIT_2021_SET="epidemic.fatality_scale=[1.6,1.6];calibration.fatality_smoothness=0.05" python bench/fit_2021.py
+        # --set overrides of the experiment, separated by ';' (here: a start by month, and its penalty weight)
 
 The bundled values come from `python bench/fit_2021.py 0.01 3 25 0.25` started from these (then the YAML's):
 beta_scale 0.7; transmission_change 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.2, 1.2, 1.2, 1.1, 1.0, 1.0, 1.0;
@@ -29,22 +31,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from lpm_llm import plots
 from lpm_llm.calibrate.fit import FrozenDecisions
-from lpm_llm.calibrate.period import PeriodObjective, fit_period, lineage_errors, period_space, weekly_frame
-from lpm_llm.calibrate.targets import NYC_SEROLOGY_APRIL_2020, SERIES_OF, log_mse, observed_weekly, simulated_weekly
-from lpm_llm.core.behavior import AlignmentMap, ConstantDecision
-from lpm_llm.core.sim import Simulation
+from lpm_llm.calibrate.period import EVALUATION_SEEDS, evaluate_period, fit_period, period_space
+from lpm_llm.core.behavior import ConstantDecision
 from lpm_llm.data.observed import load_covid
 from lpm_llm.llm.client import open_client
-from lpm_llm.models.lineages import compare_lineage_shares
 from lpm_llm.population.archetypes import ArchetypeSpec
 from lpm_llm.runner.experiment import Experiment
-from lpm_llm.runner.run import build_decisions, build_models, build_population
+from lpm_llm.runner.period_run import period_objective
+from lpm_llm.runner.run import build_decisions, build_population
 
 torch.set_num_threads(1)
 args = sys.argv[1:] + [None] * 4
@@ -52,7 +51,9 @@ scale = float(args[0] or 0.01)
 members, steps, smooth = int(args[1] or 3), int(args[2] or 30), float(args[3] or 0.25)
 out = Path(os.environ.get("FIT_2021_OUT", "bench/results/fit_2021"))
 out.mkdir(parents=True, exist_ok=True)
-exp = Experiment.from_yaml("experiments/covid_nyc_2021.yaml", [f"population.scale={scale}"])
+extra = [x for x in os.environ.get("FIT_2021_SET", "").split(";") if x.strip()]  # e.g. a fatality by month to start
+exp = Experiment.from_yaml("experiments/covid_nyc_2021.yaml", [f"population.scale={scale}",
+                                                                 f"calibration.smoothness={smooth}", *extra])
 cfg, cal = exp.config, exp.config.calibration
 t0 = time.time()
 pop = build_population(cfg)
@@ -60,51 +61,24 @@ arch = ArchetypeSpec.from_yaml(cfg.archetypes).assign(pop)
 client = open_client(cfg.llm)
 constant = os.environ.get("FIT_2021_CONSTANT")
 source = ConstantDecision(float(constant), arch.k) if constant else build_decisions(cfg, client, arch)["vaccinate"]
-dec = {"vaccinate": FrozenDecisions(source)}
-models = build_models(cfg)
-epidemic = models[0]
-weeks = ((cal.end - cal.start).days + 1) // 7
-a, b = cfg.decisions["vaccinate"].alignment
-sim = Simulation(pop, models, archetypes=arch, decisions=dec, interventions=cfg.interventions.schedule(),
-                 start_date=cal.start, days=cfg.days, seed=0, checkpoint_days=7,
-                 alignment={"vaccinate": AlignmentMap(a=a, b=b)})
-obs = observed_weekly(cal.start, weeks, tuple(cal.targets))
-objective = PeriodObjective(sim, obs, weeks=weeks, scale=pop.scale, serology=NYC_SEROLOGY_APRIL_2020,
-                            smoothness=smooth, epidemic=epidemic)
-space0 = period_space(sim)
+# the same simulation and objective as `lpm-llm calibrate experiments/covid_nyc_2021.yaml` (one fit)
+objective, epidemic = period_objective(cfg, pop, arch, {"vaccinate": FrozenDecisions(source)})
+weeks = objective.weeks
 initial_rates = [v.importation_per_100k for v in epidemic.params.variants]
-evaluation = [10_000, 10_001]
+evaluation = list(EVALUATION_SEEDS)
 
 
 def score(values, rates, member):
-    """Loss terms on the evaluation seeds, frames for the plots."""
-    epidemic.set_variant_importation(rates)
-    frames, shares, weekly = [], [], {t: [] for t in obs}
-    serology, lineage = [], []
-    with torch.no_grad():
-        for s in evaluation:
-            r = objective.run(values, s)
-            for t in obs:
-                weekly[t].append(simulated_weekly(r.series[SERIES_OF[t]], weeks))
-            day = objective._serology_day
-            serology.append(float(r.series["new_infections"][: day + 1].sum()) / pop.n)
-            frames.append(weekly_frame(r, pop.scale, member, s))
-            sh = compare_lineage_shares(r.series["symptomatic_by_lineage"], cfg.start_date, epidemic.params)
-            shares.append(sh.assign(member=member, seed=s))
-            lineage.append(lineage_errors(r.series["symptomatic_by_lineage"], cfg.start_date, epidemic.params)[0])
-        total = float(objective(values, evaluation))
-    mean = {t: torch.stack(v).mean(0) for t, v in weekly.items()}
-    per_target = {t: float(log_mse({t: mean[t]}, {t: obs[t]}, pop.scale)) for t in obs}
-    totals = {t: {"simulated": float(mean[t].sum() / pop.scale), "observed": float(obs[t].sum())} for t in obs}
-    return {"objective": total, "log_mse": per_target, "serology_share": float(np.mean(serology)),
-            "lineage_loss": float(np.mean(lineage)), "totals": totals}, pd.concat(frames), pd.concat(shares)
+    """Loss terms on the evaluation seeds, frames for the plots (lpm_llm.calibrate.period.evaluate_period)."""
+    s = evaluate_period(objective, epidemic, values, rates, evaluation, member=member)
+    return s.summary, s.frames, s.lineages
 
 
 print(f"scale {scale}: {pop.n} agents, {weeks} weeks, {members} members x {steps} steps, smoothness {smooth}",
       flush=True)
 results, frames, shares = [], [], []
 for m in range(members):
-    space = period_space(sim)
+    space = period_space(objective.simulation)
     if m > 0:  # a jittered starting point: scalars and seeding by a factor exp(N(0, 0.15)), reproducibly
         g = torch.Generator().manual_seed(m)
         start = space.to_dict()
@@ -140,7 +114,8 @@ stocks = ensemble.sort_values("date").groupby(keys)[["vaccinated_1", "population
 flows.join(stocks).round(1).reset_index().to_csv(out / "ensemble_weekly.csv", index=False)
 lineages.to_csv(out / "lineages.csv", index=False)
 summary = {"scale": scale, "agents": pop.n, "weeks": weeks, "members": members, "steps": steps,
-           "smoothness": smooth, "evaluation_seeds": evaluation, "best_member": best["member"],
+           "smoothness": smooth, "overrides": extra, "fatality_smoothness": cal.fatality_smoothness,
+           "evaluation_seeds": evaluation, "best_member": best["member"],
            "llm_requests": client.usage.requests, "seconds": time.time() - t0, "members_detail": results}
 (out / "fit_2021.json").write_text(json.dumps(summary, indent=1, default=str))
 

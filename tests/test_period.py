@@ -23,6 +23,7 @@ from lpm_llm.core.interventions import nyc_2020
 from lpm_llm.core.model import DecisionUse, decision_day
 from lpm_llm.core.sim import Simulation
 from lpm_llm.models import Epidemic, EpidemicParams, Vaccination
+from lpm_llm.models._codes import FATED
 from lpm_llm.models.vaccination import FIRST_QUESTION
 from lpm_llm.population.archetypes import ArchetypeSpec
 from lpm_llm.population.synthesis import synthesize_nyc
@@ -191,3 +192,64 @@ def test_the_2021_experiment_covers_the_whole_period_with_every_model(tmp_path: 
     assert lineages["period_start"].min() == "2021-01-03"
     for png in ("cases", "hospitalized", "deaths", "coverage", "lineages"):
         assert (tmp_path / "run" / f"{png}.png").stat().st_size > 0
+
+
+def _fated(tiny, fatality, *, tensors=None, grad=False):
+    """A 70-day run from 2020-03-01 (lifelong immunity: who dies changes nobody's later infections);
+    returns (onset day, fated) of every agent who had an onset, and the run's deaths series."""
+    params = EpidemicParams(initial_infections_per_100k=(400.0,) * 5, fatality_scale=fatality, immunity_mean=None)
+    model = Epidemic(params, tensors=tensors)
+    sim = Simulation(tiny, [model], interventions=nyc_2020(), start_date="2020-03-01", days=70, seed=3,
+                     checkpoint_days=7)
+    with torch.set_grad_enabled(grad):
+        results = sim.run()
+    state = model.final_state
+    had = state.onset_day >= 0
+    return state.onset_day[had].long(), (state.flags[had] & FATED) != 0, results.series["deaths"]
+
+
+def test_fatality_by_month_applies_to_the_onsets_of_its_month(tiny):
+    """With the same draws, a fatality of (2, 0) by month fates exactly the agents a constant 2 fates
+    among March's onsets (days 0-30) and none after; (2, 2) is the constant 2, bit for bit."""
+    onset, fated_const, deaths_const = _fated(tiny, 2.0)
+    onset_m, fated_month, deaths_month = _fated(tiny, (2.0, 0.0))
+    assert torch.equal(onset, onset_m)  # the same epidemic
+    march = onset <= 30
+    assert int(fated_const[~march].sum()) > 5 and int(fated_const[march].sum()) > 5  # both months have some
+    assert torch.equal(fated_month[march], fated_const[march]) and not bool(fated_month[~march].any())
+    assert float(deaths_month.sum()) < float(deaths_const.sum())
+    assert torch.equal(_fated(tiny, (2.0, 2.0))[2], deaths_const)
+    with pytest.raises(ValueError, match="fatality_scale must be"):
+        EpidemicParams(fatality_scale=(1.0, 11.0))
+
+
+def test_fatality_by_month_is_calibrated_with_gradients_for_each_month(tiny):
+    """A monthly fatality_scale is a (months,) parameter (the last value held), its gradient reaches each
+    month through the checkpointed segments, and its moves pay the unanchored smoothness penalty."""
+    model = Epidemic(EpidemicParams(fatality_scale=(0.5, 0.8)))
+    sim = Simulation(tiny, [model], start_date="2020-03-01", days=100, seed=0)
+    spec = period_space(sim, hospitalisation=False).to_dict()["fatality_scale"]
+    assert spec == pytest.approx([0.5, 0.8, 0.8, 0.8])  # March .. June, the last value held
+    fatality = torch.tensor([2.0, 2.0, 2.0], requires_grad=True)
+    _, _, deaths = _fated(tiny, 1.0, tensors={"fatality_scale": fatality}, grad=True)
+    (grad,) = torch.autograd.grad(deaths.sum(), fatality)
+    assert bool(torch.isfinite(grad).all()) and bool((grad[:2] > 0).all())  # March's and April's onsets die by May
+    w, values = 0.3, torch.tensor([2.0, 1.0, 1.0, 0.5])
+    path = values.log()
+    assert float(smoothness_penalty(values, w, anchored=False)) == pytest.approx(
+        w * float(path.diff().pow(2).sum()), rel=1e-6)
+    weeks = 9
+    sim = Simulation(tiny, [Epidemic(EpidemicParams(initial_infections_per_100k=(300.0,) * 5))],
+                     interventions=nyc_2020(), start_date="2020-03-01", days=7 * weeks, seed=0)
+    obs = observed_weekly("2020-03-01", weeks, ("cases", "deaths"))
+    monthly = {"fatality_scale": torch.tensor([1.5, 1.0, 0.5])}
+    plain = SimulationObjective(sim, obs, weeks=weeks, scale=tiny.scale)
+    smooth = SimulationObjective(sim, obs, weeks=weeks, scale=tiny.scale, smoothness=w)  # the same weight
+    own = SimulationObjective(sim, obs, weeks=weeks, scale=tiny.scale, smoothness=w, fatality_smoothness=0.05)
+    with torch.no_grad():
+        base = float(plain(monthly, 2))
+        gap, own_gap = float(smooth(monthly, 2)) - base, float(own(monthly, 2)) - base
+        scalar = {"fatality_scale": torch.tensor(1.5)}
+        assert float(smooth(scalar, 2)) == float(plain(scalar, 2))  # one value: nothing to smooth
+    assert gap == pytest.approx(w * (math.log(1.5) ** 2 + math.log(2.0) ** 2), rel=1e-5)
+    assert own_gap == pytest.approx(0.05 * (math.log(1.5) ** 2 + math.log(2.0) ** 2), rel=1e-5)

@@ -14,7 +14,8 @@ import pytest
 from tests.regression.cases import CASES, KEY_ENV, baseline_path, run_case
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "covid_nyc_2021" else n
+                                  for n in CASES])  # 2020-2021: 243 days with 4 lineages and vaccination
 def test_bundled_experiment_reproduces_the_baseline(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(KEY_ENV, "sk-regression-not-a-secret")
     tables = run_case(name, tmp_path / name)

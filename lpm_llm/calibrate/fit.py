@@ -146,7 +146,8 @@ def first_wave_space(
                                  or ()                   (one for the city with ``seeding_by_borough=False``)
     ascertainment                (M,)      0.01 - 1 log  share of symptomatic onsets reported, per month
     ascertainment_by_borough     (B,)      0.2 - 5 log   relative ascertainment by borough (geometric mean 1)
-    fatality_scale               ()        0.1 - 10 log  multiplier of the infection fatality ratio by age
+    fatality_scale               ()        0.1 - 10 log  multiplier of the infection fatality ratio by age ((M,):
+                                                         by month of onset, when the epidemic's is a list)
     isolate_alignment_a, _b      ()        0.25 - 4 log, slope and shift of ``logit(p') = a*logit(p) + b``
                                            -4 - 4        for the isolation decision (shared by archetypes)
     ===========================  ========  ============  =====================================================
@@ -215,6 +216,8 @@ class SimulationObjective:
             ``Calibrator(aggregate=ranks.aggregate)``.
         smoothness: weight of :func:`~lpm_llm.calibrate.targets.smoothness_penalty` on the values'
             ``transmission_change``, added to the loss (0: none).
+        fatality_smoothness: the same on a ``fatality_scale`` by month (not anchored: no month is fixed);
+            None: `smoothness`.
 
     ``last`` holds the ``Results`` of the latest run (for outputs that are not differentiated, e.g.
     the lineage shares of :mod:`lpm_llm.calibrate.period`); with ``ranks``, this rank's latest.
@@ -222,7 +225,7 @@ class SimulationObjective:
 
     def __init__(
         self, simulation: Any, observed: Mapping[str, torch.Tensor], *, weeks: int, scale: float, debias: bool = True,
-        serology: Any = None, ranks: Any = None, smoothness: float = 0.0,
+        serology: Any = None, ranks: Any = None, smoothness: float = 0.0, fatality_smoothness: float | None = None,
     ):
         unknown = sorted(set(observed) - set(SERIES_OF))
         if unknown:
@@ -237,6 +240,7 @@ class SimulationObjective:
         self.serology = serology
         self.ranks = ranks
         self.smoothness = float(smoothness)
+        self.fatality_smoothness = self.smoothness if fatality_smoothness is None else float(fatality_smoothness)
         self.last: Any = None
         if serology is not None:
             day = (serology.date - simulation.start_date).days - serology.delay
@@ -268,11 +272,16 @@ class SimulationObjective:
 
     def __call__(self, values: Mapping[str, torch.Tensor], seeds: int | Sequence[int]) -> torch.Tensor:
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-        stacked = self._stacked(values, seeds)
+        return self.loss(self._stacked(values, seeds), values)
+
+    def loss(self, stacked: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of runs already made: `stacked` maps each target (and ``"serology"``) to the
+        (seeds, ...) stack of :meth:`weekly`'s outputs, one per seed; `values` give the penalty."""
+        n_seeds = next(iter(stacked.values())).shape[0]
         mean = {t: stacked[t].mean(0) for t in self.observed}
         # with 2+ runs, the loss is corrected for the noise of their mean (see log_mse)
-        debias = self.debias and len(seeds) > 1
-        variance = {t: stacked[t].var(0) / len(seeds) for t in self.observed} if debias else None
+        debias = self.debias and n_seeds > 1
+        variance = {t: stacked[t].var(0) / n_seeds for t in self.observed} if debias else None
         loss = log_mse(mean, self.observed, self.scale, variance=variance)
         if self.serology is not None:
             share = stacked["serology"].mean()
@@ -280,6 +289,8 @@ class SimulationObjective:
             loss = (loss * n + serology_loss(share, self.serology)) / (n + 1)
         if self.smoothness > 0 and "transmission_change" in values:
             loss = loss + smoothness_penalty(values["transmission_change"], self.smoothness)
+        if self.fatality_smoothness > 0 and "fatality_scale" in values and values["fatality_scale"].dim() > 0:
+            loss = loss + smoothness_penalty(values["fatality_scale"], self.fatality_smoothness, anchored=False)
         return loss
 
     def _stacked(self, values: Mapping[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:

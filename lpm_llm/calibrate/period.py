@@ -46,11 +46,13 @@ import pandas as pd
 import torch
 
 from lpm_llm.calibrate.fit import SimulationObjective
+from lpm_llm.calibrate.targets import log_mse
 from lpm_llm.core.parameters import Bounded, ParameterSpace
 from lpm_llm.models.lineages import compare_lineage_shares
+from lpm_llm.population import BOROUGHS
 
-__all__ = ["HOSPITALISATION_SCALE", "PERIOD_PARAMETERS", "PeriodFit", "PeriodObjective", "fit_period",
-           "lineage_errors", "period_space", "update_variant_rates"]
+__all__ = ["EVALUATION_SEEDS", "HOSPITALISATION_SCALE", "PERIOD_PARAMETERS", "PeriodFit", "PeriodObjective",
+           "PeriodScore", "evaluate_period", "fit_period", "lineage_errors", "period_space", "update_variant_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ PERIOD_PARAMETERS = (
 HOSPITALISATION_SCALE = Bounded(0.1, 10.0, 1.0, log=True, doc="multiplier of the IHR by age (admissions as NYC "
                                  "counted them against Verity et al.'s infection hospitalisation ratio)")
 """``hospitalisation_scale``: fitted with the rest; an experiment carries it as ``epidemic.ihr`` times the value."""
+EVALUATION_SEEDS = (10_000, 10_001)
+"""The seeds on which a fit's starting and fitted values are scored (never used by a fit's steps)."""
 _SHARE_FLOOR = 1.0  # percent: a share below 1% of sequenced cases is read as "about 1%"
 
 
@@ -210,6 +214,68 @@ def fit_period(
     return PeriodFit(values=space.to_dict(), variant_rates=dict(zip([v.lineage for v in variants], rates,
                                                                        strict=True)),
                      space=space, history=history)
+
+
+@dataclass
+class PeriodScore:
+    """Values scored on common seeds (:func:`evaluate_period`).
+
+    Attributes:
+        summary: ``objective`` (the fitted loss on all the seeds together, penalty included),
+            ``log_mse`` (target -> log-MSE of the seeds' mean weekly counts, not noise-corrected),
+            ``totals`` (target -> simulated and observed city totals over the weeks),
+            ``serology_share`` (mean share infected by the survey's date; absent without one) and
+            ``lineage_loss`` (mean of :func:`lineage_errors`' losses).
+        weekly: observed against fitted, one row per target, week and borough: ``target,
+            week_start, area, observed, simulated`` (the seeds' mean, divided by the scale).
+        frames: :func:`weekly_frame` of every run (daily by area), with ``member`` and ``seed``.
+        lineages: :func:`~lpm_llm.models.lineages.compare_lineage_shares` of every run, with ``member``
+            and ``seed``.
+    """
+
+    summary: dict[str, Any]
+    weekly: pd.DataFrame
+    frames: pd.DataFrame
+    lineages: pd.DataFrame
+
+
+def evaluate_period(objective: SimulationObjective, epidemic: Any, values: Mapping[str, torch.Tensor],
+                    rates: Sequence[float], seeds: Sequence[int] = EVALUATION_SEEDS, *, member: int = 0
+                    ) -> PeriodScore:
+    """Score `values` with the variants' importation `rates` on `seeds`, without gradients: one run per
+    seed gives the objective, the per-target errors, the lineage shares and the frames for plots."""
+    epidemic.set_variant_importation(list(rates))
+    sim = objective.simulation
+    runs, frames, shares, lineage = [], [], [], []
+    with torch.no_grad():
+        for s in seeds:
+            runs.append(objective.weekly(values, s))
+            r = objective.last
+            frames.append(weekly_frame(r, objective.scale, member, s))
+            sh = compare_lineage_shares(r.series["symptomatic_by_lineage"], sim.start_date, epidemic.params)
+            shares.append(sh.assign(member=member, seed=s))
+            lineage.append(lineage_errors(r.series["symptomatic_by_lineage"], sim.start_date, epidemic.params)[0])
+        stacked = {t: torch.stack([w[t] for w in runs]) for t in runs[0]}
+        total = float(objective.loss(stacked, values))
+    obs = objective.observed
+    mean = {t: stacked[t].mean(0) for t in obs}
+    summary: dict[str, Any] = {
+        "objective": total,
+        "log_mse": {t: float(log_mse({t: mean[t]}, {t: obs[t]}, objective.scale)) for t in obs},
+        "totals": {t: {"simulated": float(mean[t].sum() / objective.scale), "observed": float(obs[t].sum())}
+                   for t in obs},
+        "lineage_loss": float(pd.Series(lineage, dtype=float).mean()),
+    }
+    if "serology" in stacked:
+        summary["serology_share"] = float(stacked["serology"].mean())
+    weeks = pd.date_range(sim.start_date, periods=objective.weeks, freq="7D")
+    rows = [pd.DataFrame({"target": t, "week_start": weeks.repeat(len(BOROUGHS)),
+                          "area": list(BOROUGHS) * objective.weeks,
+                          "observed": obs[t].detach().cpu().reshape(-1).numpy(),
+                          "simulated": (mean[t].detach().cpu() / objective.scale).reshape(-1).numpy()})
+            for t in obs]
+    return PeriodScore(summary=summary, weekly=pd.concat(rows, ignore_index=True),
+                       frames=pd.concat(frames, ignore_index=True), lineages=pd.concat(shares, ignore_index=True))
 
 
 def weekly_frame(results: Any, scale: float, member: int, seed: int) -> pd.DataFrame:

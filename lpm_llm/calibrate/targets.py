@@ -78,9 +78,10 @@ def serology_loss(infected_share: torch.Tensor, target: SerologyTarget) -> torch
     return torch.clamp(torch.maximum(below, above), min=0.0).pow(2)
 
 
-def smoothness_penalty(change: torch.Tensor, weight: float) -> torch.Tensor:
+def smoothness_penalty(change: torch.Tensor, weight: float, *, anchored: bool = True) -> torch.Tensor:
     """``weight * sum_m (log c_m - log c_{m-1})^2`` over the months of a ``transmission_change``
-    (M-1,) tensor, with ``c_0 = 1`` (the first month, against which the others are relative).
+    (M-1,) tensor, with ``c_0 = 1`` (the first month, against which the others are relative); with
+    ``anchored=False`` over the given months only (a monthly ``fatality_scale`` (M,): no month is fixed).
 
     A Gaussian random-walk prior on the log of transmission by month (up to a constant, with
     ``weight = 1 / (2 sigma^2)`` for a monthly step of SD sigma): a change of transmission that
@@ -91,7 +92,7 @@ def smoothness_penalty(change: torch.Tensor, weight: float) -> torch.Tensor:
     if weight < 0:
         raise ValueError(f"the smoothness weight must be >= 0, got {weight}")
     log_c = torch.log(change.clamp(min=1e-12)).reshape(-1)
-    path = torch.cat([log_c.new_zeros(1), log_c])
+    path = torch.cat([log_c.new_zeros(1), log_c]) if anchored else log_c
     return weight * path.diff().pow(2).sum()
 
 

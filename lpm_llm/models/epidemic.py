@@ -164,6 +164,7 @@ class Epidemic:
         engine, c = self.engine, self.contacts
         self.grad = torch.is_grad_enabled()
         self.theta = engine.tensors(self.tensor_overrides, n_months=int(self.month_index[-1]) + 1)
+        self.theta["fatality_by_day"] = self.theta["fatality_scale"].index_select(0, self.month_index)  # (T,)
         multipliers = torch.tensor(
             [[day[layer] for layer in LAYERS] for day in sim.day_multipliers],
             dtype=torch.get_default_dtype(), device=sim.device,

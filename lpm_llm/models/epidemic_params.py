@@ -299,8 +299,10 @@ class EpidemicParams(BaseModel):
         description="infection fatality ratio by age; Levin et al. 2020, Eur J Epidemiol 35:1123: "
         "log10(IFR %) = -3.27 + 0.0524 * age, at band mid-ages 2.5, 9, 15.5, 21.5, 30, 40, 50, 60, 70, 82",
     )
-    fatality_scale: float = Field(
-        1.0, ge=0, le=10, description="multiplier of the IFR (calibrated: care, variants)"
+    fatality_scale: float | tuple[float, ...] = Field(
+        1.0, description="multiplier of the IFR (calibrated: care, variants): one value, or one per calendar month "
+        "of symptom onset from the start date's month (the last one holds after; the whole-period fit: the "
+        "first wave's fatality was not the later months')"
     )
 
     # -- seeding, reporting and delays ------------------------------------------------------------
@@ -392,6 +394,14 @@ class EpidemicParams(BaseModel):
             raise ValueError("ascertainment_by_borough must be a value in (0, 100] or a non-empty list of them")
         return v
 
+    @field_validator("fatality_scale")
+    @classmethod
+    def _fatality(cls, v: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        values = (v,) if isinstance(v, float | int) else v
+        if not values or any(not 0 <= x <= 10 for x in values):
+            raise ValueError("fatality_scale must be a value in [0, 10] or a non-empty list of them (one per month)")
+        return v
+
     @field_validator("transmission_change")
     @classmethod
     def _multipliers(cls, v: float | tuple[float, ...]) -> float | tuple[float, ...]:
@@ -424,7 +434,7 @@ TENSOR_PARAMS: dict[str, str] = {
     "p_symptomatic": "A",
     "ihr": "A",
     "ifr": "A",
-    "fatality_scale": "()",
+    "fatality_scale": "M",
     "initial_infections_per_100k": "B",
     "importation_per_100k": "()",
     "reinfection_susceptibility": "()",
@@ -446,6 +456,9 @@ def calibrated_specs(
     change = list(change[: n_months - 1]) + [change[-1]] * max(0, n_months - 1 - len(change))
     rel = params.ascertainment_by_borough
     rel = [float(rel)] * n_boroughs if isinstance(rel, float | int) else list(rel)
+    fatality = params.fatality_scale  # one value (the first-wave fits), or one per month
+    if isinstance(fatality, tuple):
+        fatality = list(fatality[:n_months]) + [fatality[-1]] * max(0, n_months - len(fatality))
     seeds = list(params.initial_infections_per_100k)
     if len(seeds) != n_boroughs:
         raise ValueError(f"initial_infections_per_100k has {len(seeds)} values, expected {n_boroughs}")
@@ -469,8 +482,13 @@ def calibrated_specs(
                                  doc="share of symptomatic onsets reported as cases, per calendar month"),
         "ascertainment_by_borough": Bounded(0.2, 5.0, clip(rel, 0.2, 5.0), (n_boroughs,), log=True,
                                             doc="relative ascertainment by borough (scaled to geometric mean 1)"),
-        "fatality_scale": Bounded(0.1, 10.0, clip(params.fatality_scale, 0.1, 10.0), log=True,
-                                  doc="multiplier of the infection fatality ratio by age"),
+        "fatality_scale": (
+            Bounded(0.1, 10.0, clip(fatality, 0.1, 10.0), (n_months,), log=True,
+                    doc="multiplier of the infection fatality ratio by age, per calendar month of onset")
+            if isinstance(fatality, list) else
+            Bounded(0.1, 10.0, clip(fatality, 0.1, 10.0), log=True,
+                    doc="multiplier of the infection fatality ratio by age")
+        ),
     }
     if params.importation_per_100k > 0:  # continuous importation is fitted where a run enables it
         specs["importation_per_100k"] = Bounded(

@@ -10,7 +10,8 @@ Natural history of one infection, drawn per agent:
   age band's susceptibility); the agent enters E;
 - after a latent period it enters I; at that moment it draws whether it is symptomatic
   (``p_symptomatic`` by age), and if symptomatic whether it will be admitted to hospital
-  (``ihr / p_symptomatic``) and whether it will die (``fatality_scale * ifr / p_symptomatic``), so
+  (``ihr / p_symptomatic``) and whether it will die (``fatality_scale * ifr / p_symptomatic``, the scale of
+  the onset's calendar month when it is given by month), so
   that hospitalisations and deaths per infection equal the IHR and IFR by age;
 - after an infectious period it leaves I: to R, or, if fated to die, to M ``death_delay`` days later
   (counted in R meanwhile).
@@ -366,6 +367,7 @@ class EpidemicModel(GradientTerms, Mechanisms):
                 raise ValueError(f"{name} must have shape {accepted}{sizes[kind]}, got {tuple(t.shape)}")
             out[name] = t
         out["ascertainment"] = _by_month(out["ascertainment"], n_months)
+        out["fatality_scale"] = _by_month(out["fatality_scale"].reshape(-1), n_months)
         rel = out["ascertainment_by_borough"]
         out["ascertainment_by_borough"] = rel / torch.exp(torch.log(rel.clamp(min=1e-12)).mean())  # geo. mean 1
         change = out["transmission_change"].reshape(-1)
@@ -562,7 +564,9 @@ class EpidemicModel(GradientTerms, Mechanisms):
         psymp = theta["p_symptomatic"].clamp(1e-6, 1.0)
         p_s = theta["p_symptomatic"].index_select(0, age)
         p_h = (theta["ihr"] / psymp).index_select(0, age)
-        p_d = (theta["fatality_scale"] * theta["ifr"] / psymp).index_select(0, age)
+        # the fatality of onsets in day t's month (``fatality_by_day``, (T,), set by the Epidemic model)
+        fatality = theta["fatality_by_day"][t] if "fatality_by_day" in theta else theta["fatality_scale"][0]
+        p_d = (fatality * theta["ifr"] / psymp).index_select(0, age)
         if self.n_lineages > 1:  # each lineage's relative severity
             onset_lineage = lineage.index_select(0, onset).long()
             p_h = p_h * self._hospitalisation.index_select(0, onset_lineage)

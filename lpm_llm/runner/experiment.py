@@ -121,6 +121,12 @@ class CalibrationConfig(_Strict):
     parameters: list[str] | None = Field(
         None, description="calibrated parameters (lpm_llm.calibrate.first_wave_space names); default: all"
     )
+    smoothness: float = Field(
+        0.25, ge=0.0, description="the whole-period fit (model epidemic+vaccination): weight of the penalty on the "
+        "month-to-month moves of the log monthly transmission_change (lpm_llm.calibrate.targets.smoothness_penalty)")
+    fatality_smoothness: float | None = Field(
+        None, ge=0.0, description="the whole-period fit: the same on a fatality_scale by month "
+        "(epidemic.fatality_scale a list); null: smoothness")
 
     @field_validator("parameters")
     @classmethod

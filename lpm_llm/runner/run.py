@@ -486,6 +486,8 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
 
     Writes config.yaml, manifest.json (with the calibration summary and LLM usage), decisions.csv,
     calibration.json, calibration_daily.csv, calibration_observed.csv and the calibration plots.
+    ``model: epidemic+vaccination`` is fitted over the whole period instead
+    (:func:`lpm_llm.runner.period_run.calibrate_period`); ``model: labor`` to unemployment.
     """
     from lpm_llm.calibrate import calibrate_first_wave
     from lpm_llm.calibrate.targets import NYC_SEROLOGY_APRIL_2020
@@ -499,9 +501,13 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
         if launched_by_torchrun():
             raise ConfigError("the labour calibration runs in one process: drop --nproc")
         return _calibrate_labor(exp, out_dir, overwrite)
+    if cfg.model_names == ["epidemic", "vaccination"]:  # the whole period (2020-2021): lpm_llm.runner.period_run
+        from lpm_llm.runner.period_run import calibrate_period
+
+        return calibrate_period(exp, out_dir, overwrite)
     if cfg.model_names != ["epidemic"]:
-        raise ValueError(f"lpm-llm calibrate has targets for 'epidemic' (cases, deaths) or 'labor' "
-                         f"(unemployment), not yet for {cfg.model!r}")
+        raise ValueError(f"lpm-llm calibrate has targets for 'epidemic' (cases, deaths), 'epidemic+vaccination' "
+                         f"(the whole period) or 'labor' (unemployment), not yet for {cfg.model!r}")
     with process_group(cfg.distributed, cfg.device) as group, \
             _run_folder(exp, out_dir, overwrite, command_kind="calibrate", write=group.is_main) as run:
         timer = run.timer

@@ -23,14 +23,20 @@ BASELINE = Path(__file__).resolve().parent
 ENDPOINT = "http://127.0.0.1:9/v1"  # never contacted: respx answers
 KEY_ENV = "LPM_REGRESSION_KEY"
 
-#: experiment -> overrides that make it small: a 1:500 city, fewer days, no plots, the mocked LLM.
+#: experiment -> overrides that make it small: a 1:500 city (1:1000 for 2020-2021), fewer days, no plots, the
+#: mocked LLM.
 CASES: dict[str, list[str]] = {
     "covid_nyc": ["population.scale=0.002", "days=63"],
     "covid_nyc_scenarios": ["population.scale=0.002", "days=42", "seeds=[0,1]"],
     "covid_labor_nyc": ["population.scale=0.002", "days=92"],
     "labor_nyc": ["population.scale=0.002"],
     "covid_vaccination_nyc": ["population.scale=0.002", "days=42"],
+    # 1:1000, 2020-10-01 .. 2021-05-31 (seeded on the first day): waning and reinfection, importation, vaccination
+    # asked weekly from 2020-12-06, and all four variants (Delta from 2021-04-15); its lineage shares are compared too
+    "covid_nyc_2021": ["population.scale=0.001", "start_date=2020-10-01", "days=243"],
 }
+#: experiment -> tables read back from the run folder (CSV) besides the result's
+FILES: dict[str, tuple[str, ...]] = {"covid_nyc_2021": ("lineages",)}
 
 
 def _answer(request: httpx.Request) -> httpx.Response:
@@ -54,6 +60,8 @@ def run_case(name: str, out_dir: Path) -> dict[str, pd.DataFrame]:
     tables = {"metrics": result.metrics, "decisions": decisions}
     if result.labor is not None:
         tables["labor"] = result.labor
+    for table in FILES.get(name, ()):
+        tables[table] = pd.read_csv(out_dir / f"{table}.csv")
     return {k: v.reset_index(drop=True) for k, v in tables.items()}
 
 

@@ -193,10 +193,12 @@ def test_cli_assimilate_resumes_its_folder(tmp_path, capsys):
     base = ["assimilate", "experiments/covid_nyc.yaml", "--from", "2020-03-21", "--horizon", "1", "--steps", "1",
             "--members", "2", "--out", str(out), "-q", "--set", f"population.scale={SCALE}",
             "--set", "decisions.isolate.enabled=false", "--set", "outputs.plots=false",
-            "--set", "calibration.parameters=[beta_scale,ascertainment]"]
+            "--parameters", "beta_scale,ascertainment", "--smoothness", "0.1"]
     assert main([*base, "--to", "2020-03-21"]) == 0
     assert main([*base, "--to", "2020-03-28"]) == 2  # --to is part of the stream's settings
     assert "other settings" in capsys.readouterr().err
+    settings = json.loads((out / "stream.json").read_text())["settings"]
+    assert settings["parameters"] == ["beta_scale", "ascertainment"] and settings["smoothness"] == 0.1
     (out / "stream.json").write_text(json.dumps({**json.loads((out / "stream.json").read_text()),
                                                  "to": "2020-03-28"}))
     assert main([*base, "--to", "2020-03-28"]) == 0

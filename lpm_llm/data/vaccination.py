@@ -48,16 +48,27 @@ def load_vaccination(path: str | Path | None = None) -> pd.DataFrame:
     return df
 
 
-def city_first_doses(start: dt.date, days: int, table: pd.DataFrame | None = None) -> list[float]:
+def city_first_doses(start: dt.date, days: int, table: pd.DataFrame | None = None,
+                     as_of: dt.date | None = None) -> list[float]:
     """(days,) residents given a first dose on each day ``start + t`` city-wide: the daily increase of
-    ``people_1plus`` for ``NYC`` (0 before the data begin and after they end; never negative)."""
+    ``people_1plus`` for ``NYC`` (0 before the data begin and after they end; never negative).
+
+    `as_of` (a forecast's date): rows dated after it are not read; every later day gets the mean of
+    the last 7 known days (a supply held at its last week's rate; 0 when nothing is known yet)."""
     t = load_vaccination() if table is None else table
     city = t[(t["dimension"] == "borough") & (t["group"] == "NYC")].set_index("date")["people_1plus"].sort_index()
+    if as_of is not None:
+        city = city[city.index <= pd.Timestamp(as_of)]
+    dates = pd.date_range(pd.Timestamp(start), periods=days)
+    if city.empty:
+        return [0.0] * days
     full = pd.date_range(city.index.min() - pd.Timedelta(days=1), city.index.max())
     city = city.reindex(full).ffill().fillna(0.0)
     daily = city.diff().clip(lower=0.0)
-    dates = pd.date_range(pd.Timestamp(start), periods=days)
-    return [float(x) for x in daily.reindex(dates).fillna(0.0).tolist()]
+    out = daily.reindex(dates).fillna(0.0)
+    if as_of is not None:
+        out[out.index > pd.Timestamp(as_of)] = float(daily.iloc[-7:].fillna(0.0).mean())
+    return [float(x) for x in out.tolist()]
 
 
 def observed_cases_per_100k(date: dt.date, residents: dict[str, float]) -> dict[str, float]:

@@ -14,8 +14,17 @@ Three things are cut at the as-of date D:
   held open-ended (its announced or actual end after D is not known on D); a user scenario for
   the future is added on top (:func:`schedule_as_of`).
 
-What the LLM is shown in a decision context is simulated (the model's own reported cases), the
-date and the policies of the cut schedule, so it carries nothing from after D either.
+- **data a model reads itself**: a model with a ``cut_at(date)`` method is told D before each
+  simulation is built (:meth:`~lpm_llm.forecast.engine.Forecaster._simulation`): the vaccination
+  model reads the city's observed first doses (its weekly supply) up to D and holds them at the mean
+  of the last 7 known days after it, and knows only the eligibility steps dated on or before D (so
+  they are also all that its prompt names); the epidemic does not import a variant introduced after
+  D. The sequenced lineage shares (``variants_4weekly.csv``) are not read by a forecast at all
+  (the variants' importation rates are the experiment's).
+
+What the LLM is shown in a decision context is simulated (the model's own reported cases and
+vaccination coverage), the date, the eligibility known on D and the policies of the cut schedule,
+so it carries nothing from after D either.
 """
 
 from __future__ import annotations

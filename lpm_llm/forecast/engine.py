@@ -94,6 +94,8 @@ class ForecastSettings:
             seed 10 infections per 100,000: less than 2 agents of a 1:500 city, where the epidemic
             often dies out and the loss has no gradient) this finds the basin with the known data
             only; the grid's losses are in the result's ``settings``.
+        smoothness: weight of the penalty on month-to-month moves of ``transmission_change``
+            (:func:`~lpm_llm.calibrate.targets.smoothness_penalty`, as in the whole-period fit; 0: none).
         scenario: policies assumed after the as-of date (default: the schedule held as it stood).
         seed: base seed (every run's seed is a function of it and the as-of date).
     """
@@ -114,6 +116,7 @@ class ForecastSettings:
     dispersion_weeks: int = 4
     noise: str = "lognormal"
     reporting_lag_days: int = 0
+    smoothness: float = 0.0
     scenario: tuple[Policy, ...] = ()
     start_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()
     seed: int = 0
@@ -311,15 +314,23 @@ class Forecaster:
         self.on_step = on_step
 
     # -- pieces -----------------------------------------------------------------------------------
-    def _simulation(self, days: int, schedule: InterventionSchedule, frozen: Mapping[str, Any], seed: int):
+    def _simulation(self, days: int, schedule: InterventionSchedule, frozen: Mapping[str, Any], seed: int,
+                    as_of: dt.date):
+        """A simulation of `days` days from the start; every model with a ``cut_at(date)`` method is
+        told the as-of date first, so that the data it reads itself (the vaccination's observed
+        doses and eligibility steps, the epidemic's variant introductions) stop there too."""
         from lpm_llm.core.behavior import AlignmentMap
         from lpm_llm.core.sim import Simulation
 
         kwargs = dict(self.sim_kwargs)
         if self.settings.checkpoint_days:
             kwargs["checkpoint_days"] = self.settings.checkpoint_days
+        models = self.models()
+        for m in models:
+            if hasattr(m, "cut_at"):
+                m.cut_at(as_of)
         return Simulation(
-            self.population, self.models(), archetypes=self.archetypes, decisions=dict(frozen) or None,
+            self.population, models, archetypes=self.archetypes, decisions=dict(frozen) or None,
             interventions=schedule, start_date=self.start, days=days, seed=seed, device=self.device,
             alignment={k: AlignmentMap(a=a, b=b) for k, (a, b) in self.alignment.items() if k in frozen},
             **kwargs)
@@ -396,7 +407,7 @@ class Forecaster:
         frozen = self._frozen(state)
 
         # fit
-        fit_sim = self._simulation(7 * weeks, schedule, frozen, seed0)
+        fit_sim = self._simulation(7 * weeks, schedule, frozen, seed0, as_of)
         specs = fit_sim.parameters(alignment={k: v for k, v in self.alignment.items() if k in frozen})
         names = list(s.parameters) if s.parameters else list(specs)
         for d in frozen:  # an alignment map's slope and shift are set together
@@ -416,10 +427,11 @@ class Forecaster:
             space.set_values({k: _resized(v, space.specs[k].shape) for k, v in state.params.items()
                               if k in space.specs})
             optimizer = _resize_optimizer(state.optimizer, old_shapes, space)
-        objective = SimulationObjective(fit_sim, {t: known[t] for t in s.fit_targets}, weeks=weeks, scale=self.scale)
+        objective = SimulationObjective(fit_sim, {t: known[t] for t in s.fit_targets}, weeks=weeks, scale=self.scale,
+                                        smoothness=s.smoothness)
         grid = {}
         if state is None and s.start_grid:  # without decisions: the LLM is first asked at the chosen start
-            grid_sim = self._simulation(7 * weeks, schedule, {}, seed0)
+            grid_sim = self._simulation(7 * weeks, schedule, {}, seed0, as_of)
             grid = self._grid_start(space, SimulationObjective(grid_sim, {t: known[t] for t in s.fit_targets},
                                                                weeks=weeks, scale=self.scale), seed0)
         steps = s.steps if state is not None else (s.first_steps if s.first_steps is not None else s.steps)
@@ -464,7 +476,7 @@ class Forecaster:
         # ensemble: decision dates not asked before are asked in member 0's run (at the fit)
         t2 = time.perf_counter()
         total = weeks + s.horizon
-        fc_sim = self._simulation(7 * total, schedule, frozen, seed0)
+        fc_sim = self._simulation(7 * total, schedule, frozen, seed0, as_of)
         rng = np.random.default_rng(seed0)
         z = rng.standard_normal((s.members, v0.numel()))
         z[0] = 0.0

@@ -7,6 +7,7 @@ Its dynamics (the SEIRM states, the daily step, the gradient estimator) are in
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -133,6 +134,13 @@ class Epidemic:
         self.params = self.params.model_copy(update={"variants": variants})
         if self.sim is not None:
             self.engine.params = self.params
+
+    def cut_at(self, date: dt.date) -> None:
+        """Use only what was known on `date` (a forecast as of it; call before the simulation is
+        built): a variant introduced after `date` is not imported (its rate 0), so it never appears."""
+        variants = tuple(v if v.introduced <= date else v.model_copy(update={"importation_per_100k": 0.0})
+                         for v in self.params.variants)
+        self.params = self.params.model_copy(update={"variants": variants})
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self, sim: Any) -> None:

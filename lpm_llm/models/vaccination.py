@@ -120,6 +120,16 @@ class Vaccination:
             params or {})
         self.supply_scale: torch.Tensor = torch.tensor(float(self.params.supply_scale))
         self.sim: Any = None
+        self.known_on: dt.date | None = None
+        self.eligibility = ELIGIBILITY
+
+    def cut_at(self, date: dt.date) -> None:
+        """Use only what was known on `date` (a forecast as of it; call before the simulation is built):
+        the city's first doses after `date` are held at their mean over the last 7 known days
+        (:func:`~lpm_llm.data.vaccination.city_first_doses`), and eligibility steps dated after it are
+        not known, so they do not open (nor appear in the prompt)."""
+        self.known_on = date
+        self.eligibility = tuple(e for e in ELIGIBILITY if e.date <= date)
 
     # -- declarations -----------------------------------------------------------------------------
     def parameters(self) -> dict[str, Bounded]:
@@ -165,7 +175,7 @@ class Vaccination:
             & (torch.rand(n, generator=gen) < torch.tensor(p.comorbidity_by_band)[band]),
         }
         eligible = torch.full((n,), _NEVER, dtype=torch.int64)
-        for e in ELIGIBILITY:
+        for e in self.eligibility:
             if e.kind == "age":
                 mask = (age >= e.min_age) & (age <= (e.max_age if e.max_age is not None else 200))
             else:
@@ -185,7 +195,8 @@ class Vaccination:
                                                                     * self.borough_agents.double().cpu()).tolist(),
                                                        strict=True)}
         agents_per_person = n / sum(self.residents.values())
-        self.supply_day = torch.tensor(city_first_doses(sim.start_date, sim.days)) * agents_per_person  # (T,)
+        doses = city_first_doses(sim.start_date, sim.days, as_of=self.known_on)
+        self.supply_day = torch.tensor(doses) * agents_per_person  # (T,)
         first_day = self.eligible_day.clamp(min=0)
         soon = first_day < sim.days
         eligible_cells = torch.zeros(sim.days, self.n_cells, device=dev).index_put_(
@@ -221,7 +232,7 @@ class Vaccination:
     # -- context ----------------------------------------------------------------------------------
     def eligible_groups(self, date: dt.date) -> str:
         """Who is eligible on `date`, as the prompt says it."""
-        labels = [e.label for e in ELIGIBILITY if e.date <= date]
+        labels = [e.label for e in self.eligibility if e.date <= date]
         return "; ".join(labels) if labels else "nobody yet (vaccines are not yet available)"
 
     def _cases_per_100k(self, date: dt.date) -> list[float]:

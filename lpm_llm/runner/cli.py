@@ -137,6 +137,10 @@ def _forecast_parsers(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--members", type=int, help="ensemble members (default 16)")
         s.add_argument("--targets", help="comma-separated forecast targets (default: calibration.targets)")
         s.add_argument("--reporting-lag-days", type=int, help="last days treated as unreported (default 0)")
+        s.add_argument("--parameters", help="comma-separated calibrated parameters (default: calibration.parameters, "
+                                            "else every declared one)")
+        s.add_argument("--smoothness", type=float, help="penalty weight on month-to-month moves of the fitted "
+                                                        "transmission change (default 0; the 2021 fit used 0.25)")
         s.add_argument("--start", choices=("experiment", "prior"), default="experiment",
                        help="first fit starts from the experiment's parameters (default) or the package's "
                             "defaults ('prior': a clean back-test, nothing fitted after the as-of date)")
@@ -154,8 +158,9 @@ def _run_forecast(exp, args) -> object:
     from lpm_llm.runner.forecast_run import assimilate_experiment, forecast_experiment
 
     options = {"horizon": args.horizon, "steps": args.steps, "first_steps": args.first_steps,
-               "members": args.members, "reporting_lag_days": args.reporting_lag_days,
-               "targets": tuple(args.targets.split(",")) if args.targets else None}
+               "members": args.members, "reporting_lag_days": args.reporting_lag_days, "smoothness": args.smoothness,
+               "targets": tuple(args.targets.split(",")) if args.targets else None,
+               "parameters": tuple(args.parameters.split(",")) if args.parameters else None}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.command == "forecast":
         out = Path(args.out) if args.out else Path("runs") / f"{exp.config.name}-forecast-{args.as_of}-{stamp}"

@@ -342,5 +342,11 @@ def test_lpm_llm_calibrate_on_two_ranks_fits_what_one_process_fits(tmp_path, mon
         assert two["params"][name] == pytest.approx(value, rel=1e-6), name
     for name, value in one["losses"].items():
         assert two["losses"][name] == pytest.approx(value, rel=1e-6), name
+    # the forecast after the fit (its seeds split over the ranks too) and the daily series of every seed
+    flat = [pd.json_normalize(x["forecast"]).iloc[0].to_dict() for x in (one, two)]
+    assert len(flat[0]) > 10 and flat[1] == pytest.approx(flat[0], rel=1e-6)
+    daily = [pd.read_csv(tmp_path / d / "calibration_daily.csv") for d in ("one", "two")]
+    assert sorted(daily[1]["seed"].unique()) == one["settings"]["eval_seeds"]
+    pd.testing.assert_frame_equal(daily[0], daily[1], rtol=1e-6)
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["distributed"]["shard"] == shard and manifest["status"] == "ok"

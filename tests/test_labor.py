@@ -509,13 +509,15 @@ def test_held_out_months_see_the_last_known_cases_not_the_observed_future(monkey
     held-out forecast are unchanged; the held-out months' inputs repeat the last training month's cases."""
     pop = make_population(20_000, seed=13)
     arch = make_archetypes(pop)
-    clean = L.load_covid()
+    from lpm_llm.models import labor_calendar  # where the inputs read the observed cases
+
+    clean = labor_calendar.load_covid()
     poisoned = clean.copy()
     later = pd.to_datetime(poisoned["date"]) > pd.Timestamp("2020-08-11")  # after the step ending 2020-08-11
     poisoned.loc[later, "cases"] = poisoned.loc[later, "cases"] * 100 + 50
     fits = []
     for frame in (clean, poisoned):
-        monkeypatch.setattr(L, "load_covid", lambda frame=frame: frame)
+        monkeypatch.setattr(labor_calendar, "load_covid", lambda frame=frame: frame)
         fits.append(calibrate_labor(pop, arch, ConstantDecision(0.9, k=arch.k), start="2020-03", end="2020-10",
                                     holdout=2, seeds=(0,), iterations=2, lr=0.1, stream=0))
     a, b = fits

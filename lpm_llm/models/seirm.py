@@ -117,6 +117,7 @@ from lpm_llm.models._codes import HOSPITALIZED as _HOSPITALIZED
 from lpm_llm.models._codes import IMMUNITY_DAYS as _IMMUNITY_DAYS
 from lpm_llm.models._codes import IMPORT as _IMPORT
 from lpm_llm.models._codes import INFECTIOUS_DAYS as _INFECTIOUS_DAYS
+from lpm_llm.models._codes import ISOLATES as _ISOLATES
 from lpm_llm.models._codes import LATENT_DAYS as _LATENT_DAYS
 from lpm_llm.models._codes import PRIOR as _PRIOR
 from lpm_llm.models._codes import SYMPTOMATIC as _SYMPTOMATIC
@@ -581,11 +582,14 @@ class EpidemicModel(GradientTerms, Mechanisms):
         die = symp & (u3[2] < p_d.detach())
         w_onset = w(onset)
         w_symp = w_onset  # the path weight after the symptomatic draw
-        if weight is not None:
+        isolates, isolation_score = self._isolation_draw(
+            onset, symp, inputs, theta["case_isolation_compliance"], gen, weight is not None)
+        if weight is not None:  # the scores of the symptomatic and case-isolation draws, in one update
             score = _score_weight(p_s, symp)
             w_symp = w_onset * score
-            weight = weight.index_copy(0, onset, w_symp)
-            group_weight.index_copy_(1, onset, group_weight.index_select(1, onset) * score)  # in place, as there
+            both = score if isolation_score is None else score * isolation_score
+            weight = weight.index_copy(0, onset, w_symp if isolation_score is None else w_symp * isolation_score)
+            group_weight.index_copy_(1, onset, group_weight.index_select(1, onset) * both)  # in place, as there
         new_symptomatic = per_cell(onset, w_symp * symp)
         symptomatic_by_lineage = torch.zeros(self.n_lineages, device=self.device).index_add(
             0, lineage.index_select(0, onset).long(), w_symp * symp)
@@ -631,8 +635,8 @@ class EpidemicModel(GradientTerms, Mechanisms):
         disease.index_fill_(0, dying, M)
         next_day.index_fill_(0, dying, -1)
         threshold = self._wane(waned, disease, next_day, flags, threshold, theta, gen, grad)
-        weight, group_weight = self._isolation_draw(
-            onset, symp, inputs, weight, group_weight, flags, theta["case_isolation_compliance"], gen)
+        if isolates is not None:
+            flags.index_copy_(0, onset, flags.index_select(0, onset) | (isolates.to(torch.int8) * _ISOLATES))
         sharded = c.reduce is not None or c.reduce_city is not None  # every rank attributes (summed pressures)
         if self.n_lineages > 1 and (sharded or (new_inf.numel() and self._lineages_present(inf_lineage, inputs))):
             drawn = self._attribute_lineage(

@@ -40,8 +40,8 @@ from lpm_llm.runner.run import (
     _decisions_frame,
     _prepare,
     _run_folder,
-    build_decisions,
     build_models,
+    open_decision,
 )
 
 if TYPE_CHECKING:
@@ -138,7 +138,6 @@ def calibrate_period(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
     from lpm_llm.calibrate.fit import FrozenDecisions
     from lpm_llm.calibrate.period import EVALUATION_SEEDS, evaluate_period, fit_period, period_space
     from lpm_llm.distributed import launched_by_torchrun
-    from lpm_llm.llm.client import open_client
 
     cfg, cal = exp.config, exp.config.calibration
     if launched_by_torchrun():
@@ -147,10 +146,7 @@ def calibrate_period(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
     with _run_folder(exp, out_dir, overwrite, command_kind="calibrate") as run:
         timer = run.timer
         population, scale, archetypes = _prepare(exp, timer, run.manifest)
-        with timer.phase("llm_start"):
-            client = run.client = open_client(cfg.llm, http_client=exp.http_client)
-        source = build_decisions(cfg, client, archetypes)["vaccinate"]
-        run.sources.append({"vaccinate": source})
+        source = open_decision(exp, run, archetypes, "vaccinate")
         pbar = exp.progress(total=cal.steps + 2, desc="whole-period fit: scoring the start") if exp.progress else None
         asked = _Announced(source, pbar, "whole-period fit: scoring the start", archetypes.k) if pbar else source
         objective, epidemic = period_objective(cfg, population, archetypes, {"vaccinate": FrozenDecisions(asked)})

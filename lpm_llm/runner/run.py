@@ -94,6 +94,19 @@ def build_decisions(cfg: ExperimentConfig, client: Any, archetypes: Archetypes) 
     return out
 
 
+def open_decision(exp: Experiment, run: Any, archetypes: Archetypes, name: str, *, waiting: int = 0) -> Any:
+    """Open the run's LLM client (``run.client``, timed as ``llm_start``) and build the decision `name`
+    on it, recorded in ``run.sources`` (decisions.csv, the behaviour report). ``waiting``: ranks that
+    wait while it answers (:func:`lpm_llm.llm.client.open_client`)."""
+    from lpm_llm.llm.client import open_client
+
+    with run.timer.phase("llm_start"):
+        client = run.client = open_client(exp.config.llm, http_client=exp.http_client, waiting=waiting)
+    source = build_decisions(exp.config, client, archetypes)[name]
+    run.sources.append({name: source})
+    return source
+
+
 def build_models(cfg: ExperimentConfig) -> list[Any]:
     """The configured models, in the order of ``model`` (e.g. ``epidemic+labor``), from the registry
     (:func:`lpm_llm.models.register_model`)."""
@@ -194,7 +207,8 @@ def run_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False) -> E
         client = None
         if not area or group.is_main:  # area shards: rank 0 asks, the answers are broadcast
             with timer.phase("llm_start"):
-                client = run.client = open_client(cfg.llm, http_client=exp.http_client)
+                client = run.client = open_client(cfg.llm, http_client=exp.http_client,
+                                                  waiting=group.world - 1 if area else 0)
         runs = [(name, c, seed) for name, c in configs.items() for seed in c.seeds]
         if group.world > 1:
             run.manifest["distributed"] = {"ranks": group.world, "shard": cfg.distributed.shard,
@@ -525,8 +539,8 @@ def calibrate_experiment(exp: Experiment, out_dir: Path, overwrite: bool = False
                 shard = Ranks(group.rank, group.world)
         decisions = {}
         if group.is_main:
-            with timer.phase("llm_start"):
-                client = run.client = open_client(cfg.llm, http_client=exp.http_client)
+            with timer.phase("llm_start"):  # the other ranks wait while it answers: their cores are the model's
+                client = run.client = open_client(cfg.llm, http_client=exp.http_client, waiting=group.world - 1)
             decisions = {k: v for k, v in build_decisions(cfg, client, archetypes).items() if k == "isolate"}
         run.sources.append(decisions)
         if shard is not None:
@@ -587,17 +601,13 @@ def _calibrate_labor(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
     from lpm_llm import plots
     from lpm_llm.calibrate.labor_fit import calibrate_labor
     from lpm_llm.data.observed import load_unemployment
-    from lpm_llm.llm.client import open_client
 
     cfg, cal = exp.config, exp.config.calibration
     end = cfg.start_date + dt.timedelta(days=cfg.days - 1)
     with _run_folder(exp, out_dir, overwrite, command_kind="calibrate") as run:
         timer = run.timer
         population, _, archetypes = _prepare(exp, timer, run.manifest)
-        with timer.phase("llm_start"):
-            client = run.client = open_client(cfg.llm, http_client=exp.http_client)
-        work = build_decisions(cfg, client, archetypes)["work"]
-        run.sources.append({"work": work})
+        work = open_decision(exp, run, archetypes, "work")
         pbar = exp.progress(total=cal.steps, desc="labour calibration") if exp.progress else None
 
         def on_step(i: int, loss: float) -> None:
@@ -649,7 +659,6 @@ def _calibrate_private(exp: Experiment, out_dir: Path, overwrite: bool = False) 
     from lpm_llm.core.sim import Simulation
     from lpm_llm.distributed import launched_by_torchrun, process_group
     from lpm_llm.distributed.decisions import BroadcastDecisions
-    from lpm_llm.llm.client import open_client
     from lpm_llm.models.epidemic import Epidemic
     from lpm_llm.privacy.calibrate import calibrate_private
 
@@ -681,10 +690,7 @@ def _calibrate_private(exp: Experiment, out_dir: Path, overwrite: bool = False) 
         if "isolate" in cfg.decisions and cfg.decisions["isolate"].enabled:
             source = None
             if group.is_main:  # only the coordinator talks to the LLM; the answers are broadcast
-                with run.timer.phase("llm_start"):
-                    client = run.client = open_client(cfg.llm, http_client=exp.http_client)
-                source = build_decisions(cfg, client, archetypes)["isolate"]
-                run.sources.append({"isolate": source})
+                source = open_decision(exp, run, archetypes, "isolate", waiting=group.world - 1)
             decisions["isolate"] = FrozenDecisions(BroadcastDecisions(source, group))
         weeks = weeks_through(cal.start, cal.end)
         device = f"cuda:{group.local_rank}" if torch.device(cfg.device).type == "cuda" else cfg.device

@@ -279,6 +279,17 @@ def _resize_optimizer(state: Mapping[str, Any] | None, old: Mapping[str, tuple[i
     return state
 
 
+class _Constant:
+    """A decision source that answers `p` for every archetype without asking anyone (the start grid's
+    stand-in for a decision a model cannot run without)."""
+
+    def __init__(self, k: int, p: float = 0.5):
+        self.k, self.p = int(k), float(p)
+
+    def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
+        return torch.full((self.k,), self.p)
+
+
 class Forecaster:
     """Weekly fits and forecasts of one configured simulation against observed daily data.
 
@@ -371,7 +382,9 @@ class Forecaster:
         they stand); returns name -> {"values", "losses", "best"}. `objective`'s simulation runs
         without decisions: asking the LLM at every grid point would cost K questions per decision
         date and point, and a stream keeps the first answers it gets for a date, so they would be
-        those of a far-off trajectory; the decisions (and their alignment) enter with the fit."""
+        those of a far-off trajectory; the decisions (and their alignment) enter with the fit. A
+        decision that a model cannot run without (the vaccination's) is answered 1/2 by every
+        archetype in the grid's runs, the LLM not asked."""
         out: dict[str, Any] = {}
         seeds = [seed0 + 900 + j for j in range(self.settings.seeds_per_step)]
         for name, values in self.settings.start_grid:
@@ -435,7 +448,9 @@ class Forecaster:
                                         smoothness=s.smoothness)
         grid = {}
         if state is None and s.start_grid:  # without decisions: the LLM is first asked at the chosen start
-            grid_sim = self._simulation(7 * weeks, schedule, {}, seed0, as_of)
+            required = {u.name for m in self.models() for u in getattr(m, "decisions", ()) if u.required}
+            stand_in = {n: _Constant(self.archetypes.k) for n in self.sources if n in required}
+            grid_sim = self._simulation(7 * weeks, schedule, stand_in, seed0, as_of)
             grid = self._grid_start(space, SimulationObjective(grid_sim, {t: known[t] for t in s.fit_targets},
                                                                weeks=weeks, scale=self.scale), seed0)
         steps = s.steps if state is not None else (s.first_steps if s.first_steps is not None else s.steps)

@@ -102,7 +102,7 @@ def prior_config(cfg: Any) -> Any:
     names = [n for n in calibrated_specs(ep, 2, len(ep.initial_infections_per_100k)) if n in fields]
     update: dict[str, Any] = {n: fields[n].default for n in dict.fromkeys(names)}
     if isinstance(ep.fatality_scale, tuple):
-        update["fatality_scale"] = (fields["fatality_scale"].default,) * len(ep.fatality_scale)
+        update["fatality_scale"] = (fields["fatality_scale"].default,)  # by month (the last holds), all at 1
     update["importation_per_100k"] = PRIOR_IMPORTATION if ep.importation_per_100k > 0 else 0.0
     update["ihr"] = fields["ihr"].default
     known = {v.lineage: v for v in NYC_VARIANTS}

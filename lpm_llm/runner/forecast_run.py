@@ -6,9 +6,11 @@ schedule; :mod:`lpm_llm.forecast` fits and forecasts. ``forecast`` writes one ru
 
 Where a fit starts (``start``): ``experiment`` (default) starts the first update from the
 experiment's parameters and alignment maps; the bundled experiments' were fitted to data through
-July 2020, so a forecast before then starts from values that saw its future. ``prior`` starts from
-the package's own defaults instead (:func:`prior_config`: every calibrated epidemic parameter at its
-:class:`~lpm_llm.models.epidemic.EpidemicParams` default, every alignment map at the identity), so
+July 2020 (the 2020-2021 one's through June 2021), so a forecast before then starts from values that
+saw its future. ``prior`` starts from the package's own defaults instead (:func:`prior_config`: every
+calibrated epidemic parameter at its :class:`~lpm_llm.models.epidemic.EpidemicParams` default, the IHR
+and the variants at their literature values, the vaccine supply scale at 1, every alignment map at the
+identity), so
 that with a stream's warm start, chained through earlier as-of dates only, nothing a forecast uses
 comes from after its as-of date: a clean back-test.
 """

@@ -3,12 +3,13 @@ per target, horizon and borough, and the relative WIS against two baselines comp
 data as known on each forecast date: the Hub's baseline and exponential smoothing (statsmodels ETS
 on log counts).
 
-    python bench/bench_forecast.py RUN_DIR [RUN_DIR ...] [--out DIR]
+    python bench/bench_forecast.py RUN_DIR [RUN_DIR ...] [--out DIR] [--from DATE] [--to DATE]
 
 RUN_DIR: an ``lpm-llm assimilate`` folder (the forecasts of its finished weeks) or an ``lpm-llm
 forecast`` folder (``forecast.csv``). Writes ``scores.csv`` (one row per forecast, method, target, horizon, location),
 ``summary.csv`` and ``relative_wis_by_date.png`` into --out (default: the first RUN_DIR), and prints
-the tables (markdown). Relative WIS = mean WIS of the model / mean WIS of the baseline over the
+the tables (markdown). ``--from`` / ``--to`` keep the forecast dates in that range (to compare two
+streams over the same dates). Relative WIS = mean WIS of the model / mean WIS of the baseline over the
 same forecasts (< 1: the model is better).
 """
 
@@ -161,10 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path)
+    p.add_argument("--from", dest="first", help="first forecast date scored (ISO; default: all)")
+    p.add_argument("--to", dest="last", help="last forecast date scored (ISO; default: all)")
     args = p.parse_args(argv)
     out = args.out or args.runs[0]
     out.mkdir(parents=True, exist_ok=True)
     model, start, lag = load_forecasts(args.runs)
+    dates = model["forecast_date"].astype(str)
+    keep = (dates >= (args.first or "")) & (dates <= (args.last or "9999"))
+    if not keep.any():
+        raise SystemExit(f"no forecast dated {args.first or '...'} .. {args.last or '...'} in {args.runs}")
+    model = model[keep].copy()
     observed = load_covid()
     base = baseline_forecasts(model, observed, start, lag)
     scores = score(model, base, observed, start)

@@ -182,3 +182,78 @@ def test_a_resumed_2021_assimilation_equals_an_uninterrupted_one(city, tmp_path)
     assert seen == [(first, True), (last, False)]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole/forecasts.csv"),
                                   pd.read_csv(tmp_path / "resumed/forecasts.csv"), check_exact=True)
+
+
+# Every value of covid_nyc_2021.yaml that bench/fit_2021.py fitted to the data through 2021-06, replaced (as if a
+# fit had seen other data): the epidemic's calibrated parameters, the IHR (carries the fitted hospitalisation
+# scale), the variants' transmissibility, severity and importation rates, the supply scale and the alignment map.
+LATER_FIT = [
+    "epidemic.beta_scale=3.0", "epidemic.transmission_change=[2.0, 0.5]", "epidemic.ascertainment=[0.9, 0.5]",
+    "epidemic.initial_infections_per_100k=[4000, 3000, 2000, 1000, 500]",
+    "epidemic.ascertainment_by_borough=[2, 1, 1, 1, 0.5]", "epidemic.fatality_scale=[5.0, 4.0, 3.0]",
+    "epidemic.importation_per_100k=40.0", "epidemic.ihr=[0, 0.001, 0.001, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]",
+    "epidemic.variants=[{name: Iota, lineage: B.1.526, transmissibility: 3.0, introduced: 2020-11-01, "
+    "importation_per_100k: 50}, {name: Alpha, lineage: B.1.1.7, transmissibility: 1.1, hospitalisation: 4.0, "
+    "fatality: 4.0, introduced: 2020-11-10, importation_per_100k: 30}, {name: Gamma, lineage: P.1, transmissibility: "
+    "0.5, introduced: 2020-11-05, importation_per_100k: 20}, {name: Delta, lineage: B.1.617.2, transmissibility: 5.0, "
+    "hospitalisation: 0.5, fatality: 0.5, introduced: 2020-11-03, importation_per_100k: 10}]",
+    "model_params.vaccination.supply_scale=1.8", "decisions.vaccinate.alignment=[2.0, 1.5]",
+]
+
+
+@pytest.mark.slow
+def test_the_2021_prior_start_carries_no_fitted_value_of_the_experiment(tmp_path, monkeypatch, one_thread):
+    """``start="prior"`` for the 2020-2021 model, through the runner (mocked LLM endpoint): every fitted value
+    of the experiment replaced (:data:`LATER_FIT`) gives the same prior config and a bit-identical first
+    forecast (its start grid over seeding and importation included); the prior holds the package's
+    defaults and literature values. Controls: from the experiment's parameters the poisoned config's
+    forecast differs from the original's, and the original's differs from the prior start's."""
+    import json
+
+    import numpy as np
+    import respx
+
+    from lpm_llm.models.epidemic_params import NYC_VARIANTS, EpidemicParams
+    from lpm_llm.models.vaccination_params import VaccinationParams
+    from lpm_llm.runner.experiment import Experiment
+    from lpm_llm.runner.forecast_run import PRIOR_IMPORTATION, forecast_experiment, prior_config
+    from tests.regression.cases import ENDPOINT, KEY_ENV, _answer
+
+    monkeypatch.setenv(KEY_ENV, "sk-test-not-a-secret")
+    base = [f"population.scale={SCALE}", *START, "outputs.plots=false", "llm.provider=openai", "llm.model=mock",
+            f"llm.base_url={ENDPOINT}", f"llm.api_key_env={KEY_ENV}", 'llm.cache_mode="off"', "llm.max_retries=0"]
+    as_of = "2020-11-28"  # 4 known weeks; the 2 forecast weeks reach the first vaccination question (12-06)
+    options = dict(horizon=2, first_steps=1, seeds_per_step=1, members=2, draws=20, laplace_seeds=1,
+                   parameters=("beta_scale", "initial_infections_per_100k", "importation_per_100k"))
+
+    def forecast(name, overrides, start, **kw):
+        exp = Experiment.from_yaml("experiments/covid_nyc_2021.yaml", [*base, *overrides])
+        with respx.mock(assert_all_mocked=True) as mock:
+            mock.post(f"{ENDPOINT}/chat/completions").mock(side_effect=_answer)
+            forecast_experiment(exp, as_of, tmp_path / name, start=start, **{**options, **kw})
+        return pd.read_csv(tmp_path / name / "forecast.csv")
+
+    cfg = Experiment.from_yaml("experiments/covid_nyc_2021.yaml", base).config
+    other = Experiment.from_yaml("experiments/covid_nyc_2021.yaml", [*base, *LATER_FIT]).config
+    prior = prior_config(cfg)
+    assert prior_config(other) == prior
+    ep, defaults = prior.epidemic, EpidemicParams()
+    for n in ("beta_scale", "transmission_change", "initial_infections_per_100k", "ascertainment",
+              "ascertainment_by_borough", "ihr"):
+        assert getattr(ep, n) == getattr(defaults, n), n
+    assert ep.fatality_scale == (1.0,)  # by month (the last holds), as the experiment's
+    assert ep.importation_per_100k == PRIOR_IMPORTATION
+    assert ep.variants == NYC_VARIANTS
+    assert prior.model_params["vaccination"]["supply_scale"] == VaccinationParams().supply_scale
+    assert prior.decisions["vaccinate"].alignment is None
+
+    a = forecast("a", [], "prior")
+    b = forecast("b", LATER_FIT, "prior")
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    grid = json.loads((tmp_path / "a" / "forecast.json").read_text())["settings"]["start_grid"]
+    assert list(grid) == ["initial_infections_per_100k", "importation_per_100k"]
+    for g in grid.values():
+        assert g["best"] == g["values"][int(np.argmin(g["losses"]))] and len(set(g["losses"])) > 1
+    c = forecast("c", [], "experiment", first_steps=0)  # the controls forecast from the experiment's values
+    d = forecast("d", LATER_FIT, "experiment", first_steps=0)
+    assert not np.allclose(c["value"], d["value"]) and not np.allclose(a["value"], c["value"])

@@ -73,7 +73,10 @@ class ForecastSettings:
         horizon: weeks ahead (1-4 for the Hub).
         steps: Adam steps of a warm-started update; ``first_steps`` for an update without a
             previous week (default: ``steps``).
-        lr, seeds_per_step: Adam's learning rate and the runs averaged per step.
+        lr, seeds_per_step: Adam's learning rate and the runs averaged per step; ``first_lr``: the
+            learning rate of an update without a previous week (default: ``lr``), e.g. a cold start
+            from the package's defaults, far from the data, that later weeks then follow with a
+            smaller ``lr``.
         fit_targets: targets in the loss; ``targets``: targets forecast (default: the fit targets).
         parameters: calibrated parameter names (default: every declared one).
         members: ensemble runs; ``draws``: negative binomial draws per member and area.
@@ -104,6 +107,7 @@ class ForecastSettings:
     steps: int = 3
     first_steps: int | None = None
     lr: float = 0.05
+    first_lr: float | None = None
     seeds_per_step: int = 2
     fit_targets: tuple[str, ...] = ("cases", "deaths")
     targets: tuple[str, ...] | None = None
@@ -275,6 +279,17 @@ def _resize_optimizer(state: Mapping[str, Any] | None, old: Mapping[str, tuple[i
     return state
 
 
+class _Constant:
+    """A decision source that answers `p` for every archetype without asking anyone (the start grid's
+    stand-in for a decision a model cannot run without)."""
+
+    def __init__(self, k: int, p: float = 0.5):
+        self.k, self.p = int(k), float(p)
+
+    def probabilities(self, context: Mapping[str, Any]) -> torch.Tensor:
+        return torch.full((self.k,), self.p)
+
+
 class Forecaster:
     """Weekly fits and forecasts of one configured simulation against observed daily data.
 
@@ -367,7 +382,9 @@ class Forecaster:
         they stand); returns name -> {"values", "losses", "best"}. `objective`'s simulation runs
         without decisions: asking the LLM at every grid point would cost K questions per decision
         date and point, and a stream keeps the first answers it gets for a date, so they would be
-        those of a far-off trajectory; the decisions (and their alignment) enter with the fit."""
+        those of a far-off trajectory; the decisions (and their alignment) enter with the fit. A
+        decision that a model cannot run without (the vaccination's) is answered 1/2 by every
+        archetype in the grid's runs, the LLM not asked."""
         out: dict[str, Any] = {}
         seeds = [seed0 + 900 + j for j in range(self.settings.seeds_per_step)]
         for name, values in self.settings.start_grid:
@@ -431,13 +448,16 @@ class Forecaster:
                                         smoothness=s.smoothness)
         grid = {}
         if state is None and s.start_grid:  # without decisions: the LLM is first asked at the chosen start
-            grid_sim = self._simulation(7 * weeks, schedule, {}, seed0, as_of)
+            required = {u.name for m in self.models() for u in getattr(m, "decisions", ()) if u.required}
+            stand_in = {n: _Constant(self.archetypes.k) for n in self.sources if n in required}
+            grid_sim = self._simulation(7 * weeks, schedule, stand_in, seed0, as_of)
             grid = self._grid_start(space, SimulationObjective(grid_sim, {t: known[t] for t in s.fit_targets},
                                                                weeks=weeks, scale=self.scale), seed0)
         steps = s.steps if state is not None else (s.first_steps if s.first_steps is not None else s.steps)
         history: list[float] = []
         if steps > 0:
-            cal = Calibrator(space, steps=steps, lr=s.lr, seeds_per_step=s.seeds_per_step, seed=seed0,
+            lr = s.first_lr if state is None and s.first_lr is not None else s.lr
+            cal = Calibrator(space, steps=steps, lr=lr, seeds_per_step=s.seeds_per_step, seed=seed0,
                              optimizer_state=optimizer,
                              on_step=lambda m, i, loss, sec: self._tick("fit", i, loss, t0)).fit(objective)
             space, history, optimizer = cal.space_, cal.loss_history_, cal.optimizer_state_
@@ -531,7 +551,8 @@ class Forecaster:
         timings["cpu_total"] = time.process_time() - c0  # all threads (the in-process LLM included)
         settings = {"start": self.start.isoformat(), "as_of": as_of.isoformat(), "cutoff": cut.isoformat(),
                     "weeks_fitted": weeks, "horizon": s.horizon, "targets": list(s.targets),
-                    "fit_targets": list(s.fit_targets), "steps": steps, "members": s.members,
+                    "fit_targets": list(s.fit_targets), "steps": steps,
+                    "lr": s.first_lr if state is None and s.first_lr is not None else s.lr, "members": s.members,
                     "draws": s.draws, "scale": self.scale, "agents": int(self.population.n),
                     "parameters": list(space.names), "seed": seed0, "warm_start": state is not None,
                     "incomplete_week": "dropped", "reporting_lag_days": s.reporting_lag_days,

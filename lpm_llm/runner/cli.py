@@ -134,6 +134,8 @@ def _forecast_parsers(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--horizon", type=int, default=4, help="weeks ahead (default 4)")
         s.add_argument("--steps", type=int, help="Adam steps per update (default 3)")
         s.add_argument("--first-steps", type=int, help="Adam steps of the first update (default: --steps)")
+        s.add_argument("--first-lr", type=float, help="Adam's learning rate of the first update (default: "
+                                                      "calibration.lr, as every later update)")
         s.add_argument("--members", type=int, help="ensemble members (default 16)")
         s.add_argument("--targets", help="comma-separated forecast targets (default: calibration.targets)")
         s.add_argument("--reporting-lag-days", type=int, help="last days treated as unreported (default 0)")
@@ -158,6 +160,7 @@ def _run_forecast(exp, args) -> object:
     from lpm_llm.runner.forecast_run import assimilate_experiment, forecast_experiment
 
     options = {"horizon": args.horizon, "steps": args.steps, "first_steps": args.first_steps,
+               "first_lr": args.first_lr,
                "members": args.members, "reporting_lag_days": args.reporting_lag_days, "smoothness": args.smoothness,
                "targets": tuple(args.targets.split(",")) if args.targets else None,
                "parameters": tuple(args.parameters.split(",")) if args.parameters else None}

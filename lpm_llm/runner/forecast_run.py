@@ -6,9 +6,11 @@ schedule; :mod:`lpm_llm.forecast` fits and forecasts. ``forecast`` writes one ru
 
 Where a fit starts (``start``): ``experiment`` (default) starts the first update from the
 experiment's parameters and alignment maps; the bundled experiments' were fitted to data through
-July 2020, so a forecast before then starts from values that saw its future. ``prior`` starts from
-the package's own defaults instead (:func:`prior_config`: every calibrated epidemic parameter at its
-:class:`~lpm_llm.models.epidemic.EpidemicParams` default, every alignment map at the identity), so
+July 2020 (the 2020-2021 one's through June 2021), so a forecast before then starts from values that
+saw its future. ``prior`` starts from the package's own defaults instead (:func:`prior_config`: every
+calibrated epidemic parameter at its :class:`~lpm_llm.models.epidemic.EpidemicParams` default, the IHR
+and the variants at their literature values, the vaccine supply scale at 1, every alignment map at the
+identity), so
 that with a stream's warm start, chained through earlier as-of dates only, nothing a forecast uses
 comes from after its as-of date: a clean back-test.
 """
@@ -45,6 +47,15 @@ PRIOR_GRID = (("initial_infections_per_100k", (3.0, 10.0, 30.0, 100.0, 300.0, 10
 """The start grid of a ``prior`` start (:attr:`~lpm_llm.forecast.ForecastSettings.start_grid`): the
 day-0 seeding, which the data fix first and which no default can know, searched over half decades
 on the known weeks before the first fit."""
+PRIOR_IMPORTATION = 1.0
+"""``importation_per_100k`` of a ``prior`` start where the experiment imports infections continuously
+(the package's default, 0, switches importation off): 1 infection a day per 100,000 susceptible
+residents, a round guess that :data:`PRIOR_IMPORTATION_GRID` then searches over two decades each way."""
+PRIOR_IMPORTATION_GRID = (("importation_per_100k", (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),)
+"""Added to :data:`PRIOR_GRID` (searched after the seeding) where the experiment imports infections
+continuously: the level of importation, which no default can know either."""
+PRIOR_MODELS = ("epidemic", "vaccination")
+"""The models whose calibrated parameters :func:`prior_config` knows."""
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +68,69 @@ def _settings(exp: Experiment, options: Mapping[str, Any], start: str = "experim
           "parameters": tuple(cal.parameters) if cal.parameters else None, "seed": exp.config.seeds[0],
           "checkpoint_days": cal.checkpoint_days}
     if start == "prior":
-        kw["start_grid"] = PRIOR_GRID
+        kw["start_grid"] = PRIOR_GRID + (PRIOR_IMPORTATION_GRID if exp.config.epidemic.importation_per_100k > 0 else ())
     kw.update({k: v for k, v in options.items() if v is not None})
     return ForecastSettings(**kw)
 
 
 def prior_config(cfg: Any) -> Any:
-    """`cfg` with what a fit to data may have set put back to the package's defaults: every calibrated
-    epidemic parameter (those :func:`~lpm_llm.models.epidemic_params.calibrated_specs` declares:
-    transmission scale and monthly change, seeding, ascertainment by month and borough, fatality
-    scale, importation) at its :class:`EpidemicParams` default, and every decision's alignment map
-    removed (the identity). Other settings (the disease's literature values, the policies, the LLM)
-    are kept. Only the epidemic model's parameters are known here: a config with another model
-    (e.g. ``epidemic+labor``) is refused rather than started half from its fitted values."""
-    from lpm_llm.models.epidemic_params import EpidemicParams, calibrated_specs
+    """`cfg` with what a fit to data may have set put back to the package's defaults and literature
+    values, the model's structure kept:
 
-    if cfg.model_names != ["epidemic"]:
-        raise ValueError(f"start 'prior' knows the epidemic model's calibrated parameters only, not {cfg.model!r}")
+    - every calibrated epidemic parameter (those :func:`~lpm_llm.models.epidemic_params.calibrated_specs`
+      declares: transmission scale and monthly change, seeding, ascertainment by month and borough,
+      fatality scale) at its :class:`EpidemicParams` default; a fatality scale by month stays by month,
+      every month at the default 1;
+    - continuous importation: off (the default 0) where the experiment has none, else
+      :data:`PRIOR_IMPORTATION` (a start grid searches it, :data:`PRIOR_IMPORTATION_GRID`);
+    - the hospitalisation ratio by age (``ihr``, which the whole-period fit scales) at Verity et al.'s;
+    - the variants (transmissibility, severity, introduction and importation rate, which the whole-period
+      fit calibrates) at the package's literature values, :data:`~lpm_llm.models.epidemic_params.NYC_VARIANTS`
+      (matched by lineage; a variant it does not know is refused);
+    - the vaccination's calibrated ``supply_scale`` at its default (1);
+    - every decision's alignment map removed (the identity).
+
+    Other settings (the disease's other literature values, the policies, the LLM, the vaccination's
+    documented settings) are kept. A config with a model other than the epidemic and the vaccination
+    (e.g. ``epidemic+labor``), or an epidemic setting outside :class:`EpidemicParams`' defaults that is
+    not listed above, is refused rather than started half from its fitted values."""
+    from lpm_llm.models.epidemic_params import NYC_VARIANTS, EpidemicParams, calibrated_specs
+
+    if "epidemic" not in cfg.model_names or not set(cfg.model_names) <= set(PRIOR_MODELS):
+        raise ValueError(f"start 'prior' knows the calibrated parameters of the {' and '.join(PRIOR_MODELS)} models "
+                         f"only, not {cfg.model!r}")
+    ep = cfg.epidemic
     fields = EpidemicParams.model_fields
-    names = [n for n in calibrated_specs(cfg.epidemic, 2, len(cfg.epidemic.initial_infections_per_100k))
-             if n in fields] + ["importation_per_100k"]
-    epidemic = cfg.epidemic.model_copy(update={n: fields[n].default for n in dict.fromkeys(names)})
-    decisions = {k: dc.model_copy(update={"alignment": None}) for k, dc in cfg.decisions.items()}
-    return cfg.model_copy(update={"epidemic": epidemic, "decisions": decisions})
+    names = [n for n in calibrated_specs(ep, 2, len(ep.initial_infections_per_100k)) if n in fields]
+    update: dict[str, Any] = {n: fields[n].default for n in dict.fromkeys(names)}
+    if isinstance(ep.fatality_scale, tuple):
+        update["fatality_scale"] = (fields["fatality_scale"].default,)  # by month (the last holds), all at 1
+    update["importation_per_100k"] = PRIOR_IMPORTATION if ep.importation_per_100k > 0 else 0.0
+    update["ihr"] = fields["ihr"].default
+    known = {v.lineage: v for v in NYC_VARIANTS}
+    unknown = [v.lineage for v in ep.variants if v.lineage not in known]
+    if unknown:
+        raise ValueError(f"start 'prior' has no literature values for the variant(s) {unknown}; known: "
+                         f"{', '.join(known)}")
+    update["variants"] = tuple(known[v.lineage] for v in ep.variants)
+    others = sorted(n for n in ep.model_fields_set - set(update)
+                    if getattr(ep, n) != (fields[n].default if fields[n].default_factory is None
+                                          else fields[n].default_factory()))
+    if others:
+        raise ValueError(f"start 'prior' does not know whether epidemic setting(s) {others} were fitted; "
+                         "remove them from the experiment or start from it (--start experiment)")
+    epidemic = ep.model_copy(update=update)
+    out: dict[str, Any] = {"epidemic": epidemic}
+    if "vaccination" in cfg.model_names:
+        from lpm_llm.models.vaccination_params import VaccinationParams
+
+        mp = dict(cfg.model_params)
+        vac = dict(mp.get("vaccination") or {})
+        vac["supply_scale"] = VaccinationParams.model_fields["supply_scale"].default
+        mp["vaccination"] = vac
+        out["model_params"] = mp
+    out["decisions"] = {k: dc.model_copy(update={"alignment": None}) for k, dc in cfg.decisions.items()}
+    return cfg.model_copy(update=out)
 
 
 def _forecaster(exp: Experiment, run: Any, settings: ForecastSettings, observed: Any = None,

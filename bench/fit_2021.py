@@ -115,6 +115,7 @@ flows.join(stocks).round(1).reset_index().to_csv(out / "ensemble_weekly.csv", in
 lineages.to_csv(out / "lineages.csv", index=False)
 summary = {"scale": scale, "agents": pop.n, "weeks": weeks, "members": members, "steps": steps,
            "smoothness": smooth, "overrides": extra, "fatality_smoothness": cal.fatality_smoothness,
+           "loss": cal.loss, "dispersion": cal.dispersion,
            "evaluation_seeds": evaluation, "best_member": best["member"],
            "llm_requests": client.usage.requests, "seconds": time.time() - t0, "members_detail": results}
 (out / "fit_2021.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from lpm_llm.calibrate.fit import SimulationObjective
-from lpm_llm.calibrate.targets import log_mse
+from lpm_llm.calibrate.targets import count_loss, log_mse, serology_loss, smoothness_penalty
 from lpm_llm.core.parameters import Bounded, ParameterSpace
 from lpm_llm.models.lineages import compare_lineage_shares
 from lpm_llm.population import BOROUGHS
@@ -72,12 +72,39 @@ _SHARE_FLOOR = 1.0  # percent: a share below 1% of sequenced cases is read as "a
 class PeriodObjective(SimulationObjective):
     """:class:`~lpm_llm.calibrate.fit.SimulationObjective` that also takes ``hospitalisation_scale``
     (:data:`HOSPITALISATION_SCALE`), given to `epidemic` as its ``ihr`` times the scale (the IHR by age
-    is a tensor parameter of the epidemic, not a calibrated one)."""
+    is a tensor parameter of the epidemic, not a calibrated one), and whose loss of the weekly counts is
+    ``loss`` (``calibration.loss``): ``log_mse`` (:func:`~lpm_llm.calibrate.targets.log_mse`, the
+    first-wave fit's) or a count deviance, ``poisson`` or ``negbin`` with ``dispersion``
+    (:func:`~lpm_llm.calibrate.targets.count_loss`). The serology term and the penalties are the same
+    for all three."""
 
-    def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *, epidemic: Any, **kwargs: Any):
+    def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *, epidemic: Any,
+                 loss: str = "log_mse", dispersion: float = 10.0, **kwargs: Any):
         super().__init__(simulation, observed, **kwargs)
+        if loss not in ("log_mse", "poisson", "negbin"):
+            raise ValueError(f"unknown loss {loss!r}; known: log_mse, poisson, negbin")
         self.epidemic = epidemic
         self.ihr = torch.tensor(epidemic.params.ihr, dtype=torch.get_default_dtype())
+        self.loss_kind = loss
+        self.dispersion = float(dispersion)
+
+    def loss(self, stacked: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss_kind == "log_mse":
+            return super().loss(stacked, values)
+        n_seeds = next(iter(stacked.values())).shape[0]
+        mean = {t: stacked[t].mean(0) for t in self.observed}
+        debias = self.debias and n_seeds > 1
+        variance = {t: stacked[t].var(0) / n_seeds for t in self.observed} if debias else None
+        loss = count_loss(mean, self.observed, self.scale, kind=self.loss_kind, dispersion=self.dispersion,
+                          variance=variance)
+        if self.serology is not None:
+            n = len(self.observed)
+            loss = (loss * n + serology_loss(stacked["serology"].mean(), self.serology)) / (n + 1)
+        if self.smoothness > 0 and "transmission_change" in values:
+            loss = loss + smoothness_penalty(values["transmission_change"], self.smoothness)
+        if self.fatality_smoothness > 0 and "fatality_scale" in values and values["fatality_scale"].dim() > 0:
+            loss = loss + smoothness_penalty(values["fatality_scale"], self.fatality_smoothness, anchored=False)
+        return loss
 
     def run(self, values: Mapping[str, torch.Tensor], seed: int):
         values = dict(values)
@@ -223,6 +250,8 @@ class PeriodScore:
     Attributes:
         summary: ``objective`` (the fitted loss on all the seeds together, penalty included),
             ``log_mse`` (target -> log-MSE of the seeds' mean weekly counts, not noise-corrected),
+            ``negbin`` (target -> the negbin count loss of the same means, with the objective's
+            dispersion, not noise-corrected: both scores whatever loss was fitted),
             ``totals`` (target -> simulated and observed city totals over the weeks),
             ``serology_share`` (mean share infected by the survey's date; absent without one) and
             ``lineage_loss`` (mean of :func:`lineage_errors`' losses).
@@ -262,6 +291,8 @@ def evaluate_period(objective: SimulationObjective, epidemic: Any, values: Mappi
     summary: dict[str, Any] = {
         "objective": total,
         "log_mse": {t: float(log_mse({t: mean[t]}, {t: obs[t]}, objective.scale)) for t in obs},
+        "negbin": {t: float(count_loss({t: mean[t]}, {t: obs[t]}, objective.scale, kind="negbin",
+                                       dispersion=getattr(objective, "dispersion", 10.0))) for t in obs},
         "totals": {t: {"simulated": float(mean[t].sum() / objective.scale), "observed": float(obs[t].sum())}
                    for t in obs},
         "lineage_loss": float(pd.Series(lineage, dtype=float).mean()),

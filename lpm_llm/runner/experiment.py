@@ -127,6 +127,12 @@ class CalibrationConfig(_Strict):
     fatality_smoothness: float | None = Field(
         None, ge=0.0, description="the whole-period fit: the same on a fatality_scale by month "
         "(epidemic.fatality_scale a list); null: smoothness")
+    loss: Literal["log_mse", "poisson", "negbin"] = Field(
+        "log_mse", description="the whole-period fit's loss of weekly counts: log_mse (squared error of logs, floor "
+        "one agent), poisson or negbin (deviances in agents; lpm_llm.calibrate.targets.count_loss)")
+    dispersion: float = Field(
+        10.0, gt=0, description="the whole-period fit with loss negbin: the dispersion k (variance mu + mu^2/k in "
+        "agents of the scaled city; k = 10 allows a relative error of about 32%)")
 
     @field_validator("parameters")
     @classmethod

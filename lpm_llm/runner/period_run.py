@@ -114,7 +114,7 @@ def period_objective(cfg: ExperimentConfig, population: Population, archetypes: 
     objective = PeriodObjective(sim, observed, weeks=weeks, scale=population.scale,
                                 serology=NYC_SEROLOGY_APRIL_2020 if cal.serology else None,
                                 smoothness=cal.smoothness, fatality_smoothness=cal.fatality_smoothness,
-                                epidemic=epidemic)
+                                epidemic=epidemic, loss=cal.loss, dispersion=cal.dispersion)
     return objective, epidemic
 
 
@@ -186,8 +186,9 @@ def calibrate_period(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
         with timer.phase("outputs"):
             summary = {"steps": cal.steps, "lr": cal.lr, "lr_final": cal.lr_final,
                        "seeds_per_step": cal.seeds_per_step, "smoothness": cal.smoothness,
-                       "fatality_smoothness": cal.fatality_smoothness,
-                       "weeks": objective.weeks, "targets": list(cal.targets), "serology": cal.serology,
+                       "fatality_smoothness": cal.fatality_smoothness, "loss": cal.loss,
+                       "dispersion": cal.dispersion, "weeks": objective.weeks, "targets": list(cal.targets),
+                       "serology": cal.serology,
                        "evaluation_seeds": seeds, "start": start.summary, "fitted": fitted.summary,
                        "values": fit.values, "variant_rates": fit.variant_rates, "fit_seconds": round(fit_seconds, 3)}
             _outputs.write_manifest(out_dir / "calibration.json", {**summary, "history": fit.history})

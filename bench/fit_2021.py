@@ -17,6 +17,8 @@ lineages, transmission.
     FIT_2021_CONSTANT=0.4 FIT_2021_OUT=/tmp/fit python bench/fit_2021.py 0.002 1 2   # a smoke test, no LLM
     FIT_2021_SET="epidemic.fatality_scale=[1.6,1.6];calibration.fatality_smoothness=0.05" python bench/fit_2021.py
         # --set overrides of the experiment, separated by ';' (here: a start by month, and its penalty weight)
+    FIT_2021_SET="calibration.loss=negbin" FIT_2021_EVAL_SEEDS=10000,10001,10002,10003 python bench/fit_2021.py
+        # the count loss (lpm_llm.calibrate.targets.count_loss), scored on 4 evaluation seeds
 
 The bundled values come from `python bench/fit_2021.py 0.01 3 25 0.25` started from these (then the YAML's):
 beta_scale 0.7; transmission_change 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.2, 1.2, 1.2, 1.1, 1.0, 1.0, 1.0;
@@ -65,7 +67,8 @@ source = ConstantDecision(float(constant), arch.k) if constant else build_decisi
 objective, epidemic = period_objective(cfg, pop, arch, {"vaccinate": FrozenDecisions(source)})
 weeks = objective.weeks
 initial_rates = [v.importation_per_100k for v in epidemic.params.variants]
-evaluation = list(EVALUATION_SEEDS)
+evaluation = [int(x) for x in os.environ.get("FIT_2021_EVAL_SEEDS", "").split(",") if x.strip()] or list(
+    EVALUATION_SEEDS)  # e.g. FIT_2021_EVAL_SEEDS=10000,10001,10002,10003,10004,10005: more held-out seeds
 
 
 def score(values, rates, member):

@@ -67,13 +67,14 @@ source = ConstantDecision(float(constant), arch.k) if constant else build_decisi
 objective, epidemic = period_objective(cfg, pop, arch, {"vaccinate": FrozenDecisions(source)})
 weeks = objective.weeks
 initial_rates = [v.importation_per_100k for v in epidemic.params.variants]
+initial_trans = {v.lineage: v.transmissibility for v in epidemic.params.variants}
 evaluation = [int(x) for x in os.environ.get("FIT_2021_EVAL_SEEDS", "").split(",") if x.strip()] or list(
     EVALUATION_SEEDS)  # e.g. FIT_2021_EVAL_SEEDS=10000,10001,10002,10003,10004,10005: more held-out seeds
 
 
-def score(values, rates, member):
+def score(values, rates, member, trans=None):
     """Loss terms on the evaluation seeds, frames for the plots (lpm_llm.calibrate.period.evaluate_period)."""
-    s = evaluate_period(objective, epidemic, values, rates, evaluation, member=member)
+    s = evaluate_period(objective, epidemic, values, rates, evaluation, member=member, transmissibility=trans)
     return s.summary, s.frames, s.lineages
 
 
@@ -91,18 +92,20 @@ for m in range(members):
             start[name] = (v * torch.exp(0.15 * torch.randn(v.shape, generator=g, dtype=torch.float64))).tolist()
         space.set_values(start)
     epidemic.set_variant_importation(initial_rates)
-    before, _, _ = score(space.values(), initial_rates, m)
+    before, _, _ = score(space.values(), initial_rates, m, initial_trans)
     t1 = time.time()
     fit = fit_period(objective, space, epidemic, steps=steps, lr=0.1, lr_final=0.01, seed=100 * m,
+                     transmissibility=cal.variant_transmissibility,
                      on_step=lambda i, r, m=m: print(f"member {m} step {i}: loss {r['loss']:.4f} lineage "
                                                 f"{r['lineage_loss']:.3f} ({r['seconds']:.0f} s)", flush=True))
     rates = list(fit.variant_rates.values())
-    after, frame, share = score(fit.space.values(), rates, m)
+    after, frame, share = score(fit.space.values(), rates, m, {**initial_trans, **fit.transmissibility})
     print(f"member {m}: objective {before['objective']:.4f} -> {after['objective']:.4f} on the evaluation seeds "
           f"({time.time() - t1:.0f} s); serology {after['serology_share']:.3f}; lineage loss "
           f"{after['lineage_loss']:.3f}; log-MSE {after['log_mse']}", flush=True)
     results.append({"member": m, "start": before, "fitted": after, "values": fit.values,
-                    "variant_rates": fit.variant_rates, "history": fit.history, "seconds": time.time() - t1})
+                    "variant_rates": fit.variant_rates, "transmissibility": fit.transmissibility,
+                    "history": fit.history, "seconds": time.time() - t1})
     frames.append(frame)
     shares.append(share)
 
@@ -145,6 +148,7 @@ ax.legend()
 fig.tight_layout()
 fig.savefig(out / "transmission.png", dpi=110)
 print(json.dumps({"best_member": best["member"], "values": best["values"], "variant_rates": best["variant_rates"],
+                  "transmissibility": best["transmissibility"],
                   "ihr": [round(x * best["values"]["hospitalisation_scale"], 6) for x in epidemic.params.ihr]}),
       flush=True)
 print(f"done in {time.time() - t0:.0f} s; LLM requests {client.usage.requests}", flush=True)

@@ -48,11 +48,12 @@ import torch
 from lpm_llm.calibrate.fit import SimulationObjective
 from lpm_llm.calibrate.targets import count_loss, log_mse, serology_loss, smoothness_penalty
 from lpm_llm.core.parameters import Bounded, ParameterSpace
-from lpm_llm.models.lineages import compare_lineage_shares
+from lpm_llm.models.lineages import GENERATION_DAYS, TRANSMISSIBILITY_RANGE, compare_lineage_shares, growth_gaps
 from lpm_llm.population import BOROUGHS
 
 __all__ = ["EVALUATION_SEEDS", "HOSPITALISATION_SCALE", "PERIOD_PARAMETERS", "PeriodFit", "PeriodObjective",
-           "PeriodScore", "evaluate_period", "fit_period", "lineage_errors", "period_space", "update_variant_rates"]
+           "PeriodScore", "evaluate_period", "fit_period", "lineage_errors", "period_space", "update_transmissibility",
+           "update_variant_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,24 @@ def update_variant_rates(rates: Sequence[float], lineages: Sequence[str], log_ra
     return out
 
 
+def update_transmissibility(current: Mapping[str, float], gaps: Mapping[str, float], *, step: float = 0.5,
+                            max_move: float = 0.2, generation_days: float = GENERATION_DAYS,
+                            bounds: Mapping[str, tuple[float, ...]] = TRANSMISSIBILITY_RANGE) -> dict[str, float]:
+    """One damped fixed-point step of the variants' relative transmissibilities (lineage -> value in
+    `current`): ``log T_v += clip(step * gap_v * generation_days, +-max_move)``, within ``bounds[v]``
+    (lower, upper, ...), where ``gap_v`` is :func:`~lpm_llm.models.lineages.growth_gaps`' observed minus
+    simulated growth of the logit of v's share per day (a lineage T times as transmissible grows at about
+    ``log T / generation_days`` a day relative to the rest). A lineage without a gap stays."""
+    out = dict(current)
+    for name, value in current.items():
+        if name not in gaps:
+            continue
+        lo, hi = bounds[name][0], bounds[name][1]
+        move = max(-max_move, min(max_move, step * gaps[name] * generation_days))
+        out[name] = min(hi, max(lo, float(value) * math.exp(move)))
+    return out
+
+
 @dataclass
 class PeriodFit:
     """The result of :func:`fit_period`.
@@ -176,14 +195,17 @@ class PeriodFit:
         values: name -> fitted value (lists for vectors), as :meth:`ParameterSpace.to_dict`.
         variant_rates: lineage -> fitted importation per day per 100,000.
         space: the fitted parameter space (a copy).
-        history: per step ``loss`` (the objective, penalty included), ``lineage_loss``, ``seconds``
-            and ``variant_rates``.
+        history: per step ``loss`` (the objective, penalty included), ``lineage_loss``, ``seconds``,
+            ``variant_rates`` and ``transmissibility``.
+        transmissibility: lineage -> fitted relative transmissibility (the lineages of
+            ``fit_period(transmissibility=...)``; empty when none is fitted).
     """
 
     values: dict[str, Any]
     variant_rates: dict[str, float]
     space: ParameterSpace
     history: list[dict[str, Any]] = field(default_factory=list)
+    transmissibility: dict[str, float] = field(default_factory=dict)
 
 
 def fit_period(
@@ -200,13 +222,25 @@ def fit_period(
     variant_step: float = 0.5,
     time_limit: float | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    transmissibility: Sequence[str] = (),
 ) -> PeriodFit:
     """Adam on `space` against `objective` (a :class:`~lpm_llm.calibrate.fit.SimulationObjective`
     over the whole period), with every ``variant_every`` steps a :func:`update_variant_rates` step of
     the variants' importation rates of `epidemic` (an :class:`~lpm_llm.models.epidemic.Epidemic` of
     the objective's simulation) from the step's last run. Step i uses seeds ``seed + 1000 + i *
     seeds_per_step + j``; the learning rate decays geometrically from `lr` to `lr_final`. Stops after
-    `steps` steps or `time_limit` seconds."""
+    `steps` steps or `time_limit` seconds. With `transmissibility` (lineages with a
+    :data:`~lpm_llm.models.lineages.TRANSMISSIBILITY_RANGE`), at the same steps each of their relative
+    transmissibilities takes an :func:`update_transmissibility` step from the run's growth gaps
+    (:meth:`Epidemic.set_variant_transmissibility`): importation sets a variant's level, transmissibility
+    its growth."""
+    variants = list(epidemic.params.variants)
+    unknown = sorted(set(transmissibility) - set(TRANSMISSIBILITY_RANGE))
+    if unknown:
+        raise ValueError(f"no transmissibility range for {unknown}; known: {', '.join(TRANSMISSIBILITY_RANGE)}")
+    trans = {v.lineage: v.transmissibility for v in variants if v.lineage in set(transmissibility)}
+    if len(trans) != len(set(transmissibility)):
+        raise ValueError(f"the epidemic has no variant(s) {sorted(set(transmissibility) - set(trans))}")
     space = copy.deepcopy(space)
     opt = torch.optim.Adam(space.raw.parameters(), lr=lr, betas=(0.5, 0.9))
     gamma = (lr_final / lr) ** (1 / max(steps - 1, 1)) if lr_final else 1.0
@@ -228,11 +262,17 @@ def fit_period(
         lineage_loss, ratio = lineage_errors(results.series["symptomatic_by_lineage"],
                                              objective.simulation.start_date, epidemic.params)
         if variant_every and (i + 1) % variant_every == 0 and ratio:
+            if trans:  # from the same run, before its rates move
+                both = compare_lineage_shares(results.series["symptomatic_by_lineage"],
+                                              objective.simulation.start_date, epidemic.params)
+                trans = update_transmissibility(trans, growth_gaps(both, list(trans)), step=variant_step)
+                epidemic.set_variant_transmissibility(trans)
             rates = update_variant_rates(rates, [v.lineage for v in variants], ratio, step=variant_step)
             epidemic.set_variant_importation(rates)
         record = {"step": i + 1, "loss": float(loss.detach()), "lineage_loss": lineage_loss,
                   "seconds": time.perf_counter() - t0,
-                  "variant_rates": dict(zip([v.lineage for v in variants], rates, strict=True))}
+                  "variant_rates": dict(zip([v.lineage for v in variants], rates, strict=True)),
+                  "transmissibility": dict(trans)}
         history.append(record)
         log.info("period fit step %d: loss %.4f, lineage loss %.3f (%.0f s)", i + 1, record["loss"], lineage_loss,
                  record["seconds"])
@@ -240,7 +280,7 @@ def fit_period(
             on_step(i + 1, record)
     return PeriodFit(values=space.to_dict(), variant_rates=dict(zip([v.lineage for v in variants], rates,
                                                                        strict=True)),
-                     space=space, history=history)
+                     space=space, history=history, transmissibility=dict(trans))
 
 
 @dataclass
@@ -269,11 +309,14 @@ class PeriodScore:
 
 
 def evaluate_period(objective: SimulationObjective, epidemic: Any, values: Mapping[str, torch.Tensor],
-                    rates: Sequence[float], seeds: Sequence[int] = EVALUATION_SEEDS, *, member: int = 0
-                    ) -> PeriodScore:
-    """Score `values` with the variants' importation `rates` on `seeds`, without gradients: one run per
-    seed gives the objective, the per-target errors, the lineage shares and the frames for plots."""
+                    rates: Sequence[float], seeds: Sequence[int] = EVALUATION_SEEDS, *, member: int = 0,
+                    transmissibility: Mapping[str, float] | None = None) -> PeriodScore:
+    """Score `values` with the variants' importation `rates` (and, if given, `transmissibility`:
+    lineage -> relative transmissibility) on `seeds`, without gradients: one run per seed gives the
+    objective, the per-target errors, the lineage shares and the frames for plots."""
     epidemic.set_variant_importation(list(rates))
+    if transmissibility:
+        epidemic.set_variant_transmissibility(transmissibility)
     sim = objective.simulation
     runs, frames, shares, lineage = [], [], [], []
     with torch.no_grad():

@@ -87,3 +87,13 @@ def test_fit_period_refuses_a_lineage_without_a_range():
     model = Epidemic(EpidemicParams())
     with pytest.raises(ValueError, match="no transmissibility range"):
         fit_period(None, None, model, steps=1, transmissibility=["B.1.617.2"])
+
+
+def test_the_fitted_lineages_are_configured_in_the_calibration_block():
+    from lpm_llm.runner.experiment import Experiment
+
+    exp = Experiment.from_yaml("experiments/covid_nyc_2021.yaml",
+                               ["calibration.variant_transmissibility=[B.1.1.7,P.1]"])
+    assert exp.config.calibration.variant_transmissibility == ["B.1.1.7", "P.1"]
+    with pytest.raises(Exception, match="no transmissibility range"):
+        Experiment.from_yaml("experiments/covid_nyc_2021.yaml", ["calibration.variant_transmissibility=[B.1.617.2]"])

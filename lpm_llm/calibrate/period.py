@@ -13,13 +13,20 @@ What is fitted, and how:
   under a smoothness penalty (:func:`~lpm_llm.calibrate.targets.smoothness_penalty`), seeding by
   borough, ascertainment by month and relative by borough, the fatality scale and the rate of
   continuous importation (``importation_per_100k``), to weekly reported cases, hospital admissions
-  and deaths by borough and the April 2020 antibody survey;
+  and deaths by borough and the April 2020 antibody survey, under ``calibration.loss``: the log-MSE of
+  the first-wave fit (default) or a count deviance, Poisson or negative binomial
+  (:func:`~lpm_llm.calibrate.targets.count_loss`, :class:`PeriodObjective`);
 - by a damped fixed-point iteration outside the gradient: each variant's importation rate, to the
   lineage shares of NYC's sequenced cases (``variants_4weekly.csv``). The lineage of an infection is
   drawn in proportion to the lineages' hazards without a score, so the path-weight estimator has no
   gradient for it (:meth:`Epidemic.set_variant_importation`); every ``variant_every`` steps
   :func:`update_variant_rates` moves each rate by ``step`` times the mean log ratio of observed to
-  simulated share over the periods where the variant was sequenced, from the step's own run.
+  simulated share over the periods where the variant was sequenced, from the step's own run;
+- with ``calibration.variant_transmissibility``, at the same steps and in the same way, the relative
+  transmissibility of the listed variants (:func:`update_transmissibility`, within
+  :data:`~lpm_llm.models.lineages.TRANSMISSIBILITY_RANGE`), to the growth of their shares while they
+  rise (:func:`~lpm_llm.models.lineages.growth_gaps`): the importation rate sets a variant's level, its
+  transmissibility how fast its share grows.
 
 Identifiability. In the first-wave fit ``transmission_change`` is held at 1 when the isolation
 decision is fitted (:data:`~lpm_llm.calibrate.fit.BEHAVIOUR_EXPLAINS`). The whole-period experiment has

@@ -42,6 +42,14 @@ def test_growth_gap_is_the_difference_of_logit_slopes_over_the_rising_periods():
     assert growth_gaps(_shares([-6.0, -1.0, -3.0], [-6.0, -1.0, -3.0]), ["B.1.1.7"]) == {}
     # equal growth, different levels: no gap (the level is the importation rate's)
     assert growth_gaps(_shares([-4.0, -3.0, -2.0], [-2.0, -1.0, 0.0]), ["B.1.1.7"])["B.1.1.7"] == pytest.approx(0.0)
+    # against the resident lineage ('Other'): a third lineage taking half of the simulated onsets from
+    # both alike (their ratio unchanged) does not count
+    three = _shares([-4.0, -3.0, -2.0], [-4.0, -3.0, -2.0])
+    three["simulated_percent"] /= 2
+    third = three[three["variant"] == "Other"].assign(variant="B.1.526", observed_percent=0.0, simulated_percent=50.0)
+    both = pd.concat([three, third], ignore_index=True)
+    assert both.groupby("period_start")["simulated_percent"].sum().tolist() == pytest.approx([100.0] * 3)
+    assert growth_gaps(both, ["B.1.1.7"])["B.1.1.7"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_transmissibility_update_moves_log_t_by_the_gap_times_the_generation_interval_within_bounds():

@@ -102,23 +102,24 @@ def compare_lineage_shares(
         ["period_start", "variant"]).reset_index(drop=True)
 
 
-def _logit(percent: pd.Series) -> pd.Series:
-    p = percent.clip(0.5, 99.5) / 100.0  # 0.5%: a share no period of a few hundred sequences can resolve
-    return (p / (1 - p)).map(lambda x: float(np.log(x)))
+def _log_percent(percent: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(percent, 0.5, 100.0))  # 0.5%: a share no period of a few hundred sequences resolves
 
 
 def growth_gaps(both: pd.DataFrame, lineages: list[str] | tuple[str, ...]) -> dict[str, float]:
-    """Per lineage, the mean over its rising periods of (observed - simulated) growth of the logit of
-    its share, per day: ``both`` is :func:`compare_lineage_shares`; a lineage's rising periods are the
-    consecutive pairs from its first period with an observed share of at least 1% up to its observed
-    peak (after the peak other variants, not its own transmissibility, set the decline). A variant
-    ``T`` times as transmissible as what it displaces grows at about ``log T / GENERATION_DAYS`` a day
-    in the logit of its share, whatever the immunity (without immune escape), so a gap of ``g`` a day
-    asks for ``log T`` to move by about ``g * GENERATION_DAYS``; its importation sets the level, not
-    this growth. Lineages without two such periods are absent."""
+    """Per lineage v, the mean over its rising periods of (observed - simulated) growth per day of
+    ``log(share_v / share_Other)``, its share against the resident lineage's (``Other``: the model's
+    resident lineage, and every lineage it does not carry in the sequences): ``both`` is
+    :func:`compare_lineage_shares`. A variant ``T`` times as transmissible as the resident lineage
+    grows against it at about ``log T / GENERATION_DAYS`` a day whatever the immunity (without immune
+    escape) and whatever the other variants do, so a gap of ``g`` a day asks for ``log T`` to move by
+    about ``g * GENERATION_DAYS``; its importation sets the level, not this growth. The rising periods
+    are the consecutive pairs from its first period with an observed share of at least 1% up to its
+    observed peak. Lineages without two such periods are absent."""
     out: dict[str, float] = {}
+    other = both[both["variant"] == "Other"].set_index("period_start")
     for name in lineages:
-        rows = both[both["variant"] == name].sort_values("period_start")
+        rows = both[both["variant"] == name].sort_values("period_start").set_index("period_start")
         if rows.empty:
             continue
         obs, sim = rows["observed_percent"].to_numpy(float), rows["simulated_percent"].to_numpy(float)
@@ -128,6 +129,9 @@ def growth_gaps(both: pd.DataFrame, lineages: list[str] | tuple[str, ...]) -> di
         first, peak = int(present[0]), int(np.argmax(obs))
         if peak - first < 1:
             continue
-        lo, ls = _logit(pd.Series(obs[first:peak + 1])), _logit(pd.Series(sim[first:peak + 1]))
-        out[name] = float((lo.diff().dropna() - ls.diff().dropna()).mean()) / _PERIOD
+        ref = other.reindex(rows.index).fillna(0.0)
+        span = slice(first, peak + 1)
+        lo = _log_percent(obs[span]) - _log_percent(ref["observed_percent"].to_numpy(float)[span])
+        ls = _log_percent(sim[span]) - _log_percent(ref["simulated_percent"].to_numpy(float)[span])
+        out[name] = float((np.diff(lo) - np.diff(ls)).mean()) / _PERIOD
     return out

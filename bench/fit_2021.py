@@ -19,6 +19,7 @@ lineages, transmission.
         # --set overrides of the experiment, separated by ';' (here: a start by month, and its penalty weight)
     FIT_2021_SET="calibration.loss=negbin" FIT_2021_EVAL_SEEDS=10000,10001,10002,10003 python bench/fit_2021.py
         # the count loss (lpm_llm.calibrate.targets.count_loss), scored on 4 evaluation seeds
+    FIT_2021_SEED=7 python bench/fit_2021.py      # the fit's step seeds 1007, 1008, ... (a replicate)
 
 The bundled values come from `python bench/fit_2021.py 0.01 3 25 0.25` started from these (then the YAML's):
 beta_scale 0.7; transmission_change 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.2, 1.2, 1.2, 1.1, 1.0, 1.0, 1.0;
@@ -68,6 +69,7 @@ objective, epidemic = period_objective(cfg, pop, arch, {"vaccinate": FrozenDecis
 weeks = objective.weeks
 initial_rates = [v.importation_per_100k for v in epidemic.params.variants]
 initial_trans = {v.lineage: v.transmissibility for v in epidemic.params.variants}
+seed0 = int(os.environ.get("FIT_2021_SEED", "0"))  # added to the fit's seeds (not the evaluation seeds)
 evaluation = [int(x) for x in os.environ.get("FIT_2021_EVAL_SEEDS", "").split(",") if x.strip()] or list(
     EVALUATION_SEEDS)  # e.g. FIT_2021_EVAL_SEEDS=10000,10001,10002,10003,10004,10005: more held-out seeds
 
@@ -94,7 +96,7 @@ for m in range(members):
     epidemic.set_variant_importation(initial_rates)
     before, _, _ = score(space.values(), initial_rates, m, initial_trans)
     t1 = time.time()
-    fit = fit_period(objective, space, epidemic, steps=steps, lr=0.1, lr_final=0.01, seed=100 * m,
+    fit = fit_period(objective, space, epidemic, steps=steps, lr=0.1, lr_final=0.01, seed=100 * m + seed0,
                      transmissibility=cal.variant_transmissibility,
                      on_step=lambda i, r, m=m: print(f"member {m} step {i}: loss {r['loss']:.4f} lineage "
                                                 f"{r['lineage_loss']:.3f} ({r['seconds']:.0f} s)", flush=True))

@@ -182,8 +182,9 @@ def update_transmissibility(current: Mapping[str, float], gaps: Mapping[str, flo
     """One damped fixed-point step of the variants' relative transmissibilities (lineage -> value in
     `current`): ``log T_v += clip(step * gap_v * generation_days, +-max_move)``, within ``bounds[v]``
     (lower, upper, ...), where ``gap_v`` is :func:`~lpm_llm.models.lineages.growth_gaps`' observed minus
-    simulated growth of the logit of v's share per day (a lineage T times as transmissible grows at about
-    ``log T / generation_days`` a day relative to the rest). A lineage without a gap stays."""
+    simulated growth per day of ``log(share_v / share_Other)`` (a lineage T times as transmissible as the
+    resident one grows against it at about ``log T / generation_days`` a day). A lineage without a gap
+    stays."""
     out = dict(current)
     for name, value in current.items():
         if name not in gaps:

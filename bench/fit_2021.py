@@ -17,6 +17,9 @@ lineages, transmission.
     FIT_2021_CONSTANT=0.4 FIT_2021_OUT=/tmp/fit python bench/fit_2021.py 0.002 1 2   # a smoke test, no LLM
     FIT_2021_SET="epidemic.fatality_scale=[1.6,1.6];calibration.fatality_smoothness=0.05" python bench/fit_2021.py
         # --set overrides of the experiment, separated by ';' (here: a start by month, and its penalty weight)
+    FIT_2021_SET="calibration.loss=negbin" FIT_2021_EVAL_SEEDS=10000,10001,10002,10003 python bench/fit_2021.py
+        # the count loss (lpm_llm.calibrate.targets.count_loss), scored on 4 evaluation seeds
+    FIT_2021_SEED=7 python bench/fit_2021.py      # the fit's step seeds 1007, 1008, ... (a replicate)
 
 The bundled values come from `python bench/fit_2021.py 0.01 3 25 0.25` started from these (then the YAML's):
 beta_scale 0.7; transmission_change 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.2, 1.2, 1.2, 1.1, 1.0, 1.0, 1.0;
@@ -65,12 +68,15 @@ source = ConstantDecision(float(constant), arch.k) if constant else build_decisi
 objective, epidemic = period_objective(cfg, pop, arch, {"vaccinate": FrozenDecisions(source)})
 weeks = objective.weeks
 initial_rates = [v.importation_per_100k for v in epidemic.params.variants]
-evaluation = list(EVALUATION_SEEDS)
+initial_trans = {v.lineage: v.transmissibility for v in epidemic.params.variants}
+seed0 = int(os.environ.get("FIT_2021_SEED", "0"))  # added to the fit's seeds (not the evaluation seeds)
+evaluation = [int(x) for x in os.environ.get("FIT_2021_EVAL_SEEDS", "").split(",") if x.strip()] or list(
+    EVALUATION_SEEDS)  # e.g. FIT_2021_EVAL_SEEDS=10000,10001,10002,10003,10004,10005: more held-out seeds
 
 
-def score(values, rates, member):
+def score(values, rates, member, trans=None):
     """Loss terms on the evaluation seeds, frames for the plots (lpm_llm.calibrate.period.evaluate_period)."""
-    s = evaluate_period(objective, epidemic, values, rates, evaluation, member=member)
+    s = evaluate_period(objective, epidemic, values, rates, evaluation, member=member, transmissibility=trans)
     return s.summary, s.frames, s.lineages
 
 
@@ -88,18 +94,20 @@ for m in range(members):
             start[name] = (v * torch.exp(0.15 * torch.randn(v.shape, generator=g, dtype=torch.float64))).tolist()
         space.set_values(start)
     epidemic.set_variant_importation(initial_rates)
-    before, _, _ = score(space.values(), initial_rates, m)
+    before, _, _ = score(space.values(), initial_rates, m, initial_trans)
     t1 = time.time()
-    fit = fit_period(objective, space, epidemic, steps=steps, lr=0.1, lr_final=0.01, seed=100 * m,
+    fit = fit_period(objective, space, epidemic, steps=steps, lr=0.1, lr_final=0.01, seed=100 * m + seed0,
+                     transmissibility=cal.variant_transmissibility,
                      on_step=lambda i, r, m=m: print(f"member {m} step {i}: loss {r['loss']:.4f} lineage "
                                                 f"{r['lineage_loss']:.3f} ({r['seconds']:.0f} s)", flush=True))
     rates = list(fit.variant_rates.values())
-    after, frame, share = score(fit.space.values(), rates, m)
+    after, frame, share = score(fit.space.values(), rates, m, {**initial_trans, **fit.transmissibility})
     print(f"member {m}: objective {before['objective']:.4f} -> {after['objective']:.4f} on the evaluation seeds "
           f"({time.time() - t1:.0f} s); serology {after['serology_share']:.3f}; lineage loss "
           f"{after['lineage_loss']:.3f}; log-MSE {after['log_mse']}", flush=True)
     results.append({"member": m, "start": before, "fitted": after, "values": fit.values,
-                    "variant_rates": fit.variant_rates, "history": fit.history, "seconds": time.time() - t1})
+                    "variant_rates": fit.variant_rates, "transmissibility": fit.transmissibility,
+                    "history": fit.history, "seconds": time.time() - t1})
     frames.append(frame)
     shares.append(share)
 
@@ -115,6 +123,7 @@ flows.join(stocks).round(1).reset_index().to_csv(out / "ensemble_weekly.csv", in
 lineages.to_csv(out / "lineages.csv", index=False)
 summary = {"scale": scale, "agents": pop.n, "weeks": weeks, "members": members, "steps": steps,
            "smoothness": smooth, "overrides": extra, "fatality_smoothness": cal.fatality_smoothness,
+           "loss": cal.loss, "dispersion": cal.dispersion,
            "evaluation_seeds": evaluation, "best_member": best["member"],
            "llm_requests": client.usage.requests, "seconds": time.time() - t0, "members_detail": results}
 (out / "fit_2021.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -141,6 +150,7 @@ ax.legend()
 fig.tight_layout()
 fig.savefig(out / "transmission.png", dpi=110)
 print(json.dumps({"best_member": best["member"], "values": best["values"], "variant_rates": best["variant_rates"],
+                  "transmissibility": best["transmissibility"],
                   "ihr": [round(x * best["values"]["hospitalisation_scale"], 6) for x in epidemic.params.ihr]}),
       flush=True)
 print(f"done in {time.time() - t0:.0f} s; LLM requests {client.usage.requests}", flush=True)

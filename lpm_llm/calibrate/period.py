@@ -13,13 +13,20 @@ What is fitted, and how:
   under a smoothness penalty (:func:`~lpm_llm.calibrate.targets.smoothness_penalty`), seeding by
   borough, ascertainment by month and relative by borough, the fatality scale and the rate of
   continuous importation (``importation_per_100k``), to weekly reported cases, hospital admissions
-  and deaths by borough and the April 2020 antibody survey;
+  and deaths by borough and the April 2020 antibody survey, under ``calibration.loss``: the log-MSE of
+  the first-wave fit (default) or a count deviance, Poisson or negative binomial
+  (:func:`~lpm_llm.calibrate.targets.count_loss`, :class:`PeriodObjective`);
 - by a damped fixed-point iteration outside the gradient: each variant's importation rate, to the
   lineage shares of NYC's sequenced cases (``variants_4weekly.csv``). The lineage of an infection is
   drawn in proportion to the lineages' hazards without a score, so the path-weight estimator has no
   gradient for it (:meth:`Epidemic.set_variant_importation`); every ``variant_every`` steps
   :func:`update_variant_rates` moves each rate by ``step`` times the mean log ratio of observed to
-  simulated share over the periods where the variant was sequenced, from the step's own run.
+  simulated share over the periods where the variant was sequenced, from the step's own run;
+- with ``calibration.variant_transmissibility``, at the same steps and in the same way, the relative
+  transmissibility of the listed variants (:func:`update_transmissibility`, within
+  :data:`~lpm_llm.models.lineages.TRANSMISSIBILITY_RANGE`), to the growth of their shares while they
+  rise (:func:`~lpm_llm.models.lineages.growth_gaps`): the importation rate sets a variant's level, its
+  transmissibility how fast its share grows.
 
 Identifiability. In the first-wave fit ``transmission_change`` is held at 1 when the isolation
 decision is fitted (:data:`~lpm_llm.calibrate.fit.BEHAVIOUR_EXPLAINS`). The whole-period experiment has
@@ -46,13 +53,14 @@ import pandas as pd
 import torch
 
 from lpm_llm.calibrate.fit import SimulationObjective
-from lpm_llm.calibrate.targets import log_mse
+from lpm_llm.calibrate.targets import count_loss, log_mse, serology_loss, smoothness_penalty
 from lpm_llm.core.parameters import Bounded, ParameterSpace
-from lpm_llm.models.lineages import compare_lineage_shares
+from lpm_llm.models.lineages import GENERATION_DAYS, TRANSMISSIBILITY_RANGE, compare_lineage_shares, growth_gaps
 from lpm_llm.population import BOROUGHS
 
 __all__ = ["EVALUATION_SEEDS", "HOSPITALISATION_SCALE", "PERIOD_PARAMETERS", "PeriodFit", "PeriodObjective",
-           "PeriodScore", "evaluate_period", "fit_period", "lineage_errors", "period_space", "update_variant_rates"]
+           "PeriodScore", "evaluate_period", "fit_period", "lineage_errors", "period_space", "update_transmissibility",
+           "update_variant_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +80,39 @@ _SHARE_FLOOR = 1.0  # percent: a share below 1% of sequenced cases is read as "a
 class PeriodObjective(SimulationObjective):
     """:class:`~lpm_llm.calibrate.fit.SimulationObjective` that also takes ``hospitalisation_scale``
     (:data:`HOSPITALISATION_SCALE`), given to `epidemic` as its ``ihr`` times the scale (the IHR by age
-    is a tensor parameter of the epidemic, not a calibrated one)."""
+    is a tensor parameter of the epidemic, not a calibrated one), and whose loss of the weekly counts is
+    ``loss`` (``calibration.loss``): ``log_mse`` (:func:`~lpm_llm.calibrate.targets.log_mse`, the
+    first-wave fit's) or a count deviance, ``poisson`` or ``negbin`` with ``dispersion``
+    (:func:`~lpm_llm.calibrate.targets.count_loss`). The serology term and the penalties are the same
+    for all three."""
 
-    def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *, epidemic: Any, **kwargs: Any):
+    def __init__(self, simulation: Any, observed: Mapping[str, torch.Tensor], *, epidemic: Any,
+                 loss: str = "log_mse", dispersion: float = 10.0, **kwargs: Any):
         super().__init__(simulation, observed, **kwargs)
+        if loss not in ("log_mse", "poisson", "negbin"):
+            raise ValueError(f"unknown loss {loss!r}; known: log_mse, poisson, negbin")
         self.epidemic = epidemic
         self.ihr = torch.tensor(epidemic.params.ihr, dtype=torch.get_default_dtype())
+        self.loss_kind = loss
+        self.dispersion = float(dispersion)
+
+    def loss(self, stacked: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss_kind == "log_mse":
+            return super().loss(stacked, values)
+        n_seeds = next(iter(stacked.values())).shape[0]
+        mean = {t: stacked[t].mean(0) for t in self.observed}
+        debias = self.debias and n_seeds > 1
+        variance = {t: stacked[t].var(0) / n_seeds for t in self.observed} if debias else None
+        loss = count_loss(mean, self.observed, self.scale, kind=self.loss_kind, dispersion=self.dispersion,
+                          variance=variance)
+        if self.serology is not None:
+            n = len(self.observed)
+            loss = (loss * n + serology_loss(stacked["serology"].mean(), self.serology)) / (n + 1)
+        if self.smoothness > 0 and "transmission_change" in values:
+            loss = loss + smoothness_penalty(values["transmission_change"], self.smoothness)
+        if self.fatality_smoothness > 0 and "fatality_scale" in values and values["fatality_scale"].dim() > 0:
+            loss = loss + smoothness_penalty(values["fatality_scale"], self.fatality_smoothness, anchored=False)
+        return loss
 
     def run(self, values: Mapping[str, torch.Tensor], seed: int):
         values = dict(values)
@@ -141,6 +176,25 @@ def update_variant_rates(rates: Sequence[float], lineages: Sequence[str], log_ra
     return out
 
 
+def update_transmissibility(current: Mapping[str, float], gaps: Mapping[str, float], *, step: float = 0.5,
+                            max_move: float = 0.2, generation_days: float = GENERATION_DAYS,
+                            bounds: Mapping[str, tuple[float, ...]] = TRANSMISSIBILITY_RANGE) -> dict[str, float]:
+    """One damped fixed-point step of the variants' relative transmissibilities (lineage -> value in
+    `current`): ``log T_v += clip(step * gap_v * generation_days, +-max_move)``, within ``bounds[v]``
+    (lower, upper, ...), where ``gap_v`` is :func:`~lpm_llm.models.lineages.growth_gaps`' observed minus
+    simulated growth per day of ``log(share_v / share_Other)`` (a lineage T times as transmissible as the
+    resident one grows against it at about ``log T / generation_days`` a day). A lineage without a gap
+    stays."""
+    out = dict(current)
+    for name, value in current.items():
+        if name not in gaps:
+            continue
+        lo, hi = bounds[name][0], bounds[name][1]
+        move = max(-max_move, min(max_move, step * gaps[name] * generation_days))
+        out[name] = min(hi, max(lo, float(value) * math.exp(move)))
+    return out
+
+
 @dataclass
 class PeriodFit:
     """The result of :func:`fit_period`.
@@ -149,14 +203,17 @@ class PeriodFit:
         values: name -> fitted value (lists for vectors), as :meth:`ParameterSpace.to_dict`.
         variant_rates: lineage -> fitted importation per day per 100,000.
         space: the fitted parameter space (a copy).
-        history: per step ``loss`` (the objective, penalty included), ``lineage_loss``, ``seconds``
-            and ``variant_rates``.
+        history: per step ``loss`` (the objective, penalty included), ``lineage_loss``, ``seconds``,
+            ``variant_rates`` and ``transmissibility``.
+        transmissibility: lineage -> fitted relative transmissibility (the lineages of
+            ``fit_period(transmissibility=...)``; empty when none is fitted).
     """
 
     values: dict[str, Any]
     variant_rates: dict[str, float]
     space: ParameterSpace
     history: list[dict[str, Any]] = field(default_factory=list)
+    transmissibility: dict[str, float] = field(default_factory=dict)
 
 
 def fit_period(
@@ -173,13 +230,25 @@ def fit_period(
     variant_step: float = 0.5,
     time_limit: float | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    transmissibility: Sequence[str] = (),
 ) -> PeriodFit:
     """Adam on `space` against `objective` (a :class:`~lpm_llm.calibrate.fit.SimulationObjective`
     over the whole period), with every ``variant_every`` steps a :func:`update_variant_rates` step of
     the variants' importation rates of `epidemic` (an :class:`~lpm_llm.models.epidemic.Epidemic` of
     the objective's simulation) from the step's last run. Step i uses seeds ``seed + 1000 + i *
     seeds_per_step + j``; the learning rate decays geometrically from `lr` to `lr_final`. Stops after
-    `steps` steps or `time_limit` seconds."""
+    `steps` steps or `time_limit` seconds. With `transmissibility` (lineages with a
+    :data:`~lpm_llm.models.lineages.TRANSMISSIBILITY_RANGE`), at the same steps each of their relative
+    transmissibilities takes an :func:`update_transmissibility` step from the run's growth gaps
+    (:meth:`Epidemic.set_variant_transmissibility`): importation sets a variant's level, transmissibility
+    its growth."""
+    variants = list(epidemic.params.variants)
+    unknown = sorted(set(transmissibility) - set(TRANSMISSIBILITY_RANGE))
+    if unknown:
+        raise ValueError(f"no transmissibility range for {unknown}; known: {', '.join(TRANSMISSIBILITY_RANGE)}")
+    trans = {v.lineage: v.transmissibility for v in variants if v.lineage in set(transmissibility)}
+    if len(trans) != len(set(transmissibility)):
+        raise ValueError(f"the epidemic has no variant(s) {sorted(set(transmissibility) - set(trans))}")
     space = copy.deepcopy(space)
     opt = torch.optim.Adam(space.raw.parameters(), lr=lr, betas=(0.5, 0.9))
     gamma = (lr_final / lr) ** (1 / max(steps - 1, 1)) if lr_final else 1.0
@@ -201,11 +270,17 @@ def fit_period(
         lineage_loss, ratio = lineage_errors(results.series["symptomatic_by_lineage"],
                                              objective.simulation.start_date, epidemic.params)
         if variant_every and (i + 1) % variant_every == 0 and ratio:
+            if trans:  # from the same run, before its rates move
+                both = compare_lineage_shares(results.series["symptomatic_by_lineage"],
+                                              objective.simulation.start_date, epidemic.params)
+                trans = update_transmissibility(trans, growth_gaps(both, list(trans)), step=variant_step)
+                epidemic.set_variant_transmissibility(trans)
             rates = update_variant_rates(rates, [v.lineage for v in variants], ratio, step=variant_step)
             epidemic.set_variant_importation(rates)
         record = {"step": i + 1, "loss": float(loss.detach()), "lineage_loss": lineage_loss,
                   "seconds": time.perf_counter() - t0,
-                  "variant_rates": dict(zip([v.lineage for v in variants], rates, strict=True))}
+                  "variant_rates": dict(zip([v.lineage for v in variants], rates, strict=True)),
+                  "transmissibility": dict(trans)}
         history.append(record)
         log.info("period fit step %d: loss %.4f, lineage loss %.3f (%.0f s)", i + 1, record["loss"], lineage_loss,
                  record["seconds"])
@@ -213,7 +288,7 @@ def fit_period(
             on_step(i + 1, record)
     return PeriodFit(values=space.to_dict(), variant_rates=dict(zip([v.lineage for v in variants], rates,
                                                                        strict=True)),
-                     space=space, history=history)
+                     space=space, history=history, transmissibility=dict(trans))
 
 
 @dataclass
@@ -223,6 +298,8 @@ class PeriodScore:
     Attributes:
         summary: ``objective`` (the fitted loss on all the seeds together, penalty included),
             ``log_mse`` (target -> log-MSE of the seeds' mean weekly counts, not noise-corrected),
+            ``negbin`` (target -> the negbin count loss of the same means, with the objective's
+            dispersion, not noise-corrected: both scores whatever loss was fitted),
             ``totals`` (target -> simulated and observed city totals over the weeks),
             ``serology_share`` (mean share infected by the survey's date; absent without one) and
             ``lineage_loss`` (mean of :func:`lineage_errors`' losses).
@@ -240,11 +317,14 @@ class PeriodScore:
 
 
 def evaluate_period(objective: SimulationObjective, epidemic: Any, values: Mapping[str, torch.Tensor],
-                    rates: Sequence[float], seeds: Sequence[int] = EVALUATION_SEEDS, *, member: int = 0
-                    ) -> PeriodScore:
-    """Score `values` with the variants' importation `rates` on `seeds`, without gradients: one run per
-    seed gives the objective, the per-target errors, the lineage shares and the frames for plots."""
+                    rates: Sequence[float], seeds: Sequence[int] = EVALUATION_SEEDS, *, member: int = 0,
+                    transmissibility: Mapping[str, float] | None = None) -> PeriodScore:
+    """Score `values` with the variants' importation `rates` (and, if given, `transmissibility`:
+    lineage -> relative transmissibility) on `seeds`, without gradients: one run per seed gives the
+    objective, the per-target errors, the lineage shares and the frames for plots."""
     epidemic.set_variant_importation(list(rates))
+    if transmissibility:
+        epidemic.set_variant_transmissibility(transmissibility)
     sim = objective.simulation
     runs, frames, shares, lineage = [], [], [], []
     with torch.no_grad():
@@ -262,6 +342,8 @@ def evaluate_period(objective: SimulationObjective, epidemic: Any, values: Mappi
     summary: dict[str, Any] = {
         "objective": total,
         "log_mse": {t: float(log_mse({t: mean[t]}, {t: obs[t]}, objective.scale)) for t in obs},
+        "negbin": {t: float(count_loss({t: mean[t]}, {t: obs[t]}, objective.scale, kind="negbin",
+                                       dispersion=getattr(objective, "dispersion", 10.0))) for t in obs},
         "totals": {t: {"simulated": float(mean[t].sum() / objective.scale), "observed": float(obs[t].sum())}
                    for t in obs},
         "lineage_loss": float(pd.Series(lineage, dtype=float).mean()),

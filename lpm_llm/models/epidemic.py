@@ -135,6 +135,24 @@ class Epidemic:
         if self.sim is not None:
             self.engine.params = self.params
 
+    def set_variant_transmissibility(self, values: Mapping[str, float]) -> None:
+        """Lineage (Pango name) -> relative transmissibility of that variant, for the next runs (the
+        others unchanged). Like the importation rates, fitted to the lineage shares outside the
+        gradient (:func:`lpm_llm.calibrate.period.update_transmissibility`): an infection's lineage is
+        drawn without a score."""
+        known = {v.lineage for v in self.params.variants}
+        unknown = sorted(set(values) - known)
+        if unknown or any(not 0 < float(x) <= 10 for x in values.values()):
+            raise ValueError(f"need transmissibilities in (0, 10] of the variants {sorted(known)}, got {dict(values)}")
+        variants = tuple(v.model_copy(update={"transmissibility": float(values[v.lineage])}) if v.lineage in values
+                         else v for v in self.params.variants)
+        self.params = self.params.model_copy(update={"variants": variants})
+        if self.sim is not None:
+            self.engine.params = self.params
+            # the engine's per-lineage factor (lpm_llm.models.seirm), built when the simulation was
+            self.engine._transmissibility = torch.tensor([1.0] + [v.transmissibility for v in variants],
+                                                         device=self.engine._transmissibility.device)
+
     def cut_at(self, date: dt.date) -> None:
         """Use only what was known on `date` (a forecast as of it; call before the simulation is
         built): a variant introduced after `date` is not imported (its rate 0), so it never appears."""

@@ -127,6 +127,26 @@ class CalibrationConfig(_Strict):
     fatality_smoothness: float | None = Field(
         None, ge=0.0, description="the whole-period fit: the same on a fatality_scale by month "
         "(epidemic.fatality_scale a list); null: smoothness")
+    loss: Literal["log_mse", "poisson", "negbin"] = Field(
+        "log_mse", description="the whole-period fit's loss of weekly counts: log_mse (squared error of logs, floor "
+        "one agent), poisson or negbin (deviances in agents; lpm_llm.calibrate.targets.count_loss)")
+    dispersion: float = Field(
+        10.0, gt=0, description="the whole-period fit with loss negbin: the dispersion k (variance mu + mu^2/k in "
+        "agents of the scaled city; k = 10 allows a relative error of about 32%)")
+    variant_transmissibility: list[str] = Field(
+        default_factory=list, description="the whole-period fit: lineages (Pango names, e.g. B.1.1.7, P.1) whose "
+        "relative transmissibility is fitted to the growth of their sequenced shares, within "
+        "lpm_llm.models.lineages.TRANSMISSIBILITY_RANGE; empty: the configured values stay")
+
+    @field_validator("variant_transmissibility")
+    @classmethod
+    def _known_ranges(cls, v: list[str]) -> list[str]:
+        from lpm_llm.models.lineages import TRANSMISSIBILITY_RANGE
+
+        unknown = [n for n in v if n not in TRANSMISSIBILITY_RANGE]
+        if unknown:
+            raise ValueError(f"no transmissibility range for {unknown}; known: {', '.join(TRANSMISSIBILITY_RANGE)}")
+        return v
 
     @field_validator("parameters")
     @classmethod

@@ -114,14 +114,15 @@ def period_objective(cfg: ExperimentConfig, population: Population, archetypes: 
     objective = PeriodObjective(sim, observed, weeks=weeks, scale=population.scale,
                                 serology=NYC_SEROLOGY_APRIL_2020 if cal.serology else None,
                                 smoothness=cal.smoothness, fatality_smoothness=cal.fatality_smoothness,
-                                epidemic=epidemic)
+                                epidemic=epidemic, loss=cal.loss, dispersion=cal.dispersion)
     return objective, epidemic
 
 
 def fitted_epidemic_block(epidemic_params: Any, values: dict[str, Any], variant_rates: dict[str, float]
                           ) -> dict[str, Any]:
     """The ``epidemic:`` entries of a fit: its values (3 significant figures), ``ihr`` times the fitted
-    hospitalisation scale, and the variants with their fitted importation rates."""
+    hospitalisation scale, and the variants with their fitted importation rates (and their transmissibility as
+    `epidemic_params` hold it: fitted after a fit with ``calibration.variant_transmissibility``)."""
     def sig(x: Any) -> Any:
         return [sig(v) for v in x] if isinstance(x, list | tuple) else float(f"{float(x):.3g}")
 
@@ -129,6 +130,7 @@ def fitted_epidemic_block(epidemic_params: Any, values: dict[str, Any], variant_
     if "hospitalisation_scale" in values:
         out["ihr"] = sig([x * float(values["hospitalisation_scale"]) for x in epidemic_params.ihr])
     out["variants"] = [{**{k: x for k, x in v.model_dump(mode="json").items() if x != ""},
+                        "transmissibility": sig(v.transmissibility),
                         "importation_per_100k": sig(variant_rates[v.lineage])} for v in epidemic_params.variants]
     return out
 
@@ -168,7 +170,8 @@ def calibrate_period(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
 
             t0 = time.perf_counter()
             fit = fit_period(objective, space, epidemic, steps=cal.steps, lr=cal.lr, lr_final=cal.lr_final,
-                             seeds_per_step=cal.seeds_per_step, seed=cfg.seeds[0], on_step=on_step)
+                             seeds_per_step=cal.seeds_per_step, seed=cfg.seeds[0], on_step=on_step,
+                             transmissibility=cal.variant_transmissibility)
             fit_seconds = time.perf_counter() - t0
             if pbar:
                 pbar.set_description("whole-period fit: scoring the fit")
@@ -182,10 +185,12 @@ def calibrate_period(exp: Experiment, out_dir: Path, overwrite: bool = False) ->
         with timer.phase("outputs"):
             summary = {"steps": cal.steps, "lr": cal.lr, "lr_final": cal.lr_final,
                        "seeds_per_step": cal.seeds_per_step, "smoothness": cal.smoothness,
-                       "fatality_smoothness": cal.fatality_smoothness,
-                       "weeks": objective.weeks, "targets": list(cal.targets), "serology": cal.serology,
+                       "fatality_smoothness": cal.fatality_smoothness, "loss": cal.loss,
+                       "dispersion": cal.dispersion, "weeks": objective.weeks, "targets": list(cal.targets),
+                       "serology": cal.serology,
                        "evaluation_seeds": seeds, "start": start.summary, "fitted": fitted.summary,
-                       "values": fit.values, "variant_rates": fit.variant_rates, "fit_seconds": round(fit_seconds, 3)}
+                       "values": fit.values, "variant_rates": fit.variant_rates,
+                       "transmissibility": fit.transmissibility, "fit_seconds": round(fit_seconds, 3)}
             _outputs.write_manifest(out_dir / "calibration.json", {**summary, "history": fit.history})
             block = fitted_epidemic_block(epidemic.params, fit.values, fit.variant_rates)
             (out_dir / "fitted_epidemic.yaml").write_text(

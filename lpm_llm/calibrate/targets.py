@@ -160,6 +160,20 @@ def simulated_weekly(series: torch.Tensor, weeks: int) -> torch.Tensor:
     return series[: 7 * weeks].reshape(weeks, 7, series.shape[1]).sum(1)
 
 
+def _matched(simulated: Mapping[str, torch.Tensor], observed: Mapping[str, torch.Tensor]):
+    """(target, simulated, observed) for every observed target, checked: a simulated series of the
+    same shape exists."""
+    for target, obs in observed.items():
+        if target not in simulated:
+            raise KeyError(f"no simulated series for target {target!r}; have: {', '.join(simulated)}")
+        sim = simulated[target]
+        if sim.shape != obs.shape:
+            raise ValueError(
+                f"target {target!r}: simulated shape {tuple(sim.shape)} != observed {tuple(obs.shape)}"
+            )
+        yield target, sim, obs
+
+
 def log_mse(
     simulated: Mapping[str, torch.Tensor],
     observed: Mapping[str, torch.Tensor],
@@ -194,14 +208,7 @@ def log_mse(
     if floor <= 0:
         raise ValueError(f"floor must be > 0, got {floor}")
     terms = []
-    for target, obs in observed.items():
-        if target not in simulated:
-            raise KeyError(f"no simulated series for target {target!r}; have: {', '.join(simulated)}")
-        sim = simulated[target]
-        if sim.shape != obs.shape:
-            raise ValueError(
-                f"target {target!r}: simulated shape {tuple(sim.shape)} != observed {tuple(obs.shape)}"
-            )
+    for target, sim, obs in _matched(simulated, observed):
         level = sim.clamp(min=0) / scale + floor
         error = torch.log(level) - torch.log(obs + floor)
         if variance is None:
@@ -283,14 +290,7 @@ def count_loss(
         raise ValueError(f"floor must be > 0, got {floor}")
     k = float(dispersion) if kind == "negbin" else None
     terms = []
-    for target, obs in observed.items():
-        if target not in simulated:
-            raise KeyError(f"no simulated series for target {target!r}; have: {', '.join(simulated)}")
-        sim = simulated[target]
-        if sim.shape != obs.shape:
-            raise ValueError(
-                f"target {target!r}: simulated shape {tuple(sim.shape)} != observed {tuple(obs.shape)}"
-            )
+    for target, sim, obs in _matched(simulated, observed):
         y = obs * scale + floor
         mu = sim.clamp(min=0) + floor
         dev = poisson_deviance(y, mu) if k is None else negbin_deviance(y, mu, k)

@@ -282,7 +282,7 @@ class SimulationObjective:
         # with 2+ runs, the loss is corrected for the noise of their mean (see log_mse)
         debias = self.debias and n_seeds > 1
         variance = {t: stacked[t].var(0) / n_seeds for t in self.observed} if debias else None
-        loss = log_mse(mean, self.observed, self.scale, variance=variance)
+        loss = self.counts_loss(mean, variance)
         if self.serology is not None:
             share = stacked["serology"].mean()
             n = len(self.observed)  # one more target in the mean over targets
@@ -292,6 +292,11 @@ class SimulationObjective:
         if self.fatality_smoothness > 0 and "fatality_scale" in values and values["fatality_scale"].dim() > 0:
             loss = loss + smoothness_penalty(values["fatality_scale"], self.fatality_smoothness, anchored=False)
         return loss
+
+    def counts_loss(self, mean: Mapping[str, torch.Tensor], variance: Mapping[str, torch.Tensor] | None
+                    ) -> torch.Tensor:
+        """The loss of the seeds' mean weekly counts (`variance`: of that mean, or None): :func:`log_mse`."""
+        return log_mse(mean, self.observed, self.scale, variance=variance)
 
     def _stacked(self, values: Mapping[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:
         """name -> (seeds, ...) the runs' weekly series (and serology share), split over ``ranks``."""

@@ -53,7 +53,7 @@ import pandas as pd
 import torch
 
 from lpm_llm.calibrate.fit import SimulationObjective
-from lpm_llm.calibrate.targets import count_loss, log_mse, serology_loss, smoothness_penalty
+from lpm_llm.calibrate.targets import count_loss, log_mse
 from lpm_llm.core.parameters import Bounded, ParameterSpace
 from lpm_llm.models.lineages import GENERATION_DAYS, TRANSMISSIBILITY_RANGE, compare_lineage_shares, growth_gaps
 from lpm_llm.population import BOROUGHS
@@ -96,23 +96,12 @@ class PeriodObjective(SimulationObjective):
         self.loss_kind = loss
         self.dispersion = float(dispersion)
 
-    def loss(self, stacked: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def counts_loss(self, mean: Mapping[str, torch.Tensor], variance: Mapping[str, torch.Tensor] | None
+                    ) -> torch.Tensor:
         if self.loss_kind == "log_mse":
-            return super().loss(stacked, values)
-        n_seeds = next(iter(stacked.values())).shape[0]
-        mean = {t: stacked[t].mean(0) for t in self.observed}
-        debias = self.debias and n_seeds > 1
-        variance = {t: stacked[t].var(0) / n_seeds for t in self.observed} if debias else None
-        loss = count_loss(mean, self.observed, self.scale, kind=self.loss_kind, dispersion=self.dispersion,
+            return super().counts_loss(mean, variance)
+        return count_loss(mean, self.observed, self.scale, kind=self.loss_kind, dispersion=self.dispersion,
                           variance=variance)
-        if self.serology is not None:
-            n = len(self.observed)
-            loss = (loss * n + serology_loss(stacked["serology"].mean(), self.serology)) / (n + 1)
-        if self.smoothness > 0 and "transmission_change" in values:
-            loss = loss + smoothness_penalty(values["transmission_change"], self.smoothness)
-        if self.fatality_smoothness > 0 and "fatality_scale" in values and values["fatality_scale"].dim() > 0:
-            loss = loss + smoothness_penalty(values["fatality_scale"], self.fatality_smoothness, anchored=False)
-        return loss
 
     def run(self, values: Mapping[str, torch.Tensor], seed: int):
         values = dict(values)

@@ -133,7 +133,7 @@ class Epidemic:
                          for v, r in zip(self.params.variants, rates, strict=True))
         self.params = self.params.model_copy(update={"variants": variants})
         if self.sim is not None:
-            self.engine.params = self.params
+            self.engine.set_params(self.params)
 
     def set_variant_transmissibility(self, values: Mapping[str, float]) -> None:
         """Lineage (Pango name) -> relative transmissibility of that variant, for the next runs (the
@@ -148,10 +148,7 @@ class Epidemic:
                          else v for v in self.params.variants)
         self.params = self.params.model_copy(update={"variants": variants})
         if self.sim is not None:
-            self.engine.params = self.params
-            # the engine's per-lineage factor (lpm_llm.models.seirm), built when the simulation was
-            self.engine._transmissibility = torch.tensor([1.0] + [v.transmissibility for v in variants],
-                                                         device=self.engine._transmissibility.device)
+            self.engine.set_params(self.params)
 
     def cut_at(self, date: dt.date) -> None:
         """Use only what was known on `date` (a forecast as of it; call before the simulation is

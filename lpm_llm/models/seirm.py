@@ -324,6 +324,15 @@ class EpidemicModel(GradientTerms, Mechanisms):
         self.n_lineages = 1 + len(variants)
         if self.n_lineages > 127:
             raise ValueError(f"at most 126 variants (int8 lineage codes), got {len(variants)}")
+        self.set_params(params)
+
+    def set_params(self, params: EpidemicParams) -> None:
+        """Use `params` for the next runs, the variants' per-lineage factors (transmissibility,
+        hospitalisation, fatality) with them; the number of variants is the model's own."""
+        if 1 + len(params.variants) != self.n_lineages:
+            raise ValueError(f"the model was built for {self.n_lineages - 1} variants, got {len(params.variants)}")
+        self.params = params
+        variants = params.variants
         self._transmissibility = torch.tensor([1.0] + [v.transmissibility for v in variants], device=self.device)
         self._hospitalisation = torch.tensor([1.0] + [v.hospitalisation for v in variants], device=self.device)
         self._fatality = torch.tensor([1.0] + [v.fatality for v in variants], device=self.device)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import itertools
 import json
 import logging
 import math
@@ -60,7 +61,18 @@ from lpm_llm.forecast.asof import as_date, complete_weeks, cutoff_date, observed
 from lpm_llm.forecast.hub import LOCATION_OF, hub_frame
 from lpm_llm.population import BOROUGHS
 
-__all__ = ["FitState", "ForecastResult", "ForecastSettings", "Forecaster", "nb_dispersion"]
+__all__ = ["TRACK_DIRECTIONS", "FitState", "ForecastResult", "ForecastSettings", "Forecaster", "nb_dispersion"]
+
+TRACK_DIRECTIONS = (("transmission_change", 0.2), ("importation_per_100k", 0.5), ("ascertainment", 0.2))
+"""The directions of :attr:`ForecastSettings.track_weeks`' search, in order, each with its step in
+log units: the recent months' transmission (how fast the epidemic grows now), the importation of
+infections (its level where the scaled city holds few infected agents, and a new wave's seed), the
+recent months' ascertainment (cases against admissions and deaths). Along each, the factors
+``exp(0, -2 step, -step, step, 2 step)`` are tried (the current values first: a decision date not
+asked before is asked in that run, at the fitted trajectory), then the best times ``exp(+-step/2)``.
+A direction the update does not fit is skipped. The directions are searched :data:`TRACK_ROUNDS`
+times (a best factor at the edge is searched further in the next round)."""
+TRACK_ROUNDS = 2
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +109,15 @@ class ForecastSettings:
             seed 10 infections per 100,000: less than 2 agents of a 1:500 city, where the epidemic
             often dies out and the loss has no gradient) this finds the basin with the known data
             only; the grid's losses are in the result's ``settings``.
+        track_weeks: a warm update's line searches (0: none). Before the Adam steps, along each
+            direction of :data:`TRACK_DIRECTIONS` in turn (the monthly entries of every month that
+            the last ``track_weeks`` known weeks touch, and of the months after, scaled together; a
+            scalar scaled), a few factors are tried and the one with the lowest loss on the whole
+            window kept (``seeds_per_step`` runs, common seeds, the penalty included; plain runs,
+            no gradient). Adam moves a coordinate by about its learning rate a step whatever the
+            evidence, so a few small steps a week cannot follow a new wave (a factor of 1.5 in a
+            month's transmission is 40 steps at 0.01); a search along the directions the new weeks
+            inform can. The factors tried and their losses are in the result's ``settings``.
         smoothness: weight of the penalty on month-to-month moves of ``transmission_change``
             (:func:`~lpm_llm.calibrate.targets.smoothness_penalty`, as in the whole-period fit; 0: none).
         scenario: policies assumed after the as-of date (default: the schedule held as it stood).
@@ -123,6 +144,7 @@ class ForecastSettings:
     smoothness: float = 0.0
     scenario: tuple[Policy, ...] = ()
     start_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    track_weeks: int = 0
     seed: int = 0
     checkpoint_days: int | None = None
 
@@ -139,6 +161,8 @@ class ForecastSettings:
             raise ValueError(f"noise must be 'lognormal' or 'negbin', got {self.noise!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.track_weeks < 0:
+            raise ValueError(f"track_weeks must be >= 0, got {self.track_weeks}")
         self.start_grid = tuple((str(n), tuple(float(v) for v in vals)) for n, vals in self.start_grid)
         if any(not vals for _, vals in self.start_grid):
             raise ValueError("every start_grid entry needs at least one value")
@@ -404,6 +428,56 @@ class Forecaster:
             log.info("start grid %s: %s -> %s", name, dict(zip(values, np.round(losses, 4), strict=True)), best)
         return out
 
+    def _track(self, space: ParameterSpace, objective: SimulationObjective, weeks: int, seed0: int) -> dict[str, Any]:
+        """A line search along each direction of :data:`TRACK_DIRECTIONS` in turn
+        (:attr:`ForecastSettings.track_weeks`); returns name -> {"entries", "factors", "losses",
+        "best"}, and "seconds"."""
+        s = self.settings
+        t0 = time.perf_counter()
+        months = objective.simulation.month_index
+        first_month = months[max(0, 7 * (weeks - s.track_weeks))]
+        declared = set(objective.simulation.parameters())
+        seeds = [seed0 + 700 + j for j in range(s.seeds_per_step)]
+        probe = copy.deepcopy(space)
+        out: dict[str, Any] = {}
+        for round_, (name, step) in itertools.product(range(TRACK_ROUNDS), TRACK_DIRECTIONS):
+            if name not in space.specs:
+                continue
+            spec = space.specs[name]
+            base = np.atleast_1d(np.asarray(space.to_dict()[name], dtype=float))
+            if not spec.shape:
+                entries = [0]
+            else:  # a monthly vector: transmission_change's entry i is month i + 1, ascertainment's month i
+                offset = 1 if name == "transmission_change" else 0
+                entries = list(range(max(0, first_month - offset), int(spec.shape[0])))
+            tried: dict[float, float] = {}
+
+            def scaled(log_f: float, base=base, entries=entries, spec=spec) -> Any:
+                v = base.copy()
+                v[entries] = np.clip(v[entries] * math.exp(log_f), spec.lo, spec.hi)
+                return v.tolist() if spec.shape else float(v[0])
+
+            def loss(log_f: float, name=name, scaled=scaled, tried=tried) -> float:
+                key = round(log_f, 6)
+                if key not in tried:
+                    probe.set_values({name: scaled(log_f)})
+                    with torch.no_grad():
+                        values = {k: x for k, x in probe.values().items() if k in declared}
+                        tried[key] = float(objective(values, seeds))
+                return tried[key]
+
+            best = min((0.0, -2 * step, -step, step, 2 * step), key=loss)  # the current values first
+            best = min((best, best - step / 2, best + step / 2), key=loss)
+            space.set_values({name: scaled(best)})
+            probe.set_values({name: scaled(best)})
+            keys = sorted(tried)
+            out[f"{name}:{round_}" if round_ else name] = {"entries": entries, "factors": [math.exp(k) for k in keys],
+                         "losses": [tried[k] for k in keys], "best": math.exp(best)}
+            log.info("track: %s%s x %.3f (losses %s)", name, entries, math.exp(best),
+                     {round(math.exp(k), 3): round(tried[k], 4) for k in keys})
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
     # -- the update -------------------------------------------------------------------------------
     def update(self, as_of: str | dt.date, state: FitState | None = None) -> tuple[ForecastResult, FitState]:
         """Fit with the data known on `as_of` (warm-started from `state`), forecast; returns the
@@ -453,6 +527,9 @@ class Forecaster:
             grid_sim = self._simulation(7 * weeks, schedule, stand_in, seed0, as_of)
             grid = self._grid_start(space, SimulationObjective(grid_sim, {t: known[t] for t in s.fit_targets},
                                                                weeks=weeks, scale=self.scale), seed0)
+        track = {}
+        if state is not None and s.track_weeks and "transmission_change" in space.specs:
+            track = self._track(space, objective, weeks, seed0)
         steps = s.steps if state is not None else (s.first_steps if s.first_steps is not None else s.steps)
         history: list[float] = []
         if steps > 0:
@@ -556,7 +633,7 @@ class Forecaster:
                     "draws": s.draws, "scale": self.scale, "agents": int(self.population.n),
                     "parameters": list(space.names), "seed": seed0, "warm_start": state is not None,
                     "incomplete_week": "dropped", "reporting_lag_days": s.reporting_lag_days,
-                    **({"start_grid": grid} if grid else {})}
+                    **({"start_grid": grid} if grid else {}), **({"track": track} if track else {})}
         result = ForecastResult(
             as_of=as_of, forecast=forecast, known=pd.DataFrame(known_rows, columns=cols),
             fitted=pd.DataFrame(fitted_rows, columns=cols), params=space.to_dict(), sd=sd,

@@ -136,6 +136,9 @@ def _forecast_parsers(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--first-steps", type=int, help="Adam steps of the first update (default: --steps)")
         s.add_argument("--first-lr", type=float, help="Adam's learning rate of the first update (default: "
                                                       "calibration.lr, as every later update)")
+        s.add_argument("--track-weeks", type=int, help="a warm update first searches a common factor of the "
+                                                       "transmission change of the months these last known weeks "
+                                                       "touch (default 0: none; see ForecastSettings.track_weeks)")
         s.add_argument("--members", type=int, help="ensemble members (default 16)")
         s.add_argument("--targets", help="comma-separated forecast targets (default: calibration.targets)")
         s.add_argument("--reporting-lag-days", type=int, help="last days treated as unreported (default 0)")
@@ -160,7 +163,7 @@ def _run_forecast(exp, args) -> object:
     from lpm_llm.runner.forecast_run import assimilate_experiment, forecast_experiment
 
     options = {"horizon": args.horizon, "steps": args.steps, "first_steps": args.first_steps,
-               "first_lr": args.first_lr,
+               "first_lr": args.first_lr, "track_weeks": args.track_weeks,
                "members": args.members, "reporting_lag_days": args.reporting_lag_days, "smoothness": args.smoothness,
                "targets": tuple(args.targets.split(",")) if args.targets else None,
                "parameters": tuple(args.parameters.split(",")) if args.parameters else None}

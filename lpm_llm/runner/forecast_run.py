@@ -157,7 +157,7 @@ def _forecaster(exp: Experiment, run: Any, settings: ForecastSettings, observed:
     pbar = exp.progress(total=None, desc="forecast") if exp.progress else None
 
     def on_step(phase: str, index: int, value: float, seconds: float) -> None:
-        if pbar:
+        if pbar is not None:  # a tqdm without a total has no truth value
             pbar.set_description(f"forecast: {phase}")
             pbar.set_postfix(seconds=f"{seconds:.0f}")
             pbar.update(1)

@@ -201,6 +201,7 @@ def test_cli_assimilate_resumes_its_folder(tmp_path, capsys):
     assert settings["parameters"] == ["beta_scale", "ascertainment"] and settings["smoothness"] == 0.1
     (out / "stream.json").write_text(json.dumps({**json.loads((out / "stream.json").read_text()),
                                                  "to": "2020-03-28"}))
+    base.remove("-q")  # with the progress bar (its forecast bar has no total)
     assert main([*base, "--to", "2020-03-28"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["resumed"] is True

@@ -159,11 +159,17 @@ def test_a_2021_forecast_does_not_change_when_everything_after_the_as_of_date_is
 
 @pytest.mark.slow
 def test_a_resumed_2021_assimilation_equals_an_uninterrupted_one(city, tmp_path):
+    """Stopped in week 2's Adam step, after its line searches (``track_weeks``), and resumed."""
     first, last = "2021-01-09", "2021-01-16"
-    whole = assimilate(forecaster(city), first, last, tmp_path / "whole", plots=False)
+    tracked = {"track_weeks": 4, "parameters": ("beta_scale", "transmission_change", "importation_per_100k")}
+    whole = assimilate(forecaster(city, **tracked), first, last, tmp_path / "whole", plots=False)
     assert sorted(set(whole["forecast_date"])) == [first, last]
+    import json
 
-    broken = forecaster(city)
+    week2 = json.loads((tmp_path / f"whole/weeks/{last}/forecast.json").read_text())["settings"]
+    assert set(week2["track"]) >= {"transmission_change", "importation_per_100k", "seconds"}
+
+    broken = forecaster(city, **tracked)
     calls = {"fit": 0}
 
     def interrupt(phase, index, value, seconds):
@@ -177,7 +183,7 @@ def test_a_resumed_2021_assimilation_equals_an_uninterrupted_one(city, tmp_path)
     assert (tmp_path / f"resumed/weeks/{first}/done").exists()
     assert not (tmp_path / f"resumed/weeks/{last}/done").exists()
     seen = []
-    assimilate(forecaster(city), first, last, tmp_path / "resumed", plots=False,
+    assimilate(forecaster(city, **tracked), first, last, tmp_path / "resumed", plots=False,
                on_week=lambda d, r, resumed: seen.append((d.isoformat(), resumed)))
     assert seen == [(first, True), (last, False)]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole/forecasts.csv"),

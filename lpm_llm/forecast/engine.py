@@ -54,6 +54,7 @@ import pandas as pd
 import torch
 
 from lpm_llm.calibrate.fit import Calibrator, FrozenDecisions, SimulationObjective
+from lpm_llm.calibrate.period import HOSPITALISATION_SCALE, PeriodObjective
 from lpm_llm.calibrate.targets import SERIES_OF, observed_weekly, simulated_weekly
 from lpm_llm.core.interventions import InterventionSchedule, Policy
 from lpm_llm.core.parameters import ParameterSpace
@@ -63,11 +64,13 @@ from lpm_llm.population import BOROUGHS
 
 __all__ = ["TRACK_DIRECTIONS", "FitState", "ForecastResult", "ForecastSettings", "Forecaster", "nb_dispersion"]
 
-TRACK_DIRECTIONS = (("transmission_change", 0.2), ("importation_per_100k", 0.5), ("ascertainment", 0.2))
+TRACK_DIRECTIONS = (("transmission_change", 0.2), ("importation_per_100k", 0.5), ("ascertainment", 0.2),
+                    ("hospitalisation_scale", 0.2))
 """The directions of :attr:`ForecastSettings.track_weeks`' search, in order, each with its step in
 log units: the recent months' transmission (how fast the epidemic grows now), the importation of
 infections (its level where the scaled city holds few infected agents, and a new wave's seed), the
-recent months' ascertainment (cases against admissions and deaths). Along each, the factors
+recent months' ascertainment (cases against admissions and deaths), the IHR's scale (admissions
+against cases and deaths; where the update fits it). Along each, the factors
 ``exp(0, -2 step, -step, step, 2 step)`` are tried (the current values first: a decision date not
 asked before is asked in that run, at the fitted trajectory), then the best times ``exp(+-step/2)``.
 A direction the update does not fit is skipped. The directions are searched :data:`TRACK_ROUNDS`
@@ -90,7 +93,9 @@ class ForecastSettings:
             from the package's defaults, far from the data, that later weeks then follow with a
             smaller ``lr``.
         fit_targets: targets in the loss; ``targets``: targets forecast (default: the fit targets).
-        parameters: calibrated parameter names (default: every declared one).
+        parameters: calibrated parameter names (default: every declared one); may add
+            ``hospitalisation_scale``, the multiplier of the epidemic's IHR by age that the
+            whole-period fit calibrates (:data:`~lpm_llm.calibrate.period.HOSPITALISATION_SCALE`).
         members: ensemble runs; ``draws``: negative binomial draws per member and area.
         laplace_seeds: runs per loss evaluation of the curvature; ``laplace_step``: its step in raw
             units; ``max_sd``: the largest posterior sd allowed (raw units; also used where the loss
@@ -417,7 +422,7 @@ class Forecaster:
             shape = tuple(space.specs[name].shape)
             losses = []
             probe = copy.deepcopy(space)
-            declared = set(objective.simulation.parameters())
+            declared = {*objective.simulation.parameters(), "hospitalisation_scale"}
             with torch.no_grad():
                 for v in values:
                     probe.set_values({name: _resized(v, shape)})
@@ -436,7 +441,7 @@ class Forecaster:
         t0 = time.perf_counter()
         months = objective.simulation.month_index
         first_month = months[max(0, 7 * (weeks - s.track_weeks))]
-        declared = set(objective.simulation.parameters())
+        declared = {*objective.simulation.parameters(), "hospitalisation_scale"}
         seeds = [seed0 + 700 + j for j in range(s.seeds_per_step)]
         probe = copy.deepcopy(space)
         out: dict[str, Any] = {}
@@ -505,6 +510,9 @@ class Forecaster:
             pair = [f"{d}_alignment_a", f"{d}_alignment_b"]
             if any(n in names for n in pair):
                 names += [n for n in pair if n not in names]
+        hospitalisation = "hospitalisation_scale" in names  # the IHR's scale, as the whole-period fit's
+        if hospitalisation:
+            specs["hospitalisation_scale"] = HOSPITALISATION_SCALE
         unknown = sorted(set(names) - set(specs))
         if unknown and fit_sim.month_index[-1] == 0:  # a month-on-month change needs 2 months of window
             log.info("as of %s the window holds one month: %s not fitted yet", as_of, ", ".join(unknown))
@@ -518,15 +526,20 @@ class Forecaster:
             space.set_values({k: _resized(v, space.specs[k].shape) for k, v in state.params.items()
                               if k in space.specs})
             optimizer = _resize_optimizer(state.optimizer, old_shapes, space)
-        objective = SimulationObjective(fit_sim, {t: known[t] for t in s.fit_targets}, weeks=weeks, scale=self.scale,
-                                        smoothness=s.smoothness)
+        def objective_of(sim, smoothness=s.smoothness) -> SimulationObjective:
+            observed = {t: known[t] for t in s.fit_targets}
+            if hospitalisation:
+                return PeriodObjective(sim, observed, epidemic=sim.model("epidemic"), weeks=weeks, scale=self.scale,
+                                       smoothness=smoothness)
+            return SimulationObjective(sim, observed, weeks=weeks, scale=self.scale, smoothness=smoothness)
+
+        objective = objective_of(fit_sim)
         grid = {}
         if state is None and s.start_grid:  # without decisions: the LLM is first asked at the chosen start
             required = {u.name for m in self.models() for u in getattr(m, "decisions", ()) if u.required}
             stand_in = {n: _Constant(self.archetypes.k) for n in self.sources if n in required}
             grid_sim = self._simulation(7 * weeks, schedule, stand_in, seed0, as_of)
-            grid = self._grid_start(space, SimulationObjective(grid_sim, {t: known[t] for t in s.fit_targets},
-                                                               weeks=weeks, scale=self.scale), seed0)
+            grid = self._grid_start(space, objective_of(grid_sim, smoothness=0.0), seed0)
         track = {}
         if state is not None and s.track_weeks and "transmission_change" in space.specs:
             track = self._track(space, objective, weeks, seed0)
@@ -581,7 +594,12 @@ class Forecaster:
         with torch.no_grad():
             for j in range(s.members):
                 probe.set_vector(v0 + sd_vec * torch.as_tensor(z[j]))
-                fc_sim.set_parameters(probe.values())
+                values = probe.values()
+                if "hospitalisation_scale" in values:
+                    ihr = torch.tensor(fc_sim.model("epidemic").params.ihr, dtype=torch.get_default_dtype())
+                    scale = values.pop("hospitalisation_scale")
+                    fc_sim.model("epidemic").tensor_overrides["ihr"] = scale * ihr.to(scale.device)
+                fc_sim.set_parameters(values)
                 fc_sim.seed = seed0 + 10_000 + j
                 series = fc_sim.run().series
                 for t in all_targets:

@@ -161,13 +161,16 @@ def test_a_2021_forecast_does_not_change_when_everything_after_the_as_of_date_is
 def test_a_resumed_2021_assimilation_equals_an_uninterrupted_one(city, tmp_path):
     """Stopped in week 2's Adam step, after its line searches (``track_weeks``), and resumed."""
     first, last = "2021-01-09", "2021-01-16"
-    tracked = {"track_weeks": 4, "parameters": ("beta_scale", "transmission_change", "importation_per_100k")}
+    tracked = {"track_weeks": 4, "parameters": ("beta_scale", "transmission_change", "importation_per_100k",
+                                                "hospitalisation_scale")}
     whole = assimilate(forecaster(city, **tracked), first, last, tmp_path / "whole", plots=False)
     assert sorted(set(whole["forecast_date"])) == [first, last]
     import json
 
     week2 = json.loads((tmp_path / f"whole/weeks/{last}/forecast.json").read_text())["settings"]
-    assert set(week2["track"]) >= {"transmission_change", "importation_per_100k", "seconds"}
+    assert set(week2["track"]) >= {"transmission_change", "importation_per_100k", "hospitalisation_scale", "seconds"}
+    week2 = json.loads((tmp_path / f"whole/weeks/{last}/forecast.json").read_text())
+    assert "hospitalisation_scale" in week2["params"] and "hospitalisation_scale" in week2["laplace_sd"]
 
     broken = forecaster(city, **tracked)
     calls = {"fit": 0}

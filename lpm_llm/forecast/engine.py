@@ -476,8 +476,9 @@ class Forecaster:
             space.set_values({name: scaled(best)})
             probe.set_values({name: scaled(best)})
             keys = sorted(tried)
-            out[f"{name}:{round_}" if round_ else name] = {"entries": entries, "factors": [math.exp(k) for k in keys],
-                         "losses": [tried[k] for k in keys], "best": math.exp(best)}
+            key = f"{name}:{round_}" if round_ else name
+            out[key] = {"entries": entries, "factors": [math.exp(k) for k in keys],
+                        "losses": [tried[k] for k in keys], "best": math.exp(best)}
             log.info("track: %s%s x %.3f (losses %s)", name, entries, math.exp(best),
                      {round(math.exp(k), 3): round(tried[k], 4) for k in keys})
         out["seconds"] = time.perf_counter() - t0

@@ -25,7 +25,10 @@ The bundled values come from `python bench/fit_2021.py 0.01 3 25 0.25` started f
 beta_scale 0.7; transmission_change 0.6, 0.65, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.2, 1.2, 1.2, 1.1, 1.0, 1.0, 1.0;
 initial_infections_per_100k 250 (Staten Island 400); ascertainment 0.1, 0.3, 0.45, 0.5, then 0.6; ascertainment
 by borough 1.46, 1, 0.766, 1.13, 0.935; fatality_scale 0.865; importation_per_100k 0.5; every variant 0.2 per
-100,000 a day; IHR as published. A rerun now starts from the fitted values.
+100,000 a day; IHR as published (outputs in bench/results/fit_2021_first/). A rerun now starts from the fitted
+values: the ensemble around the shipped values in bench/results/fit_2021/ is
+`FIT_2021_SET="calibration.fatality_smoothness=0.05" python bench/fit_2021.py 0.01 3 20 0.25`, and
+bench/fit_2021_bands.py gives its bands per run (README, "Uncertainty of the shipped fit").
 """
 import datetime as dt
 import json

@@ -253,12 +253,12 @@ def test_checkpointed_segments_give_the_gradient_of_the_plain_estimator(tiny_nyc
 # -- recovery of known parameters ------------------------------------------------------------------------
 
 
-def test_gradient_descent_recovers_transmission_seeding_and_ascertainment():
+def test_gradient_descent_recovers_transmission_seeding_and_ascertainment(one_thread):
     """Data simulated at known parameters (beta_scale 1.6, 250 initial infections per 100k, ascertainment
     0.25; the mean weekly cases and deaths by borough of 128 runs over 12 weeks, nearly their
     expectation); Adam from beta_scale 1.0, 60 per 100k and ascertainment 0.1, with 2 fresh seeds per
-    step, recovers each within 10%. Measured over fit seeds 0, 1 and 2: beta_scale +2.5, +2.6, +1.1%,
-    seeding -3.7, -5.9, -7.9%, ascertainment (March, April) within 6%.
+    step, recovers each within 10%. Measured over fit seeds 0, 1 and 2: beta_scale +2.0, +1.6, +2.1%,
+    seeding -5.8, -5.3, -2.8%, ascertainment March -1.6, -0.2, -0.9%, April +2.8, +0.8, +3.0%.
 
     What it takes, measured on this problem: a city of 33,000 agents; the mean of 128 runs as data
     (with 16, the Bronx's data alone were 35% above their expectation); Adam's betas (0.5, 0.9) (see
@@ -267,11 +267,26 @@ def test_gradient_descent_recovers_transmission_seeding_and_ascertainment():
     growth, transmission and seeding trade off along a shallow valley, and the estimator's small
     bias on seeding (0.9 of the finite difference) moved the fit along it, seeding 7-13% low.
 
+    And a last learning rate of 0.02, not 0.005: April's ascertainment is seen only in the weeks after
+    the peak (city-wide 160, 25, 4 and 0.6 reported agents a week from 2020-04-05), so its gradient
+    is weak and noisy (at 0.22 the mean of the cases term's derivative over pairs of seeds is 0.56 of its
+    root mean square, so Adam moves it by about half the learning rate a step), and while transmission
+    is still low in the first steps April's cases are too many, which drives it from 0.1 down to 0.07
+    by step 5. With the rate decaying to 0.005 it was still climbing at step 60 (0.196, 0.203, 0.207,
+    0.2095 at steps 40, 45, 50, 59): about 20% low, which an xfail recorded until this was measured.
+    Not a bias of the loss or the estimator: at the true transmission and seeding, the per-pair
+    derivative of the noise-corrected cases term in April's ascertainment (32 pairs of runs against
+    the 128-run data) crosses 0 between 0.24 and 0.26 in mean and median, and Adam fitting the two
+    ascertainments alone from 0.1 returns 0.248 and 0.247.
+
     Not tested, because it does not hold with a margin here: seeding by borough. Fitted to 150, 250,
     200, 200 and 400 per 100k, it comes back within 10% for the Bronx, Brooklyn and Manhattan but
     5-19% low for Staten Island and up to 11% low for Queens, whose runs start with 4-8 infected
     agents. The infection fatality ratio stays at its published values: in the growth phase seeding,
     ascertainment and fatality can be scaled together without changing cases or deaths.
+
+    One torch thread (measured so; with 2 on the loaded 2-core machine the 128 data runs alone took
+    over 15 minutes, against 116 s for the whole test with 1).
     """
     pop = synthesize_nyc(scale=0.004, seed=0)
     weeks, scale = 12, pop.n / NYC_POPULATION
@@ -292,18 +307,14 @@ def test_gradient_descent_recovers_transmission_seeding_and_ascertainment():
     )
     names = ("beta_scale", "initial_infections_per_100k", "ascertainment")
     space = first_wave_space(start, n_months=2, alignment=False, include=names, seeding_by_borough=False)
-    cal = Calibrator(space, steps=60, lr=0.3, lr_final=0.005, seeds_per_step=2, seed=0).fit(objective(start, observed))
+    cal = Calibrator(space, steps=60, lr=0.3, lr_final=0.02, seeds_per_step=2, seed=0).fit(objective(start, observed))
     fitted = cal.params_
     assert fitted["beta_scale"] == pytest.approx(1.6, rel=0.10)
     assert fitted["initial_infections_per_100k"] == pytest.approx(250.0, rel=0.10)
-    assert fitted["ascertainment"][0] == pytest.approx(0.25, rel=0.10)
+    assert fitted["ascertainment"] == pytest.approx([0.25, 0.25], rel=0.10)  # March, then April and after
     assert np.mean(cal.loss_history_[-10:]) < 0.02 * cal.loss_history_[0]
     assert len(cal.wall_times_) == 60 and cal.simulations_[-1] == 120
     assert space.to_dict()["beta_scale"] == pytest.approx(1.0, rel=1e-5)  # the given space is untouched
-    if fitted["ascertainment"][1] != pytest.approx(0.25, rel=0.10):
-        # known since the disease-model review (issue 15): April comes back about 20% low (0.200-0.209
-        # for 0.25, with or without case isolation and waning immunity); not yet explained (README)
-        pytest.xfail(f"April ascertainment {fitted['ascertainment'][1]:.3f}, not within 10% of 0.25")
 
 
 # -- the optimiser's bookkeeping -------------------------------------------------------------------------

@@ -266,3 +266,17 @@ def test_the_2021_prior_start_carries_no_fitted_value_of_the_experiment(tmp_path
     c = forecast("c", [], "experiment", first_steps=0)  # the controls forecast from the experiment's values
     d = forecast("d", LATER_FIT, "experiment", first_steps=0)
     assert not np.allclose(c["value"], d["value"]) and not np.allclose(a["value"], c["value"])
+
+
+@pytest.mark.slow
+def test_the_count_loss_reaches_the_weekly_fit(city):
+    """``ForecastSettings.loss``: the same update's first Adam loss under ``negbin`` is the count
+    deviance of the whole-period fit, not the log loss; an unknown loss is refused."""
+    losses = {}
+    for kind in ("log_mse", "negbin"):
+        result, _ = forecaster(city, loss=kind, dispersion=10.0).update("2021-01-09")
+        losses[kind] = result.loss_history[0]
+    assert losses["negbin"] != pytest.approx(losses["log_mse"], rel=1e-3)
+    assert losses["negbin"] > 0
+    with pytest.raises(ValueError, match="loss must be"):
+        ForecastSettings(loss="mse")

@@ -125,6 +125,11 @@ class ForecastSettings:
             inform can. The factors tried and their losses are in the result's ``settings``.
         smoothness: weight of the penalty on month-to-month moves of ``transmission_change``
             (:func:`~lpm_llm.calibrate.targets.smoothness_penalty`, as in the whole-period fit; 0: none).
+        loss, dispersion: the loss of the weekly counts, as the whole-period fit's
+            (:class:`~lpm_llm.calibrate.period.PeriodObjective`): ``log_mse`` (default; its floor is
+            one agent per area and week) or a count deviance, ``poisson`` or ``negbin`` with
+            dispersion k, which prices counts of a fraction of an agent (``calibration.loss`` and
+            ``calibration.dispersion`` of an experiment).
         scenario: policies assumed after the as-of date (default: the schedule held as it stood).
         seed: base seed (every run's seed is a function of it and the as-of date).
     """
@@ -150,6 +155,8 @@ class ForecastSettings:
     scenario: tuple[Policy, ...] = ()
     start_grid: tuple[tuple[str, tuple[float, ...]], ...] = ()
     track_weeks: int = 0
+    loss: str = "log_mse"
+    dispersion: float = 10.0
     seed: int = 0
     checkpoint_days: int | None = None
 
@@ -168,6 +175,8 @@ class ForecastSettings:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.track_weeks < 0:
             raise ValueError(f"track_weeks must be >= 0, got {self.track_weeks}")
+        if self.loss not in ("log_mse", "poisson", "negbin"):
+            raise ValueError(f"loss must be 'log_mse', 'poisson' or 'negbin', got {self.loss!r}")
         self.start_grid = tuple((str(n), tuple(float(v) for v in vals)) for n, vals in self.start_grid)
         if any(not vals for _, vals in self.start_grid):
             raise ValueError("every start_grid entry needs at least one value")
@@ -529,9 +538,9 @@ class Forecaster:
             optimizer = _resize_optimizer(state.optimizer, old_shapes, space)
         def objective_of(sim, smoothness=s.smoothness) -> SimulationObjective:
             observed = {t: known[t] for t in s.fit_targets}
-            if hospitalisation:
+            if hospitalisation or s.loss != "log_mse":
                 return PeriodObjective(sim, observed, epidemic=sim.model("epidemic"), weeks=weeks, scale=self.scale,
-                                       smoothness=smoothness)
+                                       smoothness=smoothness, loss=s.loss, dispersion=s.dispersion)
             return SimulationObjective(sim, observed, weeks=weeks, scale=self.scale, smoothness=smoothness)
 
         objective = objective_of(fit_sim)

@@ -66,7 +66,7 @@ def _settings(exp: Experiment, options: Mapping[str, Any], start: str = "experim
     cal = exp.config.calibration
     kw = {"fit_targets": tuple(cal.targets), "lr": cal.lr, "seeds_per_step": cal.seeds_per_step,
           "parameters": tuple(cal.parameters) if cal.parameters else None, "seed": exp.config.seeds[0],
-          "checkpoint_days": cal.checkpoint_days}
+          "checkpoint_days": cal.checkpoint_days, "loss": cal.loss, "dispersion": cal.dispersion}
     if start == "prior":
         kw["start_grid"] = PRIOR_GRID + (PRIOR_IMPORTATION_GRID if exp.config.epidemic.importation_per_100k > 0 else ())
     kw.update({k: v for k, v in options.items() if v is not None})

@@ -280,3 +280,21 @@ def test_the_count_loss_reaches_the_weekly_fit(city):
     assert losses["negbin"] > 0
     with pytest.raises(ValueError, match="loss must be"):
         ForecastSettings(loss="mse")
+
+
+@pytest.mark.slow
+def test_the_forecast_ensemble_runs_with_the_fitted_hospitalisation_scale(city):
+    """``hospitalisation_scale`` reaches the ensemble's runs (a model's ``set_parameters`` replaces its
+    tensor overrides, so the IHR must be set after the other values): the same state with the scale
+    at 0.1 and at 10 gives admissions far apart, and cases alike."""
+    from lpm_llm.forecast.engine import FitState
+
+    totals = {}
+    for scale in (0.1, 10.0):
+        f = forecaster(city, steps=0, parameters=("beta_scale", "hospitalisation_scale"))
+        state = FitState("2021-01-02", {"beta_scale": 1.0, "hospitalisation_scale": scale}, None, {})
+        result, _ = f.update("2021-01-09", state)
+        fitted = result.fitted[result.fitted.location == "NYC"]
+        totals[scale] = {t: fitted[fitted.target == t].value.sum() for t in ("hospitalized", "cases")}
+    assert totals[10.0]["hospitalized"] > 20 * max(totals[0.1]["hospitalized"], 1.0)
+    assert totals[10.0]["cases"] == pytest.approx(totals[0.1]["cases"], rel=0.5)

@@ -59,8 +59,8 @@ from lpm_llm.models.lineages import GENERATION_DAYS, TRANSMISSIBILITY_RANGE, com
 from lpm_llm.population import BOROUGHS
 
 __all__ = ["EVALUATION_SEEDS", "HOSPITALISATION_SCALE", "PERIOD_PARAMETERS", "PeriodFit", "PeriodObjective",
-           "PeriodScore", "evaluate_period", "fit_period", "lineage_errors", "period_space", "update_transmissibility",
-           "update_variant_rates"]
+           "PeriodScore", "evaluate_period", "fit_period", "lineage_errors", "period_space", "set_with_hospitalisation",
+           "update_transmissibility", "update_variant_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,24 @@ class PeriodObjective(SimulationObjective):
                           variance=variance)
 
     def run(self, values: Mapping[str, torch.Tensor], seed: int):
-        values = dict(values)
-        scale = values.pop("hospitalisation_scale", None)
-        self.simulation.set_parameters(values)
-        if scale is not None:
-            self.epidemic.tensor_overrides["ihr"] = scale * self.ihr.to(scale.device)
+        set_with_hospitalisation(self.simulation, self.epidemic, values, self.ihr)
         self.simulation.seed = int(seed)
         self.simulations += 1
         self.last = self.simulation.run()
         return self.last
+
+
+def set_with_hospitalisation(simulation: Any, epidemic: Any, values: Mapping[str, torch.Tensor],
+                             ihr: torch.Tensor | None = None) -> None:
+    """``simulation.set_parameters(values)``, with ``hospitalisation_scale`` (if given) applied to
+    `epidemic` as its IHR by age (`ihr`, default the epidemic's configured one) times the scale,
+    after the other values (a model's ``set_parameters`` replaces its tensor overrides)."""
+    values = dict(values)
+    scale = values.pop("hospitalisation_scale", None)
+    simulation.set_parameters(values)
+    if scale is not None:
+        base = ihr if ihr is not None else torch.tensor(epidemic.params.ihr, dtype=torch.get_default_dtype())
+        epidemic.tensor_overrides["ihr"] = scale * base.to(scale.device)
 
 
 def period_space(simulation: Any, *, hospitalisation: bool = True, device: str = "cpu") -> ParameterSpace:

@@ -54,7 +54,7 @@ import pandas as pd
 import torch
 
 from lpm_llm.calibrate.fit import Calibrator, FrozenDecisions, SimulationObjective
-from lpm_llm.calibrate.period import HOSPITALISATION_SCALE, PeriodObjective
+from lpm_llm.calibrate.period import HOSPITALISATION_SCALE, PeriodObjective, set_with_hospitalisation
 from lpm_llm.calibrate.targets import SERIES_OF, observed_weekly, simulated_weekly
 from lpm_llm.core.interventions import InterventionSchedule, Policy
 from lpm_llm.core.parameters import ParameterSpace
@@ -604,12 +604,7 @@ class Forecaster:
         with torch.no_grad():
             for j in range(s.members):
                 probe.set_vector(v0 + sd_vec * torch.as_tensor(z[j]))
-                values = probe.values()
-                if "hospitalisation_scale" in values:
-                    ihr = torch.tensor(fc_sim.model("epidemic").params.ihr, dtype=torch.get_default_dtype())
-                    scale = values.pop("hospitalisation_scale")
-                    fc_sim.model("epidemic").tensor_overrides["ihr"] = scale * ihr.to(scale.device)
-                fc_sim.set_parameters(values)
+                set_with_hospitalisation(fc_sim, fc_sim.model("epidemic"), probe.values())
                 fc_sim.seed = seed0 + 10_000 + j
                 series = fc_sim.run().series
                 for t in all_targets:
